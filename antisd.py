@@ -1,0 +1,853 @@
+"""AntiSD: anti-self-distillation for reasoning RL, on one GPU.
+
+One step (Algorithm 1 of arXiv 2605.11609; ../shared/METHOD.md in the source tree has the equations,
+cited below as "M<section>"):
+  1. sample G rollouts per problem from the student                                  (M1)
+  2. reward each rollout: is its last \\boxed{} equivalent to the gold answer?        (M1)
+  3. group advantages: z-score of the rewards within each group of G                 (M2)
+  4. score every rollout twice with the same weights: as student (problem only) and as teacher
+     (problem + a verified solution + feedback), keeping per-token log-probs, entropies, JSD (M1, M7)
+  5. gate: switch the self-distillation term off while the teacher's entropy has collapsed (M6)
+  6. per-token advantage = group advantage + lambda * (-phi(u)),  u = teacher - student log-prob (M4, M5)
+  7. one clipped policy-gradient step, token-mean over the whole batch               (M2)
+GRPO (--method grpo) and default self-distillation (--method sd, advantage +u, M3) run through the
+same code; only step 6 changes.
+
+Design decisions:
+  1. The teacher is the student's own current weights with a longer prompt (M1); it scores the
+     sampled token ids, never re-tokenized text, so u is exactly PMI(y_t; c | x, y_<t).
+  2. Prompts are left-padded and responses right-padded, so every response starts in the same column
+     and the logits for response positions are one slice (`logits_to_keep`); position ids come from
+     the attention mask, so padding never shifts a token's position.
+  3. Everything per-token over the vocabulary (log-probs, entropies, JSD) goes through
+     kernels.token_stats; only per-token scalars live between micro-batches.
+  4. The loss is a token-mean over the whole batch (sum over micro-batches / total tokens), so the
+     gradient does not depend on --micro-batch-size.
+  5. Weights are bf16 on the GPU but AdamW updates float32 master copies: a bf16 weight of size 1e-2
+     has a spacing of 6e-5, so an lr=1e-6 step applied to it in place would round to nothing.
+  6. Defaults are a one-GPU run: Qwen3-1.7B in non-thinking mode, 16 problems x 8 rollouts per step,
+     responses up to 1,536 tokens (the paper: 32 x 8 and 32K tokens on many GPUs, M9).
+
+Where this file differs from the paper, and why:
+  - batch and response length are smaller (one GPU; see 6 above); everything else is M9's settings.
+  - --gate perplexity keeps the on/off gate of M6 with the official code's signal (teacher
+    perplexity, reopening at 1.07x its warm-up value, M8) but not its continuous per-sequence lambda.
+
+Run:  python antisd.py                                        # Qwen3-1.7B on MATH, one GPU
+      python antisd.py --method grpo                          # the GRPO baseline, same rollouts code
+      python antisd.py --model tiny --dataset arith --steps 3 # CPU, offline, seconds
+"""
+
+import argparse
+import json
+import math
+import os
+import random
+import re
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+from kernels import IGNORE_INDEX, token_stats
+
+# -----------------------------------------------------------------------------
+# 0. Configuration
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description="AntiSD / self-distillation / GRPO on one GPU",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    # model and data
+    p.add_argument("--model", default="Qwen/Qwen3-1.7B", help="hub id, local checkpoint dir, or 'tiny' (offline random model for CPU demos)")
+    p.add_argument("--dataset", default="math", help="math | gsm8k | dapo | arith | path/to/file.jsonl")
+    p.add_argument("--enable-thinking", action="store_true", help="Qwen3 thinking mode (off: answers stay short enough for one GPU)")
+    p.add_argument("--max-solution-tokens", type=int, default=1024, help="budget of the solution shown to the teacher (M7); the problem is never cut")
+    # method
+    p.add_argument("--method", default="antisd", choices=["antisd", "sd", "grpo"], help="per-token term: -phi(u) | +u | none")
+    p.add_argument("--divergence", default="jsd", choices=["jsd", "rkl"], help="antisd term: -phi(u) (JSD ascent, M4) or -u (reverse-KL ascent, M5 ablation)")
+    p.add_argument("--compose", default="add", choices=["add", "mult"], help="A_seq + lam*a (M5) or A_seq*(1 + lam*a) (M5 ablation)")
+    p.add_argument("--lambda-max", type=float, default=0.5, help="lambda_max (M5)")
+    p.add_argument("--gate", default=None, choices=["entropy", "perplexity", "none"], help="default: entropy for antisd, none for sd (M6, M8)")
+    p.add_argument("--gate-warmup", type=int, default=5, help="W: steps with lambda=0 that calibrate H_warm (M6)")
+    p.add_argument("--tau-ratio", type=float, default=0.93, help="tau_down = tau_ratio * H_warm (M6)")
+    # sampling
+    p.add_argument("--prompts-per-step", type=int, default=16, help="problems per step (paper: 32)")
+    p.add_argument("--group-size", type=int, default=8, help="G rollouts per problem (M2)")
+    p.add_argument("--max-new-tokens", type=int, default=1536, help="response length cap (paper: 32K)")
+    p.add_argument("--temperature", type=float, default=1.0, help="training sampling temperature (M9)")
+    p.add_argument("--top-p", type=float, default=1.0, help="training nucleus sampling (M9)")
+    p.add_argument("--gen-batch-size", type=int, default=64, help="sequences generated at once; lower it on out-of-memory")
+    # optimisation
+    p.add_argument("--steps", type=int, default=200, help="optimizer steps (M9)")
+    p.add_argument("--lr", type=float, default=1e-6, help="AdamW learning rate (M9)")
+    p.add_argument("--clip", type=float, default=0.2, help="PPO ratio clip epsilon (M2)")
+    p.add_argument("--ppo-epochs", type=int, default=1, help="passes over each batch; 1 = the paper (ratio 1, REINFORCE)")
+    p.add_argument("--micro-batch-size", type=int, default=8, help="sequences per forward/backward; lower it on out-of-memory")
+    p.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm")
+    p.add_argument("--seed", type=int, default=0)
+    # logging and checkpoints
+    p.add_argument("--out-dir", default="runs/antisd", help="metrics.jsonl, rollouts.jsonl and checkpoints go here")
+    p.add_argument("--save-every", type=int, default=50, help="checkpoint every N steps (and at the end)")
+    p.add_argument("--device", default=None, help="cuda | cpu (default: cuda if available)")
+    # --model tiny is a CPU demo: unless set explicitly, shrink the run to seconds
+    if p.parse_known_args(argv)[0].model == "tiny":
+        p.set_defaults(prompts_per_step=4, max_new_tokens=48, gen_batch_size=32, micro_batch_size=8, save_every=1000)
+    args = p.parse_args(argv)
+    if args.gate is None:
+        args.gate = "entropy" if args.method == "antisd" else "none"
+    return args
+
+
+# -----------------------------------------------------------------------------
+# 1. Data: every problem becomes {problem, answer, solution or None}
+
+def read_jsonl(path):
+    """Rows of a JSONL file; a bad line is an error that names the file and the line."""
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for line_number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}, line {line_number}: invalid JSON ({e.msg})") from None
+    return rows
+
+
+def last_boxed(text):
+    """Content of the last balanced \\boxed{...} in text, or None."""
+    start = text.rfind("\\boxed{")
+    while start != -1:
+        depth, i = 0, start + len("\\boxed")
+        for j in range(i, len(text)):
+            depth += {"{": 1, "}": -1}.get(text[j], 0)
+            if depth == 0:
+                return text[i + 1:j]
+        start = text.rfind("\\boxed{", 0, start)  # unbalanced (cut off): try the one before
+    return None
+
+
+def clean_gold(value):
+    """A gold answer of any of the usual types as a string math-verify can parse, or None."""
+    if isinstance(value, list):  # OlympiadBench: a list of answers
+        value = value[0] if value else None
+    if value is None or isinstance(value, bool):
+        return None
+    if isinstance(value, float):
+        value = str(int(value)) if value.is_integer() else repr(value)  # AMC: 27.0
+    text = str(value).strip()
+    if "####" in text:  # GSM8K: the answer follows '####'
+        text = text.split("####")[-1].strip().replace(",", "")
+    if "\\boxed{" in text:
+        text = last_boxed(text) or ""
+    text = text.strip().strip("$").strip()
+    # Minerva writes 4.5e33; math-verify would read it as 4.5
+    text = re.sub(r"^(-?\d+(?:\.\d+)?)[eE]\+?(-?\d+)$", r"\1 \\times 10^{\2}", text)
+    if not text or not _parse_math(text):
+        return None
+    return text
+
+
+def make_arith_problems(count, seed):
+    """Small multi-step arithmetic word problems with worked solutions, offline and seeded."""
+    rng = random.Random(seed)
+    names = ["Ana", "Ben", "Chen", "Dara", "Eli", "Fatima", "Goro", "Hana"]
+    things = ["apples", "stamps", "marbles", "books", "coins", "shells"]
+    problems = []
+    for _ in range(count):
+        name, thing = rng.choice(names), rng.choice(things)
+        start, boxes, per_box, given = rng.randint(2, 30), rng.randint(2, 9), rng.randint(2, 12), rng.randint(1, 20)
+        bought = boxes * per_box
+        answer = start + bought - given
+        problem = (f"{name} has {start} {thing}. {name} buys {boxes} boxes with {per_box} {thing} each, "
+                   f"then gives away {given}. How many {thing} does {name} have now?")
+        solution = (f"The boxes hold {boxes} * {per_box} = {bought} {thing}. "
+                    f"{name} then has {start} + {bought} = {start + bought}. "
+                    f"After giving away {given}: {start + bought} - {given} = {answer}. "
+                    f"The answer is \\boxed{{{answer}}}.")
+        problems.append({"problem": problem, "answer": str(answer), "solution": solution})
+    return problems
+
+
+def gsm8k_solution(text):
+    """GSM8K's worked answer as prose ending in a boxed answer: drop the <<calculator>> notes."""
+    body, _, answer = text.rpartition("####")
+    body = re.sub(r"<<[^>]*>>", "", body).strip()
+    return f"{body}\nThe answer is \\boxed{{{answer.strip().replace(',', '')}}}."
+
+
+DAPO_PREFIX = "Solve the following math problem step by step."
+DAPO_SUFFIX = "\n\nRemember to put your answer on its own line after \"Answer:\"."
+
+
+def dapo_problem(content):
+    """DAPO wraps each problem in its own instruction; keep the problem, we add ours (M7)."""
+    if content.startswith(DAPO_PREFIX) and content.endswith(DAPO_SUFFIX):
+        return content[:-len(DAPO_SUFFIX)].split("\n\n", 1)[1]
+    return content
+
+
+def problem_from_row(row, where):
+    """{problem, answer, solution} from a row with `problem` (or `question`) and an `answer`
+    (or `final_answer`) or a `solution` ending in a boxed answer. answer is None if unparsable."""
+    problem = row.get("problem", row.get("question"))
+    if not isinstance(problem, str) or not problem.strip():
+        raise ValueError(f"{where}: missing field 'problem' (or 'question')")
+    solution = row.get("solution")
+    solution = solution if isinstance(solution, str) else None  # OlympiadBench has a list here
+    for field in ("answer", "final_answer"):
+        if field in row:
+            gold = row[field]
+            break
+    else:
+        if solution is None:
+            raise ValueError(f"{where}: missing field 'answer' (or 'solution' with a \\boxed{{}} answer)")
+        gold = last_boxed(solution)
+    if solution is not None and "####" in solution and field == "answer":
+        solution = gsm8k_solution(solution)
+    if isinstance(gold, str) and "####" in gold and solution is None:  # GSM8K: answer holds the solution
+        solution = gsm8k_solution(gold)
+    return {"problem": problem, "answer": clean_gold(gold), "solution": solution}
+
+
+def load_problems(name, seed):
+    """Returns (problems, dropped): problems whose gold answer cannot be parsed are dropped."""
+    if name == "arith":
+        rows = make_arith_problems(2000, seed)
+        where = ["arith"] * len(rows)
+    elif name.endswith(".jsonl"):
+        if not os.path.exists(name):
+            raise ValueError(f"--dataset {name}: file not found")
+        rows = read_jsonl(name)
+        where = [f"{name}, row {i + 1}" for i in range(len(rows))]
+    elif name in ("math", "gsm8k", "dapo"):
+        import datasets
+        if name == "math":  # MATH train, 7,500 problems with full solutions
+            rows = list(datasets.load_dataset("DigitalLearningGmbH/MATH-lighteval", "default", split="train"))
+        elif name == "gsm8k":
+            rows = list(datasets.load_dataset("openai/gsm8k", "main", split="train"))
+        else:  # DAPO-Math-17k repeats each problem ~100 times: keep one of each
+            seen, rows = set(), []
+            for row in datasets.load_dataset("BytedTsinghua-SIA/DAPO-Math-17k", split="train"):
+                problem = dapo_problem(row["prompt"][0]["content"])
+                if problem not in seen:
+                    seen.add(problem)
+                    rows.append({"problem": problem, "answer": row["reward_model"]["ground_truth"]})
+        where = [f"{name}, row {i}" for i in range(len(rows))]
+    else:
+        raise ValueError(f"--dataset {name!r}: expected one of math, gsm8k, dapo, arith, or a path to a .jsonl file")
+    problems = [problem_from_row(row, w) for row, w in zip(rows, where)]
+    kept = [p for p in problems if p["answer"] is not None]
+    if not kept:
+        raise ValueError(f"--dataset {name}: all {len(problems)} rows were dropped: no gold answer could be parsed")
+    return kept, len(problems) - len(kept)
+
+
+class ProblemStream:
+    """Seeded epochs of shuffled problems. Its state is two integers, so a resumed run sees the
+    same problems in the same order."""
+
+    def __init__(self, size, seed):
+        self.size, self.seed, self.epoch, self.cursor = size, seed, 0, 0
+
+    def _order(self):
+        order = list(range(self.size))
+        random.Random(self.seed * 1_000_003 + self.epoch).shuffle(order)
+        return order
+
+    def next(self, count):
+        taken = []
+        while len(taken) < count:
+            order = self._order()
+            take = order[self.cursor:self.cursor + count - len(taken)]
+            taken += take
+            self.cursor += len(take)
+            if self.cursor == self.size:
+                self.epoch, self.cursor = self.epoch + 1, 0
+        return taken
+
+    def state_dict(self):
+        return {"epoch": self.epoch, "cursor": self.cursor}
+
+    def load_state_dict(self, state):
+        self.epoch, self.cursor = state["epoch"], state["cursor"]
+
+
+# -----------------------------------------------------------------------------
+# Model and tokenizer
+
+TINY_CHAT_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}"
+    "{%- if enable_thinking is defined and enable_thinking is false %}{{ '<think>\\n\\n</think>\\n\\n' }}{%- endif %}"
+    "{%- endif %}")
+
+
+def build_tiny(seed=0):
+    """A random 2-layer Qwen3 and a byte-level tokenizer with a Qwen3-style chat template, built
+    offline. The vocabulary (320) is wider than the tokenizer (261), as with the real Qwen3."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
+    byte_alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    backend = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(byte_alphabet)}, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    backend.decoder = decoders.ByteLevel()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|im_end|>",
+                                        pad_token="<|endoftext|>", additional_special_tokens=["<|im_start|>"])
+    tokenizer.add_tokens(["<think>", "</think>"])
+    tokenizer.chat_template = TINY_CHAT_TEMPLATE
+    config = Qwen3Config(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                         max_position_embeddings=8192, tie_word_embeddings=True, bos_token_id=None,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(seed)
+    model = Qwen3ForCausalLM(config)
+    model.generation_config.eos_token_id = [tokenizer.eos_token_id, tokenizer.pad_token_id]
+    return model, tokenizer
+
+
+def pick_device(requested, model_name):
+    if requested:
+        return torch.device(requested)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if model_name != "tiny":
+        sys.exit(f"No CUDA GPU found: --model {model_name} needs one (pass --device cpu to force it).\n"
+                 f"For a CPU demo run:  python antisd.py --model tiny --dataset arith --steps 3")
+    return torch.device("cpu")
+
+
+def load_model(name, device):
+    """(model, tokenizer): bf16 weights on CUDA, float32 on CPU; left padding for generation."""
+    if name == "tiny":
+        model, tokenizer = build_tiny()
+    else:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        tokenizer = AutoTokenizer.from_pretrained(name)
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model.to(device), tokenizer
+
+
+def stop_token_ids(model, tokenizer):
+    """Generation stops at any of these (Qwen3: <|im_end|> and <|endoftext|>)."""
+    ids = model.generation_config.eos_token_id
+    ids = set(ids if isinstance(ids, list) else [ids] if ids is not None else [])
+    return sorted(ids | {tokenizer.eos_token_id})
+
+
+# -----------------------------------------------------------------------------
+# 2. Prompts: the student sees the problem; the teacher also sees a solution and feedback (M7)
+
+STUDENT_INSTRUCTION = "Solve the following math problem step by step. Put your final answer within \\boxed{}.\n\n"
+
+
+def student_message(problem):
+    return STUDENT_INSTRUCTION + problem
+
+
+def render_prompt(tokenizer, user_message, enable_thinking):
+    """Token ids of a one-turn chat ending in the assistant header. Student and teacher use the same
+    settings, or the first response tokens see different contexts and get a spurious u (M7)."""
+    encoded = tokenizer.apply_chat_template([{"role": "user", "content": user_message}],
+                                            add_generation_prompt=True, tokenize=True,
+                                            return_dict=True, enable_thinking=enable_thinking)
+    return list(encoded["input_ids"])
+
+
+def student_prompt_ids(tokenizer, problem, enable_thinking):
+    return render_prompt(tokenizer, student_message(problem), enable_thinking)
+
+
+def strip_thinking(text):
+    """A sibling's text without its <think>...</think> block (M7)."""
+    return re.sub(r"<think>.*?</think>", "", text, flags=re.DOTALL).strip()
+
+
+def truncate_to_tokens(tokenizer, text, budget):
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    return text if len(ids) <= budget else tokenizer.decode(ids[:budget])
+
+
+def build_teacher_prompt(problem, index, rewards, sibling_texts, reference_solution, gold, rng,
+                         tokenizer=None, max_solution_tokens=None):
+    """The teacher's user message for rollout `index` of a group (M7).
+
+    The solution shown is a correct sibling chosen at random, never the rollout itself; without one,
+    the dataset's reference solution; without that, the gold answer. The feedback is about rollout
+    `index`. Only the solution is truncated to max_solution_tokens; the problem never is."""
+    correct_siblings = [j for j, r in enumerate(rewards) if r == 1 and j != index]
+    if correct_siblings:
+        solution = strip_thinking(sibling_texts[rng.choice(correct_siblings)])
+    elif reference_solution:
+        solution = reference_solution
+    else:
+        solution = f"The final answer is \\boxed{{{gold}}}."
+    if tokenizer is not None and max_solution_tokens is not None:
+        solution = truncate_to_tokens(tokenizer, solution, max_solution_tokens)
+    feedback = "Your answer is correct." if rewards[index] == 1 else "Your answer is incorrect."
+    return (student_message(problem)
+            + f"\nYour previous attempt:\n\n{solution}\n\n"
+            + f"\nPrevious assessment: {feedback}\n"
+            + "\n\nNow solve this problem step by step.\n")
+
+
+# -----------------------------------------------------------------------------
+# 3. Generation: G samples per problem, kept as token ids
+
+def left_pad(sequences, pad_id, device):
+    width = max(len(s) for s in sequences)
+    input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        input_ids[row, width - len(seq):] = torch.tensor(seq)
+        attention_mask[row, width - len(seq):] = 1
+    return input_ids.to(device), attention_mask.to(device)
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompt_ids, max_new_tokens, temperature, top_p, batch_size):
+    """One sampled response per prompt: (token ids up to and including the stop token, truncated).
+    Prompts are generated in length order to cut padding; results come back in input order."""
+    from transformers import GenerationConfig
+    stop_ids = stop_token_ids(model, tokenizer)
+    # every sampling setting is explicit: unset ones would be filled from the model's own
+    # generation_config (Qwen3 ships top_k=20), and the rollouts would not come from pi_theta
+    config = GenerationConfig(do_sample=True, temperature=temperature, top_p=top_p, top_k=0,
+                              min_p=0.0, repetition_penalty=1.0, max_new_tokens=max_new_tokens,
+                              eos_token_id=stop_ids, pad_token_id=tokenizer.pad_token_id)
+    was_training = model.training
+    model.eval()  # in train mode with gradient checkpointing, transformers turns the KV cache off
+    order = sorted(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]))
+    results = [None] * len(prompt_ids)
+    for start in range(0, len(order), batch_size):
+        rows = order[start:start + batch_size]
+        input_ids, attention_mask = left_pad([prompt_ids[i] for i in rows], tokenizer.pad_token_id, model.device)
+        output = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config)
+        for i, new_tokens in zip(rows, output[:, input_ids.shape[1]:].tolist()):
+            stop = next((k for k, tok in enumerate(new_tokens) if tok in stop_ids), None)
+            # the stop token stays in the response: the policy must learn when to stop
+            results[i] = (new_tokens[:stop + 1], False) if stop is not None else (new_tokens, True)
+    model.train(was_training)
+    return results
+
+
+def decode_response(tokenizer, ids):
+    return tokenizer.decode(ids, skip_special_tokens=True)
+
+
+# -----------------------------------------------------------------------------
+# 4. Reward: 1 if the last \boxed{} is mathematically equivalent to the gold answer (M1)
+
+def _parse_math(text):
+    import math_verify
+    try:
+        return math_verify.parse(f"\\boxed{{{text}}}")
+    except Exception:  # a parser crash on odd input means "not an answer", never a crashed run
+        return []
+
+
+def extract_boxed(response):
+    """The final answer: the last \\boxed{} after the thinking block; None while thinking is unfinished."""
+    if "</think>" in response:
+        response = response.rsplit("</think>", 1)[1]
+    elif "<think>" in response:
+        return None
+    return last_boxed(response)
+
+
+def verify(response, gold):
+    """1.0 if the response's final boxed answer equals the gold answer, else 0.0. A missing box or an
+    unparsable gold is 0, never 1."""
+    import math_verify
+    answer = extract_boxed(response)
+    if answer is None or gold is None:
+        return 0.0
+    gold_parsed, answer_parsed = _parse_math(gold), _parse_math(answer)
+    if not gold_parsed or not answer_parsed:
+        return 0.0
+    try:
+        return float(bool(math_verify.verify(gold_parsed, answer_parsed)))
+    except Exception:
+        return 0.0
+
+
+# -----------------------------------------------------------------------------
+# 5. Group advantages (M2)
+
+def group_advantages(rewards, group_size, eps=1e-6):
+    """A_seq_i = (R_i - mean_group) / (std_group + eps); a group whose rewards are equal gives 0."""
+    grouped = torch.as_tensor(rewards, dtype=torch.float32).view(-1, group_size)  # [P, G]
+    centered = grouped - grouped.mean(dim=1, keepdim=True)
+    return (centered / (grouped.std(dim=1, keepdim=True, unbiased=False) + eps)).flatten()  # [P*G]
+
+
+# -----------------------------------------------------------------------------
+# 6. Scoring: student and teacher log-probs of the same sampled tokens (M1)
+
+def pack(prompts, responses, pad_id, device):
+    """Left-pad the prompts and right-pad the responses, so response token j of every row sits at
+    column P + j. targets[:, j] is response token j (IGNORE_INDEX past its end) and has one extra
+    IGNORE column, so that the R+1 kept logits reshape to rows without a copy."""
+    prompt_width = max(len(p) for p in prompts)
+    response_width = max(len(r) for r in responses)
+    input_ids = torch.full((len(prompts), prompt_width + response_width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros_like(input_ids)
+    targets = torch.full((len(prompts), response_width + 1), IGNORE_INDEX, dtype=torch.long)
+    for row, (prompt, response) in enumerate(zip(prompts, responses)):
+        input_ids[row, prompt_width - len(prompt):prompt_width] = torch.tensor(prompt)
+        input_ids[row, prompt_width:prompt_width + len(response)] = torch.tensor(response)
+        attention_mask[row, prompt_width - len(prompt):prompt_width + len(response)] = 1
+        targets[row, :len(response)] = torch.tensor(response)
+    position_ids = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)  # pads never shift a position
+    return input_ids.to(device), attention_mask.to(device), position_ids.to(device), targets.to(device)
+
+
+def response_logits(model, prompts, responses, pad_id):
+    """Logits at the positions that predict each response token: [B, R+1, V], and targets [B, R+1]."""
+    input_ids, attention_mask, position_ids, targets = pack(prompts, responses, pad_id, model.device)
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                   use_cache=False, logits_to_keep=targets.shape[1]).logits  # [B, R+1, V]
+    return logits, targets
+
+
+@torch.no_grad()
+def score(model, student_prompts, teacher_prompts, responses, pad_id, micro_batch_size, temperature):
+    """Per response token (padded to [N, R], zeros past each end): s_old, t, student and teacher
+    entropy, JSD. teacher_prompts=None scores the student alone."""
+    width = max(len(r) for r in responses)
+    names = ("logp", "entropy") if teacher_prompts is None else ("logp", "entropy", "t_logp", "t_entropy", "jsd")
+    out = {name: torch.zeros(len(responses), width, device=model.device) for name in names}
+    for start in range(0, len(responses), micro_batch_size):
+        rows = slice(start, start + micro_batch_size)
+        logits, targets = response_logits(model, student_prompts[rows], responses[rows], pad_id)
+        teacher_logits = None
+        if teacher_prompts is not None:
+            teacher_logits, _ = response_logits(model, teacher_prompts[rows], responses[rows], pad_id)
+            teacher_logits = teacher_logits.flatten(0, 1)
+        stats = token_stats(logits.flatten(0, 1), targets.flatten(), teacher_logits, temperature=temperature)
+        r = targets.shape[1] - 1
+        for name in names:
+            out[name][rows, :r] = stats[name].view(targets.shape)[:, :r]  # [mb, R]
+    return out
+
+
+# -----------------------------------------------------------------------------
+# 7. The entropy-triggered gate (M6)
+
+class EntropyGate:
+    """Schmitt trigger on a per-step signal (the median teacher entropy, M6).
+
+    The first `warmup` steps return lambda 0 and record the signal; H_warm is their median and
+    tau_down = tau_ratio * H_warm. After that, with g starting at 1: g -> 0 when the signal falls
+    below tau_down, g -> 1 when it is back at reopen_ratio * H_warm or above. lambda = g * lambda_max."""
+
+    def __init__(self, warmup=5, tau_ratio=0.93, lambda_max=0.5, reopen_ratio=1.0):
+        if warmup < 1:
+            raise ValueError("--gate-warmup must be at least 1: the gate calibrates on the warm-up steps")
+        self.warmup, self.tau_ratio, self.lambda_max, self.reopen_ratio = warmup, tau_ratio, lambda_max, reopen_ratio
+        self.history, self.h_warm, self.tau_down, self.on = [], None, None, True
+
+    def update(self, signal):
+        if len(self.history) < self.warmup:
+            self.history.append(float(signal))
+            if len(self.history) == self.warmup:
+                self.h_warm = statistics.median(self.history)
+                self.tau_down = self.tau_ratio * self.h_warm
+            return 0.0
+        if self.on and signal < self.tau_down:
+            self.on = False  # the teacher has collapsed: u is noise now
+        elif not self.on and signal >= self.reopen_ratio * self.h_warm:
+            self.on = True
+        return self.lambda_max if self.on else 0.0
+
+    def state_dict(self):
+        return {"history": list(self.history), "h_warm": self.h_warm, "tau_down": self.tau_down, "on": self.on}
+
+    def load_state_dict(self, state):
+        self.history, self.h_warm, self.tau_down, self.on = (list(state["history"]), state["h_warm"],
+                                                             state["tau_down"], state["on"])
+
+
+# -----------------------------------------------------------------------------
+# 8. Per-token advantages (M3, M4, M5)
+
+def antisd_advantage(u):
+    """-phi(u), phi(u) = (softplus(u) - log 2) / 2: bounded above by log(2)/2 (M4)."""
+    return -0.5 * (F.softplus(u) - math.log(2.0))
+
+
+def token_advantages(seq_adv, u, lam, method, divergence, compose):
+    """A_{i,t} from the group advantage [N] and u [N, R] (M5)."""
+    if method == "grpo":
+        a = torch.zeros_like(u)
+    elif method == "sd":
+        a = u                                     # descend KL(pi_S || pi_T): +u (M3)
+    elif divergence == "jsd":
+        a = antisd_advantage(u)                   # ascend JSD: -phi(u) (M4)
+    else:
+        a = -u                                    # ascend reverse KL: -u, unbounded (M5 ablation)
+    if compose == "mult":
+        return seq_adv[:, None] * (1 + lam * a), a  # [N, R] M5 ablation
+    return seq_adv[:, None] + lam * a, a          # [N, R] additive (M5)
+
+
+# -----------------------------------------------------------------------------
+# 9. The update: PPO clipped surrogate, token-mean over the batch (M2)
+
+def policy_loss(new_logp, old_logp, advantages, mask, total_tokens, clip):
+    """Sum over this micro-batch of the clipped surrogate, divided by the token count of the whole
+    batch: summed over micro-batches it is the batch token-mean."""
+    ratio = torch.exp(new_logp - old_logp)                                          # [mb, R]
+    surrogate = torch.minimum(ratio * advantages, ratio.clamp(1 - clip, 1 + clip) * advantages)
+    clipped = ((ratio - 1).abs() > clip) & mask
+    return -(surrogate * mask).sum() / total_tokens, clipped.sum()
+
+
+def policy_gradient(model, prompts, responses, advantages, mask, old_logp, pad_id, micro_batch_size,
+                    clip, temperature):
+    """Accumulates into .grad the gradient of the batch's token-mean clipped surrogate, one
+    micro-batch at a time. old_logp=None means ratio 1 (one update per batch, no scoring pass).
+    Returns (loss, number of clipped tokens)."""
+    total_tokens = int(mask.sum())
+    loss_total, clipped_total = 0.0, 0
+    for start in range(0, len(responses), micro_batch_size):
+        rows = slice(start, start + micro_batch_size)
+        logits, targets = response_logits(model, prompts[rows], responses[rows], pad_id)
+        r = targets.shape[1] - 1
+        new_logp = token_stats(logits.flatten(0, 1), targets.flatten(),
+                               temperature=temperature)["logp"].view(targets.shape)[:, :r]  # [mb, R]
+        old = new_logp.detach() if old_logp is None else old_logp[rows, :r]
+        loss, clipped = policy_loss(new_logp, old, advantages[rows, :r], mask[rows, :r], total_tokens, clip)
+        loss.backward()
+        loss_total += loss.item()
+        clipped_total += int(clipped)
+    return loss_total, clipped_total
+
+
+class MasterAdamW:
+    """AdamW on float32 master copies of low-precision weights (see design decision 5). Float32
+    weights are updated directly."""
+
+    def __init__(self, model, lr):
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.master = [p if p.dtype == torch.float32 else p.detach().float().clone() for p in self.params]
+        self.optimizer = torch.optim.AdamW(self.master, lr=lr, weight_decay=0.0)
+
+    def step(self, max_norm):
+        """Clip, step, copy back; returns the gradient norm before clipping."""
+        for p, m in zip(self.params, self.master):
+            if m is not p:
+                m.grad = None if p.grad is None else p.grad.float()
+                p.grad = None
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.master, max_norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            for p, m in zip(self.params, self.master):
+                if m is not p:
+                    p.copy_(m)
+        return grad_norm
+
+    def state_dict(self):
+        return {"adamw": self.optimizer.state_dict(), "master": [m.detach().cpu() for m in self.master]}
+
+    def load_state_dict(self, state):
+        with torch.no_grad():
+            for p, m, saved in zip(self.params, self.master, state["master"]):
+                m.copy_(saved)
+                if m is not p:
+                    p.copy_(m)
+        self.optimizer.load_state_dict(state["adamw"])
+
+
+# -----------------------------------------------------------------------------
+# Logging helpers
+
+def masked_quantiles(values, mask, qs):
+    flat = values[mask].float()
+    if flat.numel() == 0:
+        return [0.0] * len(qs)
+    if flat.numel() > 1_000_000:  # torch.quantile refuses very large inputs; a fixed subsample is plenty
+        flat = flat[torch.randperm(flat.numel(), generator=torch.Generator().manual_seed(0))[:1_000_000].to(flat.device)]
+    return torch.quantile(flat, torch.tensor(qs, device=flat.device)).tolist()
+
+
+def extreme_tokens(tokenizer, response_ids, u_row, count=5):
+    """The tokens with the most negative u (deliberation) and most positive u (shortcuts), Fig. 2."""
+    u_row = u_row[:len(response_ids)].tolist()
+    ranked = sorted(range(len(u_row)), key=lambda k: u_row[k])
+    show = lambda ks: [[tokenizer.decode([response_ids[k]]), round(u_row[k], 3)] for k in ks]
+    return show(ranked[:count]), show(ranked[::-1][:count])
+
+
+def save_model(model, tokenizer, path):
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+
+
+# -----------------------------------------------------------------------------
+# The training loop
+
+def main(argv=None):
+    args = get_args(argv)
+    n_rollouts = args.prompts_per_step * args.group_size
+    if n_rollouts % args.micro_batch_size:
+        raise SystemExit(f"--prompts-per-step * --group-size = {n_rollouts} must be divisible by "
+                         f"--micro-batch-size ({args.micro_batch_size})")
+    device = pick_device(args.device, args.model)
+    random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    os.makedirs(args.out_dir, exist_ok=True)
+
+    problems, dropped = load_problems(args.dataset, args.seed)
+    print(f"dataset {args.dataset}: {len(problems)} problems, {dropped} dropped (gold answer unparsable)")
+    stream = ProblemStream(len(problems), args.seed)
+    model, tokenizer = load_model(args.model, device)
+    if device.type == "cuda":
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    optimizer = MasterAdamW(model, args.lr)
+    gate = None
+    if args.method != "grpo" and args.gate != "none":
+        gate = EntropyGate(args.gate_warmup, args.tau_ratio, args.lambda_max,
+                           reopen_ratio=1.07 if args.gate == "perplexity" else 1.0)
+    pad_id = tokenizer.pad_token_id
+    teacher_needed = args.method != "grpo" or args.ppo_epochs > 1
+    rng = random.Random(args.seed)  # sibling choice and rollout logging
+    metrics_file = open(os.path.join(args.out_dir, "metrics.jsonl"), "w")
+    rollouts_file = open(os.path.join(args.out_dir, "rollouts.jsonl"), "w")
+
+    from tqdm import tqdm
+    progress = tqdm(range(1, args.steps + 1), desc=args.method, dynamic_ncols=True)
+    for step in progress:
+        step_start = time.time()
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        batch = [problems[i] for i in stream.next(args.prompts_per_step)]
+
+        # ---- 1. sample G rollouts per problem
+        student_prompts = [student_prompt_ids(tokenizer, item["problem"], args.enable_thinking)
+                           for item in batch for _ in range(args.group_size)]
+        samples = generate(model, tokenizer, student_prompts, args.max_new_tokens, args.temperature,
+                           args.top_p, args.gen_batch_size)
+        responses = [ids for ids, _ in samples]
+        truncated = [cut for _, cut in samples]
+        texts = [decode_response(tokenizer, ids) for ids in responses]
+        generate_seconds = time.time() - step_start
+
+        # ---- 2. rewards, and 3. group advantages
+        golds = [item["answer"] for item in batch for _ in range(args.group_size)]
+        rewards = [verify(text, gold) for text, gold in zip(texts, golds)]
+        seq_adv = group_advantages(rewards, args.group_size).to(device)  # [N]
+
+        # ---- 4. score: student and teacher over the same sampled ids
+        score_start = time.time()
+        teacher_prompts = None
+        if teacher_needed:
+            teacher_prompts = []
+            for i in range(n_rollouts):
+                first = i - i % args.group_size
+                group = slice(first, first + args.group_size)
+                item = batch[i // args.group_size]
+                message = build_teacher_prompt(item["problem"], i - first, rewards[group], texts[group],
+                                               item["solution"], item["answer"], rng, tokenizer,
+                                               args.max_solution_tokens)
+                teacher_prompts.append(render_prompt(tokenizer, message, args.enable_thinking))
+        lengths = torch.tensor([len(r) for r in responses], device=device)
+        width = int(lengths.max())
+        mask = torch.arange(width, device=device)[None, :] < lengths[:, None]  # [N, R]
+        total_tokens = int(mask.sum())
+        if args.method == "grpo" and args.ppo_epochs == 1:
+            stats = None  # ratio is 1: old log-probs are the detached new ones
+        else:
+            stats = score(model, student_prompts, teacher_prompts, responses, pad_id,
+                          args.micro_batch_size, args.temperature)
+        score_seconds = time.time() - score_start
+
+        # ---- 5. gate and 6. per-token advantages
+        if stats is not None and "t_logp" in stats:
+            u = (stats["t_logp"] - stats["logp"]) * mask                    # [N, R] PMI, M1
+            teacher_entropy = stats["t_entropy"][mask]
+            signal = (float(teacher_entropy.median()) if args.gate != "perplexity"
+                      else math.exp(-float(stats["t_logp"][mask].mean())))  # M6 / M8
+        else:
+            u, teacher_entropy, signal = torch.zeros(len(responses), width, device=device), None, float("nan")
+        lam = 0.0 if args.method == "grpo" else (gate.update(signal) if gate else args.lambda_max)
+        advantages, a = token_advantages(seq_adv, u, lam, args.method, args.divergence, args.compose)
+        advantages = advantages * mask                                       # [N, R]
+
+        # ---- 7. clipped policy-gradient step(s)
+        update_start = time.time()
+        for epoch in range(args.ppo_epochs):
+            loss, clipped_tokens = policy_gradient(model, student_prompts, responses, advantages, mask,
+                                                   None if stats is None else stats["logp"], pad_id,
+                                                   args.micro_batch_size, args.clip, args.temperature)
+            grad_norm = float(optimizer.step(args.grad_clip))
+        update_seconds = time.time() - update_start
+
+        # ---- logging
+        step_seconds = time.time() - step_start
+        rewards_grouped = torch.tensor(rewards).view(-1, args.group_size)
+        u_valid = u[mask]
+        u_p01, u_p99 = masked_quantiles(u, mask, [0.01, 0.99])
+        record = {
+            "step": step,
+            "reward_mean": float(rewards_grouped.mean()),
+            "groups_with_signal": float((rewards_grouped.std(dim=1) > 0).float().mean()),
+            "response_length_mean": float(lengths.float().mean()),
+            "response_length_max": int(lengths.max()),
+            "truncation_rate": sum(truncated) / len(truncated),
+            "u_mean": float(u_valid.mean()),
+            "u_std": float(u_valid.std()) if u_valid.numel() > 1 else 0.0,
+            "u_frac_negative": float((u_valid < 0).float().mean()),
+            "u_p01": u_p01,
+            "u_p99": u_p99,
+            "sd_term_mean": float(a[mask].mean()),
+            "teacher_entropy_median": float(teacher_entropy.median()) if teacher_entropy is not None else 0.0,
+            "student_entropy_median": float(stats["entropy"][mask].median()) if stats is not None else 0.0,
+            "jsd_mean": float(stats["jsd"][mask].mean()) if stats is not None and "jsd" in stats else 0.0,
+            "gate_signal": signal if math.isfinite(signal) else 0.0,
+            "gate_on": float(gate.on) if gate else 1.0,
+            "lambda": lam,
+            "h_warm": gate.h_warm if gate and gate.h_warm is not None else 0.0,
+            "tau_down": gate.tau_down if gate and gate.tau_down is not None else 0.0,
+            "loss": loss,
+            "grad_norm": grad_norm,
+            "clip_fraction": clipped_tokens / total_tokens,
+            "seconds_generate": generate_seconds,
+            "seconds_score": score_seconds,
+            "seconds_update": update_seconds,
+            "tokens_per_second": total_tokens / step_seconds,
+            "peak_gpu_memory_gb": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else 0.0,
+        }
+        metrics_file.write(json.dumps(record) + "\n")
+        metrics_file.flush()
+        for i in rng.sample(range(n_rollouts), k=min(2, n_rollouts)):
+            most_negative, most_positive = extreme_tokens(tokenizer, responses[i], u[i])
+            rollouts_file.write(json.dumps({
+                "step": step, "problem": batch[i // args.group_size]["problem"], "gold": golds[i],
+                "response": texts[i], "reward": rewards[i], "truncated": truncated[i],
+                "most_negative_u": most_negative, "most_positive_u": most_positive}) + "\n")
+        rollouts_file.flush()
+        progress.set_postfix(reward=f"{record['reward_mean']:.3f}", lam=f"{lam:.2f}",
+                             H_T=f"{record['teacher_entropy_median']:.3f}")
+
+        if step % args.save_every == 0 or step == args.steps:
+            save_model(model, tokenizer, os.path.join(args.out_dir, f"checkpoint-{step}"))
+
+    metrics_file.close()
+    rollouts_file.close()
+    print(f"done: {args.steps} steps, checkpoint in {os.path.join(args.out_dir, f'checkpoint-{args.steps}')}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,483 @@
+"""Tests for antisd.py, kernels.py and eval.py: CPU, offline, tiny models, exact expectations.
+
+Each test is named after the failure it prevents and compares against something independent: a
+float64 brute force, a one-sequence-at-a-time forward, an enumeration. Tests that use the real
+Qwen3 tokenizer or benchmark files read ../shared/hub and skip when it is absent.
+"""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+import json
+import math
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+import antisd
+import kernels
+
+HUB = Path(__file__).resolve().parent.parent / "shared" / "hub"
+QWEN3_TOKENIZER = HUB / "Qwen3-tokenizer"
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    model, tokenizer = antisd.load_model("tiny", torch.device("cpu"))
+    return model.eval(), tokenizer
+
+
+# -----------------------------------------------------------------------------
+# Reward
+
+
+def test_boxed_extraction_keeps_nested_braces():
+    assert antisd.last_boxed(r"so \boxed{\frac{1}{2}} and later \boxed{\sqrt{\frac{a}{b}}}.") == r"\sqrt{\frac{a}{b}}"
+    assert antisd.last_boxed(r"\boxed{3} then a cut-off \boxed{\frac{1}{") == "3"
+    assert antisd.last_boxed("no box here") is None
+
+
+@pytest.mark.parametrize("response, gold", [
+    (r"The answer is \boxed{\frac{1}{2}}.", "0.5"),
+    (r"\boxed{0.5}", r"\frac12"),
+    (r"\boxed{\dfrac{3}{4}}", "3/4"),
+    (r"\boxed{\left( 3, \frac{\pi}{2} \right)}", r"(3,\frac{\pi}{2})"),
+    (r"\boxed{25}", "025"),
+    (r"\boxed{1000}", "1,000"),
+    (r"\boxed{x(x+2)}", "x^2+2x"),
+    (r"<think>maybe \boxed{7}</think> Final: \boxed{12}", "12"),
+])
+def test_equivalent_answers_earn_reward(response, gold):
+    assert antisd.verify(response, antisd.clean_gold(gold)) == 1.0
+
+
+@pytest.mark.parametrize("response, gold", [
+    (r"\boxed{71}", "70"),
+    (r"\boxed{\frac{1}{3}}", "0.5"),
+    ("The answer is 70.", "70"),                                # no boxed answer
+    (r"<think>so it is \boxed{70}", "70"),                       # thinking never finished
+    (r"<think>\boxed{70}</think> so the answer is \boxed{71}", "70"),  # only the final answer counts
+])
+def test_wrong_or_missing_answers_earn_nothing(response, gold):
+    assert antisd.verify(response, antisd.clean_gold(gold)) == 0.0
+
+
+def test_unparsable_gold_never_earns_reward():
+    for gold in [None, "", "   ", [], "$$"]:
+        assert antisd.clean_gold(gold) is None
+        assert antisd.verify(r"\boxed{}", antisd.clean_gold(gold)) == 0.0
+        assert antisd.verify(r"\boxed{0}", antisd.clean_gold(gold)) == 0.0
+    assert antisd.verify(r"\boxed{5}", None) == 0.0
+
+
+def test_gold_answers_of_every_type_are_normalised():
+    assert antisd.clean_gold(27.0) == "27"
+    assert antisd.clean_gold(70) == "70"
+    assert antisd.clean_gold("Janet sells 9 eggs.\n#### 1,080") == "1080"
+    assert antisd.clean_gold(["$\\frac{1}{2 n+2}$"]) == "\\frac{1}{2 n+2}"
+    assert antisd.verify(r"\boxed{4.5\times 10^{33}}", antisd.clean_gold("4.5e33")) == 1.0
+    assert antisd.verify(r"\boxed{4.5}", antisd.clean_gold("4.5e33")) == 0.0
+
+
+def test_unparsable_gold_rows_are_dropped_and_counted(tmp_path):
+    path = tmp_path / "mixed.jsonl"
+    rows = [{"problem": "1+1?", "answer": "2"},
+            {"problem": "no answer in the solution", "solution": "we give up"},
+            {"problem": "2+2?", "solution": r"so \boxed{4}"},
+            {"question": "3+3?", "answer": "It is 6.\n#### 6"}]
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    problems, dropped = antisd.load_problems(str(path), seed=0)
+    assert dropped == 1
+    assert [p["answer"] for p in problems] == ["2", "4", "6"]
+    assert problems[2]["solution"].endswith(r"\boxed{6}.")
+
+
+def test_arith_problems_are_seeded_and_their_solutions_are_correct():
+    first, again = antisd.make_arith_problems(50, seed=3), antisd.make_arith_problems(50, seed=3)
+    assert first == again
+    for item in first:
+        assert antisd.verify(item["solution"], item["answer"]) == 1.0
+
+
+# -----------------------------------------------------------------------------
+# Advantages and gate
+
+
+def test_antisd_advantage_matches_method_values_and_bound():
+    u = torch.tensor([-20.0, -1.0, 0.0, 1.0, 5.0], dtype=torch.float64)
+    expected = torch.tensor([0.346574, 0.189943, 0.0, -0.310057, -2.156784], dtype=torch.float64)
+    assert torch.allclose(antisd.antisd_advantage(u), expected, atol=1e-6)
+    very_negative = antisd.antisd_advantage(torch.tensor([-1e4, -50.0], dtype=torch.float64))
+    assert torch.all(very_negative <= 0.5 * math.log(2) + 1e-12)
+    assert abs(float(very_negative[0]) - 0.5 * math.log(2)) < 1e-12
+
+
+def test_antisd_term_has_the_opposite_sign_of_default_sd():
+    u = torch.linspace(-6, 6, 25)
+    seq_adv = torch.zeros(1)
+    antisd_adv, _ = antisd.token_advantages(seq_adv, u[None], 0.5, "antisd", "jsd", "add")
+    sd_adv, _ = antisd.token_advantages(seq_adv, u[None], 0.5, "sd", "jsd", "add")
+    nonzero = u != 0
+    assert torch.all(torch.sign(antisd_adv[0][nonzero]) == -torch.sign(sd_adv[0][nonzero]))
+    rkl, _ = antisd.token_advantages(seq_adv, u[None], 0.5, "antisd", "rkl", "add")
+    assert torch.allclose(rkl[0], -0.5 * u)
+    grpo, _ = antisd.token_advantages(torch.tensor([1.5]), u[None], 0.5, "grpo", "jsd", "add")
+    assert torch.all(grpo == 1.5)
+    mult, a = antisd.token_advantages(torch.tensor([2.0]), u[None], 0.5, "antisd", "jsd", "mult")
+    assert torch.allclose(mult[0], 2.0 * (1 + 0.5 * a[0]))
+
+
+def test_group_advantages_are_z_scores_within_each_group():
+    rewards = [1, 0, 0, 1, 1, 1, 1, 1, 0, 0, 0, 1]
+    adv = antisd.group_advantages(rewards, group_size=4)
+    for g in range(3):
+        group = torch.tensor(rewards[4 * g:4 * g + 4], dtype=torch.float64)
+        if group.std() == 0:
+            assert torch.all(adv[4 * g:4 * g + 4] == 0)
+        else:
+            expected = (group - group.mean()) / group.std(unbiased=False)
+            assert torch.allclose(adv[4 * g:4 * g + 4].double(), expected, atol=1e-5)
+
+
+def test_gate_calibrates_then_switches_off_and_on():
+    gate = antisd.EntropyGate(warmup=3, tau_ratio=0.9, lambda_max=0.5)
+    # warm-up: lambda 0, H_warm = median(2.0, 1.0, 3.0) = 2.0, tau_down = 1.8
+    assert [gate.update(h) for h in (2.0, 1.0, 3.0)] == [0.0, 0.0, 0.0]
+    assert gate.h_warm == 2.0 and abs(gate.tau_down - 1.8) < 1e-12
+    assert gate.update(1.85) == 0.5          # above tau_down: on
+    assert gate.update(1.79) == 0.0          # below tau_down: off
+    assert gate.update(1.95) == 0.0          # between thresholds: stays off (hysteresis)
+    saved = json.loads(json.dumps(gate.state_dict()))
+    assert gate.update(2.0) == 0.5           # back at H_warm: on
+    assert gate.update(1.81) == 0.5          # between thresholds: stays on
+    restored = antisd.EntropyGate(warmup=3, tau_ratio=0.9, lambda_max=0.5)
+    restored.load_state_dict(saved)
+    assert [restored.update(h) for h in (2.0, 1.81, 1.0)] == [0.5, 0.5, 0.0]
+
+
+# -----------------------------------------------------------------------------
+# Teacher prompt
+
+
+def test_teacher_never_sees_the_rollout_itself():
+    texts = ["attempt zero \\boxed{1}", "attempt one \\boxed{2}", "attempt two \\boxed{2}", "attempt three"]
+    rewards = [0.0, 1.0, 1.0, 0.0]
+    seen = {i: set() for i in range(4)}
+    rng = random.Random(0)
+    for _ in range(50):
+        for i in range(4):
+            prompt = antisd.build_teacher_prompt("What is 1+1?", i, rewards, texts, "ref solution", "2", rng)
+            seen[i] |= {j for j in range(4) if texts[j] in prompt}
+            assert texts[i] not in prompt
+            assert ("Your answer is correct." in prompt) == (rewards[i] == 1)
+            assert ("Your answer is incorrect." in prompt) == (rewards[i] == 0)
+    assert seen[0] == {1, 2} and seen[3] == {1, 2}   # both correct siblings get chosen
+    assert seen[1] == {2} and seen[2] == {1}
+
+
+def test_teacher_falls_back_to_reference_solution_then_gold():
+    texts = ["only correct one \\boxed{2}", "wrong \\boxed{3}"]
+    rng = random.Random(0)
+    own = antisd.build_teacher_prompt("P", 0, [1.0, 0.0], texts, "the reference solution", "2", rng)
+    assert "the reference solution" in own and texts[0] not in own
+    wrong = antisd.build_teacher_prompt("P", 1, [1.0, 0.0], texts, "the reference solution", "2", rng)
+    assert texts[0] in wrong
+    no_ref = antisd.build_teacher_prompt("P", 0, [0.0, 0.0], texts, None, "2", rng)
+    assert "\\boxed{2}" in no_ref
+
+
+def test_sibling_thinking_is_removed_and_template_matches_method():
+    texts = ["<think>secret scratch work</think>\n\nclean \\boxed{2}", "x"]
+    prompt = antisd.build_teacher_prompt("What is 1+1?", 1, [1.0, 0.0], texts, None, "2", random.Random(0))
+    assert "secret scratch work" not in prompt
+    assert prompt == (antisd.student_message("What is 1+1?")
+                      + "\nYour previous attempt:\n\nclean \\boxed{2}\n\n"
+                      + "\nPrevious assessment: Your answer is incorrect.\n"
+                      + "\n\nNow solve this problem step by step.\n")
+
+
+def test_only_the_solution_is_truncated_never_the_problem(tiny):
+    _, tokenizer = tiny
+    problem = "A very long problem statement. " * 200
+    solution = "step " * 2000
+    prompt = antisd.build_teacher_prompt(problem, 0, [0.0], ["x"], solution, "1", random.Random(0),
+                                         tokenizer, max_solution_tokens=40)
+    assert problem in prompt
+    shown = prompt.split("Your previous attempt:\n\n")[1].split("\n\n\nPrevious assessment")[0]
+    assert len(tokenizer(shown, add_special_tokens=False)["input_ids"]) == 40
+    assert solution.startswith(shown)
+
+
+# -----------------------------------------------------------------------------
+# Scoring alignment: batched, padded scoring == one unpadded sequence at a time
+
+
+def one_at_a_time_logp(model, prompt, response):
+    """log p(response_j | prompt, response_<j) from a single unpadded forward, float64 softmax."""
+    ids = torch.tensor([prompt + response])
+    logits = model(input_ids=ids).logits[0, len(prompt) - 1:-1].double()    # [R, V]
+    logp = torch.log_softmax(logits, dim=-1)
+    return logp.gather(-1, torch.tensor(response)[:, None])[:, 0], -(logp.exp() * logp).sum(-1)
+
+
+def check_alignment(model, tokenizer, problems, responses, enable_thinking):
+    student = [antisd.student_prompt_ids(tokenizer, p, enable_thinking) for p in problems]
+    teacher_messages = [antisd.build_teacher_prompt(p, 0, [0.0], ["x"], "The solution is 42 because of "
+                                                    + "reasons " * (3 * k), "42", random.Random(0))
+                        for k, p in enumerate(problems)]
+    teacher = [antisd.render_prompt(tokenizer, m, enable_thinking) for m in teacher_messages]
+    assert len({len(p) for p in student}) > 1 and len({len(r) for r in responses}) > 1  # real padding
+    stats = antisd.score(model, student, teacher, responses, tokenizer.pad_token_id,
+                         micro_batch_size=len(responses), temperature=1.0)
+    for i, response in enumerate(responses):
+        s_ref, h_ref = one_at_a_time_logp(model, student[i], response)
+        t_ref, th_ref = one_at_a_time_logp(model, teacher[i], response)
+        n = len(response)
+        assert torch.allclose(stats["logp"][i, :n].double(), s_ref, atol=1e-5)
+        assert torch.allclose(stats["t_logp"][i, :n].double(), t_ref, atol=1e-5)
+        assert torch.allclose(stats["entropy"][i, :n].double(), h_ref, atol=1e-4)
+        assert torch.allclose(stats["t_entropy"][i, :n].double(), th_ref, atol=1e-4)
+        assert torch.all(stats["logp"][i, n:] == 0)   # nothing scored past the end
+    return student, teacher
+
+
+@torch.no_grad()
+def test_teacher_scores_exactly_the_sampled_tokens_under_left_padding(tiny):
+    model, tokenizer = tiny
+    problems = ["What is 1+1?", "A much longer problem: compute 17 * 23 and then add 5 to it.", "2*3?"]
+    torch.manual_seed(0)
+    samples = antisd.generate(model, tokenizer,
+                              [antisd.student_prompt_ids(tokenizer, p, False) for p in problems],
+                              max_new_tokens=12, temperature=1.0, top_p=1.0, batch_size=3)
+    responses = [ids for ids, _ in samples]
+    responses[1] = responses[1][:3]   # make the lengths differ for certain
+    check_alignment(model, tokenizer, problems, responses, enable_thinking=False)
+
+
+@pytest.mark.skipif(not QWEN3_TOKENIZER.exists(), reason="needs ../shared/hub/Qwen3-tokenizer")
+@pytest.mark.parametrize("enable_thinking", [False, True])
+@torch.no_grad()
+def test_alignment_with_the_real_qwen3_tokenizer(enable_thinking):
+    from transformers import AutoTokenizer, Qwen3Config, Qwen3ForCausalLM
+    tokenizer = AutoTokenizer.from_pretrained(str(QWEN3_TOKENIZER))
+    tokenizer.padding_side = "left"
+    torch.manual_seed(0)
+    model = Qwen3ForCausalLM(Qwen3Config(vocab_size=151936, hidden_size=32, intermediate_size=64,
+                                         num_hidden_layers=2, num_attention_heads=2,
+                                         num_key_value_heads=1, head_dim=16)).eval()
+    problems = ["What is 1+1?", "Let $x^2 = 49$ with $x > 0$. Find $x$.", "Compute $\\frac{3}{4} + \\frac{1}{4}$."]
+    answers = ["<think>\nadd them\n</think>\n\nIt is \\boxed{2}.", "So \\boxed{7}.", "\\boxed{1}"]
+    responses = [tokenizer(a, add_special_tokens=False)["input_ids"] + [151645] for a in answers]
+    student, teacher = check_alignment(model, tokenizer, problems, responses, enable_thinking)
+    # student and teacher prompts end in the same assistant header, thinking mode included
+    tail = [151644, 77091, 198] + ([151667, 271, 151668, 271] if not enable_thinking else [])
+    for s, t in zip(student, teacher):
+        assert s[-len(tail):] == tail and t[-len(tail):] == tail
+        assert s[-len(tail) - 1] == t[-len(tail) - 1] == 198   # "<|im_end|>\n" before it
+
+
+# -----------------------------------------------------------------------------
+# kernels.token_stats_torch against a float64 brute force
+
+
+def brute_force_stats(logits, targets, teacher_logits, beta, temperature):
+    """The five statistics in float64, straight from their definitions, row by row."""
+    out = {name: [] for name in kernels.STAT_NAMES}
+    for z, y, zt in zip(logits.double(), targets.tolist(), teacher_logits.double()):
+        if y == kernels.IGNORE_INDEX:
+            for name in out:
+                out[name].append(torch.zeros((), dtype=torch.float64))
+            continue
+        logp, logq = torch.log_softmax(z / temperature, -1), torch.log_softmax(zt / temperature, -1)
+        p, q = logp.exp(), logq.exp()
+        logm = torch.logaddexp(math.log(beta) + logq, math.log(1 - beta) + logp)   # log M, float64
+        out["logp"].append(logp[y])
+        out["entropy"].append(-torch.sum(p * logp))
+        out["t_logp"].append(logq[y])
+        out["t_entropy"].append(-torch.sum(q * logq))
+        out["jsd"].append(beta * torch.sum(q * (logq - logm)) + (1 - beta) * torch.sum(p * (logp - logm)))
+    return {name: torch.stack(values) for name, values in out.items()}
+
+
+def hard_rows(n, vocab, seed):
+    """Random rows plus the cases that break naive code: a target with probability ~1, huge |logits|,
+    an ignored row, teacher equal to student."""
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(n, vocab, generator=g) * 3
+    teacher = torch.randn(n, vocab, generator=g) * 3
+    targets = torch.randint(0, vocab, (n,), generator=g)
+    logits[1, targets[1]] += 40.0                   # confident target: softmax ~ 1 - 1e-16
+    teacher[1, targets[1]] += 40.0
+    logits[2] *= 3000.0                             # |logits| ~ 1e4
+    teacher[2] = teacher[2] * 3000.0
+    targets[3] = kernels.IGNORE_INDEX
+    teacher[4] = logits[4]                          # identical: jsd = 0
+    return logits, targets, teacher
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_torch_token_stats_match_float64_values_and_gradients(temperature):
+    logits, targets, teacher = hard_rows(8, 1000, seed=0)
+    x = logits.clone().requires_grad_()
+    got = kernels.token_stats_torch(x, targets, teacher, beta=0.5, temperature=temperature, chunk_rows=3)
+    x64 = logits.double().requires_grad_()
+    ref = brute_force_stats(x64, targets, teacher, 0.5, temperature)
+    for name in kernels.STAT_NAMES:
+        assert got[name].dtype == torch.float32
+        assert torch.allclose(got[name].double(), ref[name], rtol=1e-5, atol=2e-5), name
+    g = torch.Generator().manual_seed(1)
+    upstream = {name: torch.randn(8, generator=g) for name in ("logp", "entropy", "jsd")}
+    sum(((got[k] * upstream[k]).sum() for k in upstream)).backward()
+    sum(((ref[k] * upstream[k].double()).sum() for k in upstream)).backward()
+    assert torch.all(x.grad[3] == 0)   # ignored row: no gradient
+    err = (x.grad.double() - x64.grad).norm() / x64.grad.norm()
+    assert err < 1e-5, err
+    assert not got["t_logp"].requires_grad and not got["t_entropy"].requires_grad
+
+
+def test_torch_token_stats_handles_bf16_and_strided_rows():
+    logits, targets, teacher = hard_rows(6, 333, seed=2)
+    wide = torch.randn(6, 400)
+    wide[:, :333] = logits
+    strided = wide[:, :333]                          # row stride 400 != V
+    got = kernels.token_stats_torch(strided.bfloat16(), targets, teacher.bfloat16())
+    ref = brute_force_stats(logits.bfloat16().double(), targets, teacher.bfloat16().double(), 0.5, 1.0)
+    for name in kernels.STAT_NAMES:
+        assert torch.allclose(got[name].double(), ref[name], rtol=1e-4, atol=1e-4), name
+
+
+def test_torch_token_stats_keeps_memory_bounded_by_chunks():
+    # the backward recomputes chunk by chunk: autograd keeps only the inputs, not [N, V] temporaries
+    logits = torch.randn(64, 1000, requires_grad=True)
+    targets = torch.randint(0, 1000, (64,))
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+        out = kernels.token_stats_torch(logits, targets, torch.randn(64, 1000), chunk_rows=16)
+    assert sum(saved) <= 2 * 64 * 1000 + 64      # logits and teacher logits, nothing more
+    out["jsd"].sum().backward()
+    assert logits.grad.shape == logits.shape
+
+
+# -----------------------------------------------------------------------------
+# The update
+
+
+def fixed_batch(tokenizer, seed=0):
+    g = random.Random(seed)
+    prompts = [antisd.student_prompt_ids(tokenizer, f"What is {k}+{k}?" + " pad" * g.randint(0, 5), False) for k in range(4)]
+    responses = [[g.randrange(0, 255) for _ in range(g.randint(2, 9))] + [tokenizer.eos_token_id] for _ in range(4)]
+    lengths = torch.tensor([len(r) for r in responses])
+    mask = torch.arange(int(lengths.max()))[None] < lengths[:, None]
+    advantages = torch.randn(4, int(lengths.max()), generator=torch.Generator().manual_seed(seed)) * mask
+    return prompts, responses, advantages, mask
+
+
+def test_gradient_does_not_depend_on_micro_batch_size(tiny):
+    model, tokenizer = tiny
+    prompts, responses, advantages, mask = fixed_batch(tokenizer)
+    old_logp = antisd.score(model, prompts, None, responses, tokenizer.pad_token_id, 4, 1.0)["logp"] - 0.05 * mask
+    grads = []
+    for micro_batch_size in (1, 4):
+        model.zero_grad(set_to_none=True)
+        loss, _ = antisd.policy_gradient(model, prompts, responses, advantages, mask, old_logp,
+                                         tokenizer.pad_token_id, micro_batch_size, clip=0.2, temperature=1.0)
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    model.zero_grad(set_to_none=True)
+    assert grads[0].norm() > 0
+    assert torch.allclose(grads[0], grads[1], rtol=1e-4, atol=1e-7)
+
+
+def test_loss_is_the_batch_token_mean_of_the_clipped_surrogate():
+    new = torch.tensor([[0.0, -1.0, -2.0], [-0.5, 0.0, 0.0]], requires_grad=True)
+    old = torch.tensor([[0.0, -1.5, -1.0], [-0.5, 0.0, 0.0]])
+    adv = torch.tensor([[1.0, 2.0, -1.0], [3.0, 0.0, 0.0]])
+    mask = torch.tensor([[True, True, True], [True, False, False]])
+    loss, clipped = antisd.policy_loss(new, old, adv, mask, total_tokens=4, clip=0.2)
+    ratios = [1.0, math.exp(0.5), math.exp(-1.0), 1.0]
+    advs = [1.0, 2.0, -1.0, 3.0]
+    expected = -sum(min(r * a, min(max(r, 0.8), 1.2) * a) for r, a in zip(ratios, advs)) / 4
+    assert abs(loss.item() - expected) < 1e-6
+    assert int(clipped) == 2
+
+
+def test_policy_gradient_raises_the_probability_of_rewarded_tokens():
+    model, tokenizer = antisd.build_tiny(seed=1)
+    model.train()
+    prompt = antisd.student_prompt_ids(tokenizer, "Say a digit.", False)
+    digits = set(tokenizer("0123456789", add_special_tokens=False)["input_ids"])
+    assert len(digits) == 10
+
+    def digit_probability():
+        with torch.no_grad():
+            logp = torch.log_softmax(model(input_ids=torch.tensor([prompt])).logits[0, -1], -1)
+        return float(logp[sorted(digits)].exp().sum())
+
+    optimizer = antisd.MasterAdamW(model, lr=3e-3)
+    before = digit_probability()
+    torch.manual_seed(0)
+    for _ in range(6):
+        samples = antisd.generate(model, tokenizer, [prompt] * 128, 1, 1.0, 1.0, 128)
+        responses = [ids for ids, _ in samples]
+        rewards = [float(r[0] in digits) for r in responses]
+        seq_adv = antisd.group_advantages(rewards, group_size=128)
+        mask = torch.ones(128, 1, dtype=torch.bool)
+        antisd.policy_gradient(model, [prompt] * 128, responses, seq_adv[:, None], mask, None,
+                               tokenizer.pad_token_id, 32, 0.2, 1.0)
+        optimizer.step(1.0)
+    after = digit_probability()
+    assert after > 2 * before, (before, after)
+
+
+def test_bf16_weights_still_move_with_a_tiny_learning_rate():
+    def train(optimizer_step, layer):
+        before = layer.weight.detach().float().clone()
+        for _ in range(60):
+            layer.weight.grad = torch.ones_like(layer.weight)
+            optimizer_step()
+        return float((layer.weight.float() - before).abs().max())
+
+    naive = torch.nn.Linear(4, 4, bias=False).bfloat16()
+    torch.nn.init.constant_(naive.weight, 0.01)
+    plain_adamw = torch.optim.AdamW(naive.parameters(), lr=1e-6, weight_decay=0.0)
+    # the failure being prevented: 60 steps of ~1e-6 each vanish in bf16 (spacing at 0.01 is 6e-5)
+    assert train(plain_adamw.step, naive) == 0.0
+    layer = torch.nn.Linear(4, 4, bias=False).bfloat16()
+    torch.nn.init.constant_(layer.weight, 0.01)
+    master = antisd.MasterAdamW(layer, lr=1e-6)
+    assert train(lambda: master.step(max_norm=1e9), layer) > 3e-5
+
+
+# -----------------------------------------------------------------------------
+# End to end: the CPU demo for every method
+
+
+METRIC_KEYS = ["reward_mean", "groups_with_signal", "response_length_mean", "response_length_max",
+               "truncation_rate", "u_mean", "u_std", "u_frac_negative", "u_p01", "u_p99", "sd_term_mean",
+               "teacher_entropy_median", "student_entropy_median", "jsd_mean", "gate_signal", "lambda",
+               "h_warm", "tau_down", "loss", "grad_norm", "clip_fraction", "seconds_generate",
+               "seconds_score", "seconds_update", "tokens_per_second", "peak_gpu_memory_gb"]
+
+
+@pytest.mark.parametrize("method", ["antisd", "sd", "grpo"])
+def test_cpu_demo_runs_end_to_end_and_its_checkpoint_loads(method, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    antisd.main(["--model", "tiny", "--dataset", "arith", "--steps", "3", "--method", method,
+                 "--gate-warmup", "2", "--out-dir", str(tmp_path)])
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in lines] == [1, 2, 3]
+    for line in lines:
+        for key in METRIC_KEYS:
+            assert isinstance(line[key], (int, float)) and math.isfinite(line[key]), (key, line[key])
+    if method == "antisd":
+        assert [line["lambda"] for line in lines] == [0.0, 0.0, 0.5]   # warm-up of 2 steps
+        assert lines[2]["teacher_entropy_median"] > 0 and lines[2]["jsd_mean"] > 0
+    rollouts = [json.loads(line) for line in (tmp_path / "rollouts.jsonl").read_text().splitlines()]
+    assert rollouts and {"response", "reward", "most_negative_u", "most_positive_u"} <= set(rollouts[0])
+    checkpoint = tmp_path / "checkpoint-3"
+    model = AutoModelForCausalLM.from_pretrained(checkpoint)
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    assert model.config.vocab_size == 320 and tokenizer.eos_token == "<|im_end|>"
