@@ -39,11 +39,14 @@ Run:  python antisd.py                                        # Qwen3-1.7B on MA
 """
 
 import argparse
+import importlib
 import json
 import math
 import os
 import random
 import re
+import shutil
+import signal
 import statistics
 import sys
 import time
@@ -56,6 +59,13 @@ from kernels import IGNORE_INDEX, token_stats
 # -----------------------------------------------------------------------------
 # 0. Configuration
 
+# what defines a run: resuming with any of these changed would silently make it another run
+RUN_DEFINING = ["model", "dataset", "enable_thinking", "max_solution_tokens", "method", "estimator",
+                "divergence", "compose", "lambda_max", "gate", "gate_warmup", "tau_ratio",
+                "prompts_per_step", "group_size", "max_new_tokens", "temperature", "top_p", "lr",
+                "clip", "ppo_epochs", "grad_clip", "seed"]
+
+
 def get_args(argv=None):
     p = argparse.ArgumentParser(description="AntiSD / self-distillation / GRPO on one GPU",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -66,6 +76,7 @@ def get_args(argv=None):
     p.add_argument("--max-solution-tokens", type=int, default=1024, help="budget of the solution shown to the teacher (M7); the problem is never cut")
     # method
     p.add_argument("--method", default="antisd", choices=["antisd", "sd", "grpo"], help="per-token term: -phi(u) | +u | none")
+    p.add_argument("--estimator", default="token", choices=["token", "full"], help="token: the sampled-token term (the paper); full: exact full-vocabulary JSD gradient, one more teacher forward")
     p.add_argument("--divergence", default="jsd", choices=["jsd", "rkl"], help="antisd term: -phi(u) (JSD ascent, M4) or -u (reverse-KL ascent, M5 ablation)")
     p.add_argument("--compose", default="add", choices=["add", "mult"], help="A_seq + lam*a (M5) or A_seq*(1 + lam*a) (M5 ablation)")
     p.add_argument("--lambda-max", type=float, default=0.5, help="lambda_max (M5)")
@@ -86,24 +97,60 @@ def get_args(argv=None):
     p.add_argument("--ppo-epochs", type=int, default=1, help="passes over each batch; 1 = the paper (ratio 1, REINFORCE)")
     p.add_argument("--micro-batch-size", type=int, default=8, help="sequences per forward/backward; lower it on out-of-memory")
     p.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm")
+    p.add_argument("--max-bad-steps", type=int, default=3, help="stop after this many consecutive steps with a non-finite loss or gradient (they are not applied)")
     p.add_argument("--seed", type=int, default=0)
+    # evaluation during training (eval.py)
+    p.add_argument("--eval-every", type=int, default=50, help="evaluate every N steps; 0 = never")
+    p.add_argument("--eval-benchmarks", default="math500", help="comma-separated eval.py benchmarks (held out from training data)")
+    p.add_argument("--eval-n", type=int, default=4, help="samples per problem: avg@n, pass@k, maj@n")
+    p.add_argument("--eval-limit", type=int, default=100, help="first N problems of each benchmark")
+    p.add_argument("--eval-data-dir", default=None, help="read benchmarks from <dir>/<name>.jsonl instead of the hub")
     # logging and checkpoints
     p.add_argument("--out-dir", default="runs/antisd", help="metrics.jsonl, rollouts.jsonl and checkpoints go here")
     p.add_argument("--save-every", type=int, default=50, help="checkpoint every N steps (and at the end)")
+    p.add_argument("--keep-checkpoints", type=int, default=2, help="keep the newest N checkpoints")
+    p.add_argument("--resume", action="store_true", help="continue the run saved in --out-dir from its newest checkpoint")
     p.add_argument("--device", default=None, help="cuda | cpu (default: cuda if available)")
     # --model tiny is a CPU demo: unless set explicitly, shrink the run to seconds
     if p.parse_known_args(argv)[0].model == "tiny":
-        p.set_defaults(prompts_per_step=4, max_new_tokens=48, gen_batch_size=32, micro_batch_size=8, save_every=1000)
+        p.set_defaults(prompts_per_step=4, max_new_tokens=48, gen_batch_size=32, micro_batch_size=8,
+                       save_every=1000, eval_every=0)
     args = p.parse_args(argv)
     if args.gate is None:
         args.gate = "entropy" if args.method == "antisd" else "none"
+
+    # refuse inconsistent flags now, not after the model has loaded
+    n_rollouts = args.prompts_per_step * args.group_size
+    for flag, value in [("--prompts-per-step", args.prompts_per_step), ("--max-new-tokens", args.max_new_tokens),
+                        ("--gen-batch-size", args.gen_batch_size), ("--micro-batch-size", args.micro_batch_size),
+                        ("--steps", args.steps), ("--ppo-epochs", args.ppo_epochs), ("--save-every", args.save_every),
+                        ("--keep-checkpoints", args.keep_checkpoints), ("--max-bad-steps", args.max_bad_steps),
+                        ("--max-solution-tokens", args.max_solution_tokens), ("--eval-n", args.eval_n)]:
+        if value < 1:
+            p.error(f"{flag} must be at least 1, got {value}")
+    if args.group_size < 2:
+        p.error(f"--group-size must be at least 2 (group advantages compare rollouts), got {args.group_size}")
+    if n_rollouts % args.micro_batch_size:
+        p.error(f"--prompts-per-step * --group-size = {n_rollouts} must be divisible by --micro-batch-size ({args.micro_batch_size})")
+    if args.temperature <= 0 or not 0 < args.top_p <= 1:
+        p.error(f"--temperature must be > 0 and --top-p in (0, 1], got {args.temperature} and {args.top_p}")
+    if args.lr <= 0 or args.clip <= 0 or args.grad_clip <= 0 or args.lambda_max < 0:
+        p.error("--lr, --clip and --grad-clip must be > 0 and --lambda-max >= 0")
+    if args.gate != "none" and args.method != "grpo" and (args.gate_warmup < 1 or not 0 < args.tau_ratio <= 1):
+        p.error(f"--gate-warmup must be >= 1 and --tau-ratio in (0, 1], got {args.gate_warmup} and {args.tau_ratio}")
+    if args.estimator == "full" and (args.method == "grpo" or args.divergence != "jsd" or args.compose != "add"):
+        p.error("--estimator full is the JSD gradient itself: it needs --method antisd or sd, --divergence jsd, --compose add")
+    if args.eval_every < 0 or args.eval_limit < 0:
+        p.error("--eval-every and --eval-limit must be >= 0")
+    if not (args.model == "tiny" or os.path.isdir(args.model) or re.fullmatch(r"[\w.-]+/[\w.-]+", args.model)):
+        p.error(f"--model {args.model!r}: expected 'tiny', a local checkpoint directory, or a hub id such as Qwen/Qwen3-1.7B")
     return args
 
 
 # -----------------------------------------------------------------------------
 # 1. Data: every problem becomes {problem, answer, solution or None}
 
-def read_jsonl(path):
+def read_jsonl(path, with_line_numbers=False):
     """Rows of a JSONL file; a bad line is an error that names the file and the line."""
     rows = []
     with open(path, encoding="utf-8") as f:
@@ -111,9 +158,12 @@ def read_jsonl(path):
             if not line.strip():
                 continue
             try:
-                rows.append(json.loads(line))
+                row = json.loads(line)
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path}, line {line_number}: invalid JSON ({e.msg})") from None
+            if not isinstance(row, dict):
+                raise ValueError(f"{path}, line {line_number}: expected a JSON object, got {type(row).__name__}")
+            rows.append((line_number, row) if with_line_numbers else row)
     return rows
 
 
@@ -143,10 +193,10 @@ def clean_gold(value):
         text = text.split("####")[-1].strip().replace(",", "")
     if "\\boxed{" in text:
         text = last_boxed(text) or ""
-    text = text.strip().strip("$").strip()
+    text = text.strip().rstrip(".").strip().strip("$").strip()  # OlympiadBench: "$(-\\infty, 0)$."
     # Minerva writes 4.5e33; math-verify would read it as 4.5
     text = re.sub(r"^(-?\d+(?:\.\d+)?)[eE]\+?(-?\d+)$", r"\1 \\times 10^{\2}", text)
-    if not text or not _parse_math(text):
+    if not text or not _check_math("parse", text):
         return None
     return text
 
@@ -221,8 +271,9 @@ def load_problems(name, seed):
     elif name.endswith(".jsonl"):
         if not os.path.exists(name):
             raise ValueError(f"--dataset {name}: file not found")
-        rows = read_jsonl(name)
-        where = [f"{name}, row {i + 1}" for i in range(len(rows))]
+        numbered = read_jsonl(name, with_line_numbers=True)
+        rows = [row for _, row in numbered]
+        where = [f"{name}, line {line_number}" for line_number, _ in numbered]
     elif name in ("math", "gsm8k", "dapo"):
         import datasets
         if name == "math":  # MATH train, 7,500 problems with full solutions
@@ -447,12 +498,62 @@ def decode_response(tokenizer, ids):
 # -----------------------------------------------------------------------------
 # 4. Reward: 1 if the last \boxed{} is mathematically equivalent to the gold answer (M1)
 
-def _parse_math(text):
+# math-verify's own time limit (signal.alarm) cannot interrupt a long big-integer power such as
+# 9^9^9^9, and a stuck check would stall training: every check runs in a worker process that is
+# killed and restarted after VERIFY_SECONDS, and that check counts as incorrect.
+VERIFY_SECONDS = 5.0
+MAX_ANSWER_CHARS = 1000  # no real answer is longer; a runaway one is wrong, not worth 5 seconds
+_verifier = None  # (process, connection) of the worker, started on first use
+
+
+def _verifier_loop(connection):
+    """The worker: answers ("parse", text) with bool and ("verify", gold, answer) with bool. Both
+    sides are read as $...$ math: inside \\boxed{} math-verify misreads some expressions."""
     import math_verify
+    connection.send("ready")
+    while True:
+        request = connection.recv()
+        try:
+            parsed = [math_verify.parse(f"${text}$", parsing_timeout=3) for text in request[1:]]
+            if request[0] == "parse":
+                result = bool(parsed[0])
+            else:
+                result = all(parsed) and bool(math_verify.verify(parsed[0], parsed[1], timeout_seconds=3))
+        except Exception:  # a checker crash on odd input means "no", never a crashed run
+            result = False
+        connection.send(result)
+
+
+def _start_verifier():
+    import multiprocessing
+    # fork: no re-import of this file (works from notebooks); the worker never touches CUDA
+    methods = multiprocessing.get_all_start_methods()
+    context = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
+    ours, theirs = context.Pipe()
+    process = context.Process(target=_verifier_loop, args=(theirs,), daemon=True)
+    process.start()
+    if not ours.poll(120) or ours.recv() != "ready":  # a checker that cannot start must not mean "all wrong"
+        process.kill()
+        raise RuntimeError("the answer-checking process (math-verify) did not start; is math-verify installed?")
+    return process, ours
+
+
+def _check_math(*request):
+    """Runs one check in the worker; False if it takes longer than VERIFY_SECONDS or kills the worker."""
+    global _verifier
+    if _verifier is None or not _verifier[0].is_alive():
+        _verifier = _start_verifier()
+    process, connection = _verifier
     try:
-        return math_verify.parse(f"\\boxed{{{text}}}")
-    except Exception:  # a parser crash on odd input means "not an answer", never a crashed run
-        return []
+        connection.send(request)
+        if connection.poll(VERIFY_SECONDS):
+            return connection.recv()
+    except (EOFError, OSError):  # the worker died on this input (e.g. out of memory)
+        pass
+    process.kill()  # stuck or dead: this check is a "no"; the next one gets a fresh worker
+    process.join()
+    _verifier = None
+    return False
 
 
 def extract_boxed(response):
@@ -467,17 +568,10 @@ def extract_boxed(response):
 def verify(response, gold):
     """1.0 if the response's final boxed answer equals the gold answer, else 0.0. A missing box or an
     unparsable gold is 0, never 1."""
-    import math_verify
     answer = extract_boxed(response)
-    if answer is None or gold is None:
+    if answer is None or gold is None or not answer.strip() or len(answer) > MAX_ANSWER_CHARS:
         return 0.0
-    gold_parsed, answer_parsed = _parse_math(gold), _parse_math(answer)
-    if not gold_parsed or not answer_parsed:
-        return 0.0
-    try:
-        return float(bool(math_verify.verify(gold_parsed, answer_parsed)))
-    except Exception:
-        return 0.0
+    return float(_check_math("verify", gold, answer))
 
 
 # -----------------------------------------------------------------------------
@@ -613,20 +707,27 @@ def policy_loss(new_logp, old_logp, advantages, mask, total_tokens, clip):
 
 
 def policy_gradient(model, prompts, responses, advantages, mask, old_logp, pad_id, micro_batch_size,
-                    clip, temperature):
+                    clip, temperature, teacher_prompts=None, jsd_weight=0.0):
     """Accumulates into .grad the gradient of the batch's token-mean clipped surrogate, one
     micro-batch at a time. old_logp=None means ratio 1 (one update per batch, no scoring pass).
-    Returns (loss, number of clipped tokens)."""
+    With jsd_weight != 0 (--estimator full) the loss also has -jsd_weight * token-mean JSD over the
+    full vocabulary, the teacher re-scored under no_grad. Returns (loss, number of clipped tokens)."""
     total_tokens = int(mask.sum())
     loss_total, clipped_total = 0.0, 0
     for start in range(0, len(responses), micro_batch_size):
         rows = slice(start, start + micro_batch_size)
         logits, targets = response_logits(model, prompts[rows], responses[rows], pad_id)
+        teacher_logits = None
+        if jsd_weight:
+            with torch.no_grad():
+                teacher_logits = response_logits(model, teacher_prompts[rows], responses[rows], pad_id)[0].flatten(0, 1)
+        stats = token_stats(logits.flatten(0, 1), targets.flatten(), teacher_logits, temperature=temperature)
         r = targets.shape[1] - 1
-        new_logp = token_stats(logits.flatten(0, 1), targets.flatten(),
-                               temperature=temperature)["logp"].view(targets.shape)[:, :r]  # [mb, R]
+        new_logp = stats["logp"].view(targets.shape)[:, :r]                              # [mb, R]
         old = new_logp.detach() if old_logp is None else old_logp[rows, :r]
         loss, clipped = policy_loss(new_logp, old, advantages[rows, :r], mask[rows, :r], total_tokens, clip)
+        if jsd_weight:  # ascend (antisd, weight > 0) or descend (sd, weight < 0) the exact JSD
+            loss = loss - jsd_weight * (stats["jsd"].view(targets.shape)[:, :r] * mask[rows, :r]).sum() / total_tokens
         loss.backward()
         loss_total += loss.item()
         clipped_total += int(clipped)
@@ -642,20 +743,26 @@ class MasterAdamW:
         self.master = [p if p.dtype == torch.float32 else p.detach().float().clone() for p in self.params]
         self.optimizer = torch.optim.AdamW(self.master, lr=lr, weight_decay=0.0)
 
-    def step(self, max_norm):
-        """Clip, step, copy back; returns the gradient norm before clipping."""
+    def clip_gradients(self, max_norm):
+        """Moves the gradients onto the master copies and clips them; returns the norm before clipping."""
         for p, m in zip(self.params, self.master):
             if m is not p:
                 m.grad = None if p.grad is None else p.grad.float()
                 p.grad = None
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.master, max_norm)
+        return float(torch.nn.utils.clip_grad_norm_(self.master, max_norm))
+
+    def step(self):
         self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        self.zero_grad()
         with torch.no_grad():
             for p, m in zip(self.params, self.master):
                 if m is not p:
                     p.copy_(m)
-        return grad_norm
+
+    def zero_grad(self):
+        self.optimizer.zero_grad(set_to_none=True)
+        for p in self.params:
+            p.grad = None
 
     def state_dict(self):
         return {"adamw": self.optimizer.state_dict(), "master": [m.detach().cpu() for m in self.master]}
@@ -689,9 +796,52 @@ def extreme_tokens(tokenizer, response_ids, u_row, count=5):
     return show(ranked[:count]), show(ranked[::-1][:count])
 
 
-def save_model(model, tokenizer, path):
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
+def finite_or_none(value):
+    """JSON has no NaN: a non-finite number is written as null."""
+    return value if not isinstance(value, float) or math.isfinite(value) else None
+
+
+# -----------------------------------------------------------------------------
+# Checkpoints: the model in Hugging Face format plus everything needed to continue exactly
+
+def list_checkpoints(out_dir):
+    """Complete checkpoints in out_dir, oldest first."""
+    found = []
+    for name in os.listdir(out_dir) if os.path.isdir(out_dir) else []:
+        match = re.fullmatch(r"checkpoint-(\d+)", name)
+        if match and os.path.exists(os.path.join(out_dir, name, "trainer_state.pt")):
+            found.append((int(match.group(1)), os.path.join(out_dir, name)))
+    return [path for _, path in sorted(found)]
+
+
+def save_checkpoint(out_dir, step, model, tokenizer, trainer_state, keep):
+    """Written to a temporary folder, then renamed: a kill mid-save leaves the previous checkpoint
+    whole. Keeps the newest `keep`."""
+    final = os.path.join(out_dir, f"checkpoint-{step}")
+    temporary = final + ".tmp"
+    shutil.rmtree(temporary, ignore_errors=True)
+    model.save_pretrained(temporary)
+    tokenizer.save_pretrained(temporary)
+    torch.save(trainer_state, os.path.join(temporary, "trainer_state.pt"))
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(temporary, final)
+    for old in list_checkpoints(out_dir)[:-keep]:
+        shutil.rmtree(old)
+    return final
+
+
+def keep_log_lines_up_to(path, step):
+    """A resumed run redoes the steps after its checkpoint: drop their old log lines."""
+    if os.path.exists(path):
+        with open(path) as f:
+            lines = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+        with open(path, "w") as f:
+            f.writelines(lines)
+
+
+def out_of_memory(phase, flag, value):
+    return SystemExit(f"CUDA out of memory during {phase} with {flag} {value}: lower {flag} "
+                      f"(e.g. {flag} {max(1, value // 2)}), or --max-new-tokens.")
 
 
 # -----------------------------------------------------------------------------
@@ -700,18 +850,36 @@ def save_model(model, tokenizer, path):
 def main(argv=None):
     args = get_args(argv)
     n_rollouts = args.prompts_per_step * args.group_size
-    if n_rollouts % args.micro_batch_size:
-        raise SystemExit(f"--prompts-per-step * --group-size = {n_rollouts} must be divisible by "
-                         f"--micro-batch-size ({args.micro_batch_size})")
     device = pick_device(args.device, args.model)
-    random.seed(args.seed)
-    torch.manual_seed(args.seed)
+
+    # ---- resume, or start fresh (never silently over an existing run)
+    checkpoints = list_checkpoints(args.out_dir)
+    if checkpoints and not args.resume:
+        raise SystemExit(f"--out-dir {args.out_dir} already holds a run ({os.path.basename(checkpoints[-1])}): "
+                         f"pass --resume to continue it, or choose another --out-dir")
+    if args.resume and not checkpoints:
+        raise SystemExit(f"--resume: no checkpoint in --out-dir {args.out_dir}")
+    resumed = None
+    if args.resume:
+        resumed = torch.load(os.path.join(checkpoints[-1], "trainer_state.pt"), weights_only=False)
+        changed = [f"--{key.replace('_', '-')} {resumed['args'][key]!r} -> {getattr(args, key)!r}"
+                   for key in RUN_DEFINING if resumed["args"].get(key) != getattr(args, key)]
+        if changed:
+            raise SystemExit(f"refusing to resume {checkpoints[-1]} with different settings: " + "; ".join(changed))
     os.makedirs(args.out_dir, exist_ok=True)
 
     problems, dropped = load_problems(args.dataset, args.seed)
     print(f"dataset {args.dataset}: {len(problems)} problems, {dropped} dropped (gold answer unparsable)")
+    eval_sets = {}
+    if args.eval_every:
+        evaluation = importlib.import_module("eval")  # eval.py; `import eval` would shadow the builtin
+        eval_sets = {name: evaluation.load_benchmark(name, args.eval_data_dir, args.eval_limit or None)
+                     for name in args.eval_benchmarks.split(",")}
     stream = ProblemStream(len(problems), args.seed)
-    model, tokenizer = load_model(args.model, device)
+    try:
+        model, tokenizer = load_model(checkpoints[-1] if resumed else args.model, device)
+    except OSError as e:
+        raise SystemExit(f"--model {args.model}: could not load it ({e})") from None
     if device.type == "cuda":
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
@@ -720,133 +888,210 @@ def main(argv=None):
     if args.method != "grpo" and args.gate != "none":
         gate = EntropyGate(args.gate_warmup, args.tau_ratio, args.lambda_max,
                            reopen_ratio=1.07 if args.gate == "perplexity" else 1.0)
-    pad_id = tokenizer.pad_token_id
-    teacher_needed = args.method != "grpo" or args.ppo_epochs > 1
     rng = random.Random(args.seed)  # sibling choice and rollout logging
-    metrics_file = open(os.path.join(args.out_dir, "metrics.jsonl"), "w")
-    rollouts_file = open(os.path.join(args.out_dir, "rollouts.jsonl"), "w")
+    torch.manual_seed(args.seed)
+    first_step = 1
+    if resumed:
+        optimizer.load_state_dict(resumed["optimizer"])
+        stream.load_state_dict(resumed["stream"])
+        if gate:
+            gate.load_state_dict(resumed["gate"])
+        rng.setstate(resumed["rng"])
+        torch.set_rng_state(resumed["torch_rng"])
+        if device.type == "cuda" and resumed["cuda_rng"]:
+            torch.cuda.set_rng_state(resumed["cuda_rng"])
+        first_step = resumed["step"] + 1
+        print(f"resumed from {checkpoints[-1]}: continuing at step {first_step}")
+    for name in ("metrics.jsonl", "rollouts.jsonl"):
+        keep_log_lines_up_to(os.path.join(args.out_dir, name), first_step - 1)
+    metrics_file = open(os.path.join(args.out_dir, "metrics.jsonl"), "a")
+    rollouts_file = open(os.path.join(args.out_dir, "rollouts.jsonl"), "a")
+    pad_id = tokenizer.pad_token_id
+    teacher_needed = args.method != "grpo"
+    scoring_needed = teacher_needed or args.ppo_epochs > 1
 
+    def trainer_state(step):
+        return {"step": step, "args": vars(args), "optimizer": optimizer.state_dict(),
+                "stream": stream.state_dict(), "gate": gate.state_dict() if gate else None,
+                "rng": rng.getstate(), "torch_rng": torch.get_rng_state(),
+                "cuda_rng": torch.cuda.get_rng_state() if device.type == "cuda" else None}
+
+    # Ctrl-C / SIGTERM: finish the current step, save, exit; a second Ctrl-C stops at once
+    stop_requested = []
+
+    def request_stop(signum, frame):
+        if stop_requested:
+            raise KeyboardInterrupt
+        stop_requested.append(signum)
+        print(f"\n{signal.Signals(signum).name}: finishing this step, then saving (again to stop now)", flush=True)
+
+    previous_handlers = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    bad_steps = 0
+    last_saved = checkpoints[-1] if resumed else None
     from tqdm import tqdm
-    progress = tqdm(range(1, args.steps + 1), desc=args.method, dynamic_ncols=True)
-    for step in progress:
-        step_start = time.time()
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-        batch = [problems[i] for i in stream.next(args.prompts_per_step)]
+    progress = tqdm(range(first_step, args.steps + 1), initial=first_step - 1, total=args.steps,
+                    desc=args.method, dynamic_ncols=True)
+    try:
+        for step in progress:
+            step_start = time.time()
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            batch = [problems[i] for i in stream.next(args.prompts_per_step)]
 
-        # ---- 1. sample G rollouts per problem
-        student_prompts = [student_prompt_ids(tokenizer, item["problem"], args.enable_thinking)
-                           for item in batch for _ in range(args.group_size)]
-        samples = generate(model, tokenizer, student_prompts, args.max_new_tokens, args.temperature,
-                           args.top_p, args.gen_batch_size)
-        responses = [ids for ids, _ in samples]
-        truncated = [cut for _, cut in samples]
-        texts = [decode_response(tokenizer, ids) for ids in responses]
-        generate_seconds = time.time() - step_start
+            # ---- 1. sample G rollouts per problem
+            student_prompts = [student_prompt_ids(tokenizer, item["problem"], args.enable_thinking)
+                               for item in batch for _ in range(args.group_size)]
+            try:
+                samples = generate(model, tokenizer, student_prompts, args.max_new_tokens, args.temperature,
+                                   args.top_p, args.gen_batch_size)
+            except torch.cuda.OutOfMemoryError:
+                raise out_of_memory("generation", "--gen-batch-size", args.gen_batch_size) from None
+            responses = [ids for ids, _ in samples]
+            truncated = [cut for _, cut in samples]
+            texts = [decode_response(tokenizer, ids) for ids in responses]
+            generate_seconds = time.time() - step_start
 
-        # ---- 2. rewards, and 3. group advantages
-        golds = [item["answer"] for item in batch for _ in range(args.group_size)]
-        rewards = [verify(text, gold) for text, gold in zip(texts, golds)]
-        seq_adv = group_advantages(rewards, args.group_size).to(device)  # [N]
+            # ---- 2. rewards, and 3. group advantages
+            golds = [item["answer"] for item in batch for _ in range(args.group_size)]
+            rewards = [verify(text, gold) for text, gold in zip(texts, golds)]
+            seq_adv = group_advantages(rewards, args.group_size).to(device)  # [N]
 
-        # ---- 4. score: student and teacher over the same sampled ids
-        score_start = time.time()
-        teacher_prompts = None
-        if teacher_needed:
-            teacher_prompts = []
-            for i in range(n_rollouts):
-                first = i - i % args.group_size
-                group = slice(first, first + args.group_size)
-                item = batch[i // args.group_size]
-                message = build_teacher_prompt(item["problem"], i - first, rewards[group], texts[group],
-                                               item["solution"], item["answer"], rng, tokenizer,
-                                               args.max_solution_tokens)
-                teacher_prompts.append(render_prompt(tokenizer, message, args.enable_thinking))
-        lengths = torch.tensor([len(r) for r in responses], device=device)
-        width = int(lengths.max())
-        mask = torch.arange(width, device=device)[None, :] < lengths[:, None]  # [N, R]
-        total_tokens = int(mask.sum())
-        if args.method == "grpo" and args.ppo_epochs == 1:
-            stats = None  # ratio is 1: old log-probs are the detached new ones
-        else:
-            stats = score(model, student_prompts, teacher_prompts, responses, pad_id,
-                          args.micro_batch_size, args.temperature)
-        score_seconds = time.time() - score_start
+            # ---- 4. score: student and teacher over the same sampled ids
+            score_start = time.time()
+            teacher_prompts = None
+            if teacher_needed:
+                teacher_prompts = []
+                for i in range(n_rollouts):
+                    first = i - i % args.group_size
+                    group = slice(first, first + args.group_size)
+                    item = batch[i // args.group_size]
+                    message = build_teacher_prompt(item["problem"], i - first, rewards[group], texts[group],
+                                                   item["solution"], item["answer"], rng, tokenizer,
+                                                   args.max_solution_tokens)
+                    teacher_prompts.append(render_prompt(tokenizer, message, args.enable_thinking))
+            lengths = torch.tensor([len(r) for r in responses], device=device)
+            width = int(lengths.max())
+            mask = torch.arange(width, device=device)[None, :] < lengths[:, None]  # [N, R]
+            total_tokens = int(mask.sum())
+            stats = None  # grpo with one epoch: ratio 1, the old log-probs are the detached new ones
+            if scoring_needed:
+                try:
+                    stats = score(model, student_prompts, teacher_prompts, responses, pad_id,
+                                  args.micro_batch_size, args.temperature)
+                except torch.cuda.OutOfMemoryError:
+                    raise out_of_memory("scoring", "--micro-batch-size", args.micro_batch_size) from None
+            score_seconds = time.time() - score_start
 
-        # ---- 5. gate and 6. per-token advantages
-        if stats is not None and "t_logp" in stats:
-            u = (stats["t_logp"] - stats["logp"]) * mask                    # [N, R] PMI, M1
-            teacher_entropy = stats["t_entropy"][mask]
-            signal = (float(teacher_entropy.median()) if args.gate != "perplexity"
-                      else math.exp(-float(stats["t_logp"][mask].mean())))  # M6 / M8
-        else:
-            u, teacher_entropy, signal = torch.zeros(len(responses), width, device=device), None, float("nan")
-        lam = 0.0 if args.method == "grpo" else (gate.update(signal) if gate else args.lambda_max)
-        advantages, a = token_advantages(seq_adv, u, lam, args.method, args.divergence, args.compose)
-        advantages = advantages * mask                                       # [N, R]
+            # ---- 5. gate and 6. per-token advantages
+            if teacher_needed:
+                u = (stats["t_logp"] - stats["logp"]) * mask                    # [N, R] PMI, M1
+                teacher_entropy = stats["t_entropy"][mask]
+                signal_value = (float(teacher_entropy.median()) if args.gate != "perplexity"
+                                else math.exp(-float(stats["t_logp"][mask].mean())))  # M6 / M8
+            else:
+                u, teacher_entropy, signal_value = torch.zeros(n_rollouts, width, device=device), None, float("nan")
+            lam = 0.0 if args.method == "grpo" else (gate.update(signal_value) if gate else args.lambda_max)
+            if args.estimator == "full":  # the exact JSD gradient replaces the sampled-token term
+                advantages, a = seq_adv[:, None].expand(-1, width), torch.zeros_like(u)
+                jsd_weight = lam if args.method == "antisd" else -lam
+            else:
+                advantages, a = token_advantages(seq_adv, u, lam, args.method, args.divergence, args.compose)
+                jsd_weight = 0.0
+            advantages = advantages * mask                                       # [N, R]
 
-        # ---- 7. clipped policy-gradient step(s)
-        update_start = time.time()
-        for epoch in range(args.ppo_epochs):
-            loss, clipped_tokens = policy_gradient(model, student_prompts, responses, advantages, mask,
-                                                   None if stats is None else stats["logp"], pad_id,
-                                                   args.micro_batch_size, args.clip, args.temperature)
-            grad_norm = float(optimizer.step(args.grad_clip))
-        update_seconds = time.time() - update_start
+            # ---- 7. clipped policy-gradient step(s); a non-finite one is not applied
+            update_start = time.time()
+            applied = True
+            for epoch in range(args.ppo_epochs):
+                try:
+                    loss, clipped_tokens = policy_gradient(
+                        model, student_prompts, responses, advantages, mask,
+                        None if stats is None else stats["logp"], pad_id, args.micro_batch_size,
+                        args.clip, args.temperature, teacher_prompts, jsd_weight)
+                except torch.cuda.OutOfMemoryError:
+                    raise out_of_memory("the update", "--micro-batch-size", args.micro_batch_size) from None
+                grad_norm = optimizer.clip_gradients(args.grad_clip)
+                if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+                    optimizer.zero_grad()
+                    applied = False
+                    break
+                optimizer.step()
+            update_seconds = time.time() - update_start
+            bad_steps = 0 if applied else bad_steps + 1
 
-        # ---- logging
-        step_seconds = time.time() - step_start
-        rewards_grouped = torch.tensor(rewards).view(-1, args.group_size)
-        u_valid = u[mask]
-        u_p01, u_p99 = masked_quantiles(u, mask, [0.01, 0.99])
-        record = {
-            "step": step,
-            "reward_mean": float(rewards_grouped.mean()),
-            "groups_with_signal": float((rewards_grouped.std(dim=1) > 0).float().mean()),
-            "response_length_mean": float(lengths.float().mean()),
-            "response_length_max": int(lengths.max()),
-            "truncation_rate": sum(truncated) / len(truncated),
-            "u_mean": float(u_valid.mean()),
-            "u_std": float(u_valid.std()) if u_valid.numel() > 1 else 0.0,
-            "u_frac_negative": float((u_valid < 0).float().mean()),
-            "u_p01": u_p01,
-            "u_p99": u_p99,
-            "sd_term_mean": float(a[mask].mean()),
-            "teacher_entropy_median": float(teacher_entropy.median()) if teacher_entropy is not None else 0.0,
-            "student_entropy_median": float(stats["entropy"][mask].median()) if stats is not None else 0.0,
-            "jsd_mean": float(stats["jsd"][mask].mean()) if stats is not None and "jsd" in stats else 0.0,
-            "gate_signal": signal if math.isfinite(signal) else 0.0,
-            "gate_on": float(gate.on) if gate else 1.0,
-            "lambda": lam,
-            "h_warm": gate.h_warm if gate and gate.h_warm is not None else 0.0,
-            "tau_down": gate.tau_down if gate and gate.tau_down is not None else 0.0,
-            "loss": loss,
-            "grad_norm": grad_norm,
-            "clip_fraction": clipped_tokens / total_tokens,
-            "seconds_generate": generate_seconds,
-            "seconds_score": score_seconds,
-            "seconds_update": update_seconds,
-            "tokens_per_second": total_tokens / step_seconds,
-            "peak_gpu_memory_gb": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else 0.0,
-        }
-        metrics_file.write(json.dumps(record) + "\n")
-        metrics_file.flush()
-        for i in rng.sample(range(n_rollouts), k=min(2, n_rollouts)):
-            most_negative, most_positive = extreme_tokens(tokenizer, responses[i], u[i])
-            rollouts_file.write(json.dumps({
-                "step": step, "problem": batch[i // args.group_size]["problem"], "gold": golds[i],
-                "response": texts[i], "reward": rewards[i], "truncated": truncated[i],
-                "most_negative_u": most_negative, "most_positive_u": most_positive}) + "\n")
-        rollouts_file.flush()
-        progress.set_postfix(reward=f"{record['reward_mean']:.3f}", lam=f"{lam:.2f}",
-                             H_T=f"{record['teacher_entropy_median']:.3f}")
+            # ---- logging
+            step_seconds = time.time() - step_start
+            rewards_grouped = torch.tensor(rewards).view(-1, args.group_size)
+            u_valid = u[mask]
+            u_p01, u_p99 = masked_quantiles(u, mask, [0.01, 0.99])
+            record = {
+                "step": step,
+                "reward_mean": float(rewards_grouped.mean()),
+                "groups_with_signal": float((rewards_grouped.std(dim=1) > 0).float().mean()),
+                "response_length_mean": float(lengths.float().mean()),
+                "response_length_max": int(lengths.max()),
+                "truncation_rate": sum(truncated) / len(truncated),
+                "u_mean": float(u_valid.mean()),
+                "u_std": float(u_valid.std()) if u_valid.numel() > 1 else 0.0,
+                "u_frac_negative": float((u_valid < 0).float().mean()),
+                "u_p01": u_p01,
+                "u_p99": u_p99,
+                "sd_term_mean": float(a[mask].mean()),
+                "teacher_entropy_median": float(teacher_entropy.median()) if teacher_entropy is not None else 0.0,
+                "student_entropy_median": float(stats["entropy"][mask].median()) if stats is not None else 0.0,
+                "jsd_mean": float(stats["jsd"][mask].mean()) if teacher_needed else 0.0,
+                "gate_signal": signal_value if math.isfinite(signal_value) else 0.0,
+                "gate_on": float(gate.on) if gate else 1.0,
+                "lambda": lam,
+                "h_warm": gate.h_warm if gate and gate.h_warm is not None else 0.0,
+                "tau_down": gate.tau_down if gate and gate.tau_down is not None else 0.0,
+                "loss": loss,
+                "grad_norm": grad_norm,
+                "update_applied": applied,
+                "clip_fraction": clipped_tokens / total_tokens,
+                "seconds_generate": generate_seconds,
+                "seconds_score": score_seconds,
+                "seconds_update": update_seconds,
+                "tokens_per_second": total_tokens / step_seconds,
+                "peak_gpu_memory_gb": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else 0.0,
+            }
+            if eval_sets and step % args.eval_every == 0:
+                results, _ = evaluation.evaluate(model, tokenizer, eval_sets, args.eval_n, 0.7, 0.95,
+                                                 args.max_new_tokens, args.gen_batch_size, args.enable_thinking,
+                                                 args.seed)
+                for name, metrics in {**results["benchmarks"], "mean": results["mean"]}.items():
+                    record.update({f"eval/{name}/{key}": value for key, value in metrics.items()})
+            metrics_file.write(json.dumps({k: finite_or_none(v) for k, v in record.items()}) + "\n")
+            metrics_file.flush()
+            for i in rng.sample(range(n_rollouts), k=min(2, n_rollouts)):
+                most_negative, most_positive = extreme_tokens(tokenizer, responses[i], u[i])
+                rollouts_file.write(json.dumps({
+                    "step": step, "problem": batch[i // args.group_size]["problem"], "gold": golds[i],
+                    "response": texts[i], "reward": rewards[i], "truncated": truncated[i],
+                    "most_negative_u": most_negative, "most_positive_u": most_positive}) + "\n")
+            rollouts_file.flush()
+            progress.set_postfix(reward=f"{record['reward_mean']:.3f}", lam=f"{lam:.2f}",
+                                 H_T=f"{record['teacher_entropy_median']:.3f}")
 
-        if step % args.save_every == 0 or step == args.steps:
-            save_model(model, tokenizer, os.path.join(args.out_dir, f"checkpoint-{step}"))
-
-    metrics_file.close()
-    rollouts_file.close()
-    print(f"done: {args.steps} steps, checkpoint in {os.path.join(args.out_dir, f'checkpoint-{args.steps}')}")
+            if bad_steps >= args.max_bad_steps:
+                raise SystemExit(f"stopping at step {step}: {bad_steps} consecutive steps had a non-finite loss "
+                                 f"or gradient and were not applied (--max-bad-steps {args.max_bad_steps}). "
+                                 f"The last good checkpoint is {last_saved or 'none (no save yet)'}; "
+                                 f"lower --lr or inspect {args.out_dir}/rollouts.jsonl.")
+            if step % args.save_every == 0 or step == args.steps or stop_requested:
+                last_saved = save_checkpoint(args.out_dir, step, model, tokenizer, trainer_state(step),
+                                             args.keep_checkpoints)
+            if stop_requested and step < args.steps:
+                print(f"stopped after step {step}, saved {last_saved}. To continue:\n"
+                      f"  python antisd.py {' '.join(argv if argv is not None else sys.argv[1:])} --resume".replace(" --resume --resume", " --resume"))
+                return
+    finally:
+        progress.close()
+        metrics_file.close()
+        rollouts_file.close()
+        for sig, handler in previous_handlers.items():
+            signal.signal(sig, handler)
+    print(f"done: {args.steps} steps, checkpoint in {last_saved}")
 
 
 if __name__ == "__main__":
