@@ -10,19 +10,31 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
+import importlib
+import itertools
 import json
 import math
 import random
+import subprocess
+import sys
+import time
+from fractions import Fraction
 from pathlib import Path
 
+import datasets
 import pytest
 import torch
 
 import antisd
 import kernels
 
-HUB = Path(__file__).resolve().parent.parent / "shared" / "hub"
+evaluation = importlib.import_module("eval")  # `import eval` would shadow the builtin eval
+
+HERE = Path(__file__).resolve().parent
+HUB = HERE.parent / "shared" / "hub"
 QWEN3_TOKENIZER = HUB / "Qwen3-tokenizer"
+BENCH_DIR = HUB / "bench"   # real copies of the benchmarks, when present
+EVAL_BENCHMARKS = ["math500", "aime24", "aime25", "amc23", "minerva_math", "olympiadbench", "gsm8k"]
 
 
 @pytest.fixture(scope="module")
@@ -404,6 +416,34 @@ def test_loss_is_the_batch_token_mean_of_the_clipped_surrogate():
     assert int(clipped) == 2
 
 
+def test_full_estimator_gradient_is_the_exact_jsd_gradient(tiny):
+    model, tokenizer = tiny
+    prompts, responses, _, mask = fixed_batch(tokenizer, seed=3)
+    teacher = [antisd.render_prompt(tokenizer, antisd.build_teacher_prompt(
+        f"What is {k}+{k}?", 0, [0.0, 1.0], ["x", f"\\boxed{{{2 * k}}}"], None, str(2 * k), random.Random(0)), False)
+        for k in range(4)]
+    model.zero_grad(set_to_none=True)
+    antisd.policy_gradient(model, prompts, responses, torch.zeros(mask.shape), mask, None, tokenizer.pad_token_id,
+                           2, 0.2, 1.0, teacher_prompts=teacher, jsd_weight=0.5)
+    got = torch.cat([p.grad.flatten() for p in model.parameters()])
+    # reference: one unpadded sequence at a time, JSD in float64 over the whole vocabulary,
+    # loss = -0.5 * (sum of JSD over all tokens) / (token count), teacher under stop-gradient
+    model.zero_grad(set_to_none=True)
+    total = int(mask.sum())
+    for prompt, teacher_prompt, response in zip(prompts, teacher, responses):
+        student_logits = model(input_ids=torch.tensor([prompt + response])).logits[0, len(prompt) - 1:-1].double()
+        with torch.no_grad():
+            teacher_logits = model(input_ids=torch.tensor([teacher_prompt + response])).logits[0, len(teacher_prompt) - 1:-1].double()
+        logp, logq = torch.log_softmax(student_logits, -1), torch.log_softmax(teacher_logits, -1)
+        logm = torch.logaddexp(logp, logq) - math.log(2)
+        jsd = 0.5 * (logq.exp() * (logq - logm)).sum(-1) + 0.5 * (logp.exp() * (logp - logm)).sum(-1)
+        (-0.5 * jsd.sum() / total).backward()
+    expected = torch.cat([p.grad.flatten() for p in model.parameters()])
+    model.zero_grad(set_to_none=True)
+    assert expected.norm() > 0
+    assert torch.allclose(got.double(), expected.double(), rtol=1e-3, atol=1e-8), (got.double() - expected).norm() / expected.norm()
+
+
 def test_policy_gradient_raises_the_probability_of_rewarded_tokens():
     model, tokenizer = antisd.build_tiny(seed=1)
     model.train()
@@ -482,6 +522,21 @@ def test_cpu_demo_runs_end_to_end_and_its_checkpoint_loads(method, tmp_path):
     model = AutoModelForCausalLM.from_pretrained(checkpoint)
     tokenizer = AutoTokenizer.from_pretrained(checkpoint)
     assert model.config.vocab_size == 320 and tokenizer.eos_token == "<|im_end|>"
+
+
+def test_full_estimator_and_evaluation_during_training_run_end_to_end(tmp_path):
+    data_dir = tmp_path / "bench"
+    data_dir.mkdir()
+    (data_dir / "aime24.jsonl").write_text("".join(json.dumps({"id": i, "problem": f"What is {i}+{i}?", "answer": f"{2 * i:03d}"}) + "\n" for i in range(3)))
+    antisd.main(["--model", "tiny", "--dataset", "arith", "--steps", "2", "--estimator", "full", "--gate-warmup", "1",
+                 "--eval-every", "2", "--eval-benchmarks", "aime24", "--eval-n", "2", "--eval-limit", "2",
+                 "--eval-data-dir", str(data_dir), "--out-dir", str(tmp_path / "run")])
+    lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert not any(key.startswith("eval/") for key in lines[0])
+    assert lines[1]["lambda"] == 0.5 and math.isfinite(lines[1]["loss"]) and lines[1]["grad_norm"] > 0
+    for key in ["eval/aime24/avg@2", "eval/aime24/pass@2", "eval/aime24/maj@2", "eval/mean/avg@2"]:
+        assert 0.0 <= lines[1][key] <= 1.0
+    assert lines[1]["eval/aime24/problems"] == 2
 
 
 # -----------------------------------------------------------------------------
@@ -635,3 +690,257 @@ def test_pathological_answers_are_judged_wrong_in_bounded_time(answer, monkeypat
     assert antisd.verify(f"\\boxed{{{answer}}}", "1") == 0.0
     assert time.time() - start < antisd.VERIFY_SECONDS + 2
     assert antisd.verify(r"\boxed{2}", "2") == 1.0     # the checker still works afterwards
+
+
+# -----------------------------------------------------------------------------
+# eval.py: metrics against brute force, benchmark loading on the real files, the CLI end to end
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+
+
+# -----------------------------------------------------------------------------
+# pass@k, avg@n, maj@n
+
+def test_pass_at_k_matches_enumeration_of_all_k_subsets():
+    for n in range(1, 9):
+        for c in range(n + 1):
+            for k in range(1, n + 1):
+                subsets = list(itertools.combinations(range(n), k))  # samples 0..c-1 are the correct ones
+                brute = sum(any(i < c for i in subset) for subset in subsets) / len(subsets)
+                assert evaluation.pass_at_k(n, c, k) == pytest.approx(brute, abs=1e-12), (n, c, k)
+
+
+def test_pass_at_k_stays_exact_where_binomials_would_overflow_a_float():
+    n, c, k = 2000, 3, 1024  # C(2000, 1024) ~ 1e600
+    exact = 1 - Fraction(math.comb(n - c, k), math.comb(n, k))
+    assert evaluation.pass_at_k(n, c, k) == pytest.approx(float(exact), rel=1e-12)
+    assert evaluation.pass_at_k(32, 5, 1) == pytest.approx(5 / 32, abs=1e-15)  # pass@1 is the accuracy
+
+
+def test_metric_names_are_literal_and_values_match_a_hand_count():
+    # 2 problems x 4 samples: c = 1 and c = 4
+    records = [
+        {"correct": [1.0, 0.0, 0.0, 0.0], "extracted": ["5", None, "6", "6"], "majority_correct": 0.0,
+         "truncated": [False, True, False, False], "lengths": [10, 16, 12, 2]},
+        {"correct": [1.0, 1.0, 1.0, 1.0], "extracted": ["1", "1", "1", "1"], "majority_correct": 1.0,
+         "truncated": [False, False, False, False], "lengths": [4, 4, 4, 4]},
+    ]
+    metrics = evaluation.benchmark_metrics(records, 4)
+    assert list(metrics) == ["problems", "avg@4", "pass@1", "pass@2", "pass@4", "maj@4",
+                             "no_box", "truncated", "mean_length"]
+    assert metrics["problems"] == 2
+    assert metrics["avg@4"] == pytest.approx((1 / 4 + 1) / 2)
+    assert metrics["pass@1"] == pytest.approx(metrics["avg@4"])
+    assert metrics["pass@2"] == pytest.approx((1 / 2 + 1) / 2)  # 3 of the 6 pairs hold the one correct sample
+    assert metrics["pass@4"] == pytest.approx(1.0)
+    assert metrics["maj@4"] == pytest.approx(0.5)
+    assert metrics["no_box"] == pytest.approx(1 / 8)
+    assert metrics["truncated"] == pytest.approx(1 / 8)
+    assert metrics["mean_length"] == pytest.approx(56 / 8)
+    assert list(evaluation.benchmark_metrics(records[:1] * 1, 4)) == list(metrics)
+    # n that is not a power of two: pass@k for k = 1, 2, 4 only
+    assert [m for m in evaluation.benchmark_metrics(
+        [{**records[1], "correct": [1.0] * 6, "extracted": ["1"] * 6, "truncated": [False] * 6, "lengths": [1] * 6}], 6)
+        if m.startswith("pass@")] == ["pass@1", "pass@2", "pass@4"]
+
+
+def test_mean_is_unweighted_over_benchmarks_and_counts_all_problems():
+    per_benchmark = {"a": {"problems": 10, "avg@2": 0.2}, "b": {"problems": 30, "avg@2": 0.6}}
+    assert evaluation.mean_metrics(per_benchmark) == {"problems": 40, "avg@2": pytest.approx(0.4)}
+
+
+def test_majority_vote_counts_equivalent_answers_written_differently_as_one():
+    # \frac12, 0.5 and \dfrac{1}{2} are one answer with 3 votes; "3" has 2
+    answers = ["3", "\\frac12", "0.5", "3", "\\dfrac{1}{2}"]
+    correct = [0.0, 1.0, 1.0, 0.0, 1.0]
+    assert evaluation.majority_is_correct(answers, correct) == 1.0
+
+
+def test_majority_vote_tie_goes_to_the_answer_seen_first():
+    assert evaluation.majority_is_correct(["3", "0.5", "\\frac{1}{2}", "3"], [0.0, 1.0, 1.0, 0.0]) == 0.0
+    assert evaluation.majority_is_correct(["0.5", "3", "3", "\\frac{1}{2}"], [1.0, 0.0, 0.0, 1.0]) == 1.0
+
+
+def test_responses_without_a_box_do_not_vote():
+    assert evaluation.majority_is_correct([None, None, None, "7"], [0.0, 0.0, 0.0, 1.0]) == 1.0
+    assert evaluation.majority_is_correct([None, None], [0.0, 0.0]) == 0.0
+
+
+# -----------------------------------------------------------------------------
+# Loading: each benchmark's own fields, hub and local
+
+def test_local_files_map_each_benchmarks_own_fields(tmp_path):
+    write_jsonl(tmp_path / "amc23.jsonl", [{"id": 0, "problem": "P", "answer": 27.0, "question": "P"}])
+    write_jsonl(tmp_path / "aime24.jsonl", [{"problem": "P", "answer": "025"}])
+    write_jsonl(tmp_path / "minerva_math.jsonl", [{"problem": "P", "solution": "so \\boxed{1} no, \\boxed{4.5e33}", "idx": 0}])
+    write_jsonl(tmp_path / "gsm8k.jsonl", [{"question": "P", "answer": "2 * 500 = <<2*500=1000>>1000\n#### 1,000"}])
+    write_jsonl(tmp_path / "olympiadbench.jsonl", [{"question": "P", "final_answer": ["$\\frac{1}{2 n+2}$"]}])
+    expected = {"amc23": "\\boxed{27}", "aime24": "\\boxed{25}", "minerva_math": "\\boxed{4.5\\times 10^{33}}",
+                "gsm8k": "\\boxed{1000}", "olympiadbench": "\\boxed{\\frac{1}{2n+2}}"}
+    for name, response in expected.items():
+        [item] = evaluation.load_benchmark(name, data_dir=tmp_path)
+        assert item["problem"] == "P"
+        assert antisd.verify(response, item["answer"]) == 1.0, (name, item["answer"])
+    # the e-notation gold must not shrink to its mantissa
+    [minerva] = evaluation.load_benchmark("minerva_math", data_dir=tmp_path)
+    assert antisd.verify("\\boxed{4.5}", minerva["answer"]) == 0.0
+
+
+def test_hub_schemas_map_each_benchmarks_own_columns(monkeypatch):
+    hub_rows = {  # one row per benchmark in the hub's schema (facts.md 2), which differs from the local files
+        ("math-ai/amc23", None, "test"): {"id": 0, "question": "P", "answer": 27.0, "url": "u"},
+        ("math-ai/minervamath", None, "test"): {"question": "P", "answer": "1.6"},
+        ("Hothan/OlympiadBench", "OE_TO_maths_en_COMP", "train"): {"id": 1, "question": "P", "final_answer": ["$2$"]},
+        ("openai/gsm8k", "main", "test"): {"question": "P", "answer": "x\n#### 18"},
+        ("MathArena/hmmt_feb_2025", None, "train"): {"problem_idx": 1, "problem": "P", "answer": "\\frac{1}{2}"},
+    }
+    calls = []
+
+    def fake_load_dataset(hub_id, config=None, split=None):
+        calls.append((hub_id, config, split))
+        return datasets.Dataset.from_list([hub_rows[(hub_id, config, split)]])
+
+    monkeypatch.setattr(evaluation.datasets, "load_dataset", fake_load_dataset)
+    golds = {"amc23": "27", "minerva_math": "1.6", "olympiadbench": "2", "gsm8k": "18", "hmmt25": "0.5"}
+    for name, gold in golds.items():
+        [item] = evaluation.load_benchmark(name)
+        assert item["problem"] == "P"
+        assert antisd.verify("\\boxed{" + gold + "}", item["answer"]) == 1.0, (name, item["answer"])
+    assert calls == list(hub_rows)
+
+
+def test_missing_field_error_names_benchmark_file_and_field(tmp_path):
+    write_jsonl(tmp_path / "amc23.jsonl", [{"question": "P", "answer": 27.0}])  # the hub's column name, not the local one
+    with pytest.raises(ValueError, match=r"amc23.*amc23\.jsonl.*'problem'"):
+        evaluation.load_benchmark("amc23", data_dir=tmp_path)
+    write_jsonl(tmp_path / "gsm8k.jsonl", [{"question": "P", "answer": "no final answer line"}])
+    with pytest.raises(ValueError, match=r"gsm8k.*'answer'"):
+        evaluation.load_benchmark("gsm8k", data_dir=tmp_path)
+
+
+def test_unparsable_gold_is_skipped_with_a_warning_not_scored_as_a_miss(tmp_path, capsys):
+    write_jsonl(tmp_path / "gsm8k.jsonl", [{"question": "P0", "answer": "#### 3"}, {"question": "P1", "answer": "lost"},
+                                           {"question": "P2", "answer": "#### 5"}])
+    assert [p["problem"] for p in evaluation.load_benchmark("gsm8k", data_dir=tmp_path)] == ["P0", "P2"]
+    assert "skipped 1 of 3" in capsys.readouterr().err
+
+
+def test_missing_file_or_unreachable_hub_error_says_what_to_pass(tmp_path, monkeypatch):
+    with pytest.raises(FileNotFoundError, match=r"aime25.*aime25\.jsonl"):
+        evaluation.load_benchmark("aime25", data_dir=tmp_path)
+
+    def offline(*args, **kwargs):  # what datasets raises with HF_DATASETS_OFFLINE=1 and nothing cached
+        raise ConnectionError("Couldn't reach 'math-ai/aime25' on the Hub (OfflineModeIsEnabled)")
+
+    monkeypatch.setattr(evaluation.datasets, "load_dataset", offline)
+    with pytest.raises(RuntimeError, match=r"aime25.*math-ai/aime25.*--data-dir"):
+        evaluation.load_benchmark("aime25")
+    with pytest.raises(ValueError, match="unknown benchmark"):
+        evaluation.load_benchmark("aime2025", data_dir=tmp_path)
+
+
+def test_limit_keeps_the_first_k_problems_in_file_order(tmp_path):
+    write_jsonl(tmp_path / "aime25.jsonl", [{"problem": f"P{i}", "answer": i, "id": str(i)} for i in range(5)])
+    assert [p["problem"] for p in evaluation.load_benchmark("aime25", data_dir=tmp_path, limit=3)] == ["P0", "P1", "P2"]
+
+
+@pytest.mark.parametrize("name", EVAL_BENCHMARKS)
+def test_every_real_gold_answer_verifies_against_itself(name):
+    """The real benchmark files load, and each gold, boxed, is judged equal to itself: catches
+    wrong column mapping and gold formats that the parser cannot read (a problem nobody can solve)."""
+    if not (BENCH_DIR / f"{name}.jsonl").is_file():
+        pytest.skip(f"no {BENCH_DIR}/{name}.jsonl")
+    started = time.time()
+    problems = evaluation.load_benchmark(name, data_dir=BENCH_DIR)
+    assert len(problems) == len(antisd.read_jsonl(BENCH_DIR / f"{name}.jsonl")), "some rows were skipped"
+    misses = [p["answer"] for p in problems if antisd.verify("\\boxed{" + p["answer"] + "}", p["answer"]) != 1.0]
+    print(f"{name}: {len(problems) - len(misses)}/{len(problems)} golds verify against themselves "
+          f"({time.time() - started:.1f} s)")
+    assert not misses, f"{name}: {len(misses)} golds do not verify against themselves, e.g. {misses[:5]}"
+
+
+# golds of the real files that math-verify reads as a bare number, so that number scores as correct:
+# (benchmark, row, the gold as written, a wrong answer that is accepted today). Strict xfail: the
+# day antisd.clean_gold / antisd.verify handle them, these pass and the marker must go.
+MISREAD_GOLDS = [
+    ("olympiadbench", 73, "$f(x)=a x+b$, where $b$ is an arbitrary integer, ... $\\mho(a)=0$", "0"),  # prose, read as 0
+    ("olympiadbench", 117, "$6m$", "6"),                                    # m (a variable) taken for metres
+    ("minerva_math", 104, "\\frac{37}{4} m", "\\frac{37}{4}"),             # m (a variable) taken for metres
+    ("minerva_math", 261, "\\hbar \\omega(v+1 / 2)-\\frac{E_{0}^{2} e^{2}}{2 m \\omega^{2}}", "2"),  # read as 2
+]
+
+
+FIXED_GOLDS = [
+    ("olympiadbench", 76, "$(-\\infty, 0) \\cup\\{1\\}$.", "0"),    # a trailing '.' kept the '$' in: read as 0
+    ("minerva_math", 268, "\\frac{1}{3} E_{1}+\\frac{2}{3} E_{2}", "\\frac{2}{3}"),  # inside \boxed{}: read as 2/3
+]
+
+
+@pytest.mark.parametrize("name, row, written, wrong", FIXED_GOLDS)
+def test_golds_once_misread_no_longer_accept_a_bare_number(name, row, written, wrong):
+    if not (BENCH_DIR / f"{name}.jsonl").is_file():
+        pytest.skip(f"no {BENCH_DIR}/{name}.jsonl")
+    gold = evaluation.load_benchmark(name, data_dir=BENCH_DIR, limit=row + 1)[row]["answer"]
+    assert antisd.verify("\\boxed{" + gold + "}", gold) == 1.0
+    assert antisd.verify("\\boxed{" + wrong + "}", gold) == 0.0, f"{written} accepts {wrong}"
+
+
+@pytest.mark.parametrize("name, row, written, wrong", MISREAD_GOLDS)
+@pytest.mark.xfail(strict=True, reason="math-verify misreads these golds; needs a change in antisd.clean_gold/verify")
+def test_misread_gold_does_not_accept_a_bare_number(name, row, written, wrong):
+    if not (BENCH_DIR / f"{name}.jsonl").is_file():
+        pytest.skip(f"no {BENCH_DIR}/{name}.jsonl")
+    gold = evaluation.load_benchmark(name, data_dir=BENCH_DIR, limit=row + 1)[row]["answer"]
+    assert antisd.verify("\\boxed{" + gold + "}", gold) == 1.0
+    assert antisd.verify("\\boxed{" + wrong + "}", gold) == 0.0, f"{written} accepts {wrong}"
+
+
+# -----------------------------------------------------------------------------
+# Sampling on the tiny model: in process and through the command line
+
+def test_evaluate_restores_training_mode_and_leaves_the_callers_rng_alone():
+    model, tokenizer = antisd.load_model("tiny", torch.device("cpu"))
+    benchmarks = {"toy": [{"problem": "1+1?", "answer": "2"}, {"problem": "2+2?", "answer": "4"}]}
+    settings = dict(n=2, temperature=1.0, top_p=1.0, max_new_tokens=8, batch_size=3, enable_thinking=False, seed=7)
+    model.train()
+    torch.manual_seed(123)
+    rng_before = torch.get_rng_state()
+    results, samples = evaluation.evaluate(model, tokenizer, benchmarks, **settings)
+    assert model.training
+    assert torch.equal(torch.get_rng_state(), rng_before)
+    assert set(results) == {"benchmarks", "mean"} and set(results["benchmarks"]) == {"toy"}
+    assert [len(s["responses"]) for s in samples] == [2, 2]
+    _, again = evaluation.evaluate(model, tokenizer, benchmarks, **settings)
+    assert [s["responses"] for s in again] == [s["responses"] for s in samples]  # same seed, same samples
+
+
+def test_command_line_on_tiny_model_writes_results_and_one_sample_line_per_problem(tmp_path):
+    data_dir = tmp_path / "bench"
+    data_dir.mkdir()
+    write_jsonl(data_dir / "aime24.jsonl", [{"id": 60 + i, "problem": f"What is {i}+{i}?", "answer": f"{2 * i:03d}",
+                                             "solution": "s", "url": "u", "question": "q"} for i in range(3)])
+    write_jsonl(data_dir / "minerva_math.jsonl", [{"problem": f"Compute {i}.", "solution": f"\\boxed{{{i}e3}}",
+                                                   "type": "t", "idx": i} for i in range(3)])
+    out_dir = tmp_path / "out"
+    command = [sys.executable, str(HERE / "eval.py"), "--model", "tiny", "--device", "cpu",
+               "--data-dir", str(data_dir), "--benchmarks", "aime24,minerva_math", "--limit", "2", "--n", "2",
+               "--max-new-tokens", "16", "--batch-size", "3", "--out-dir", str(out_dir)]
+    done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "| mean |" in done.stdout
+
+    results = json.loads((out_dir / "results.json").read_text())
+    assert results["model"] == "tiny" and results["settings"]["seed"] == 0
+    assert {"torch", "transformers", "datasets", "math-verify"} <= set(results["versions"])
+    keys = ["problems", "avg@2", "pass@1", "pass@2", "maj@2", "no_box", "truncated", "mean_length"]
+    for name in ["aime24", "minerva_math", "mean"]:
+        metrics = results["mean"] if name == "mean" else results["benchmarks"][name]
+        assert list(metrics) == keys
+        assert all(0.0 <= metrics[k] <= 1.0 for k in keys[1:-1]), metrics
+        assert 0 < metrics["mean_length"] <= 16
+    assert results["benchmarks"]["aime24"]["problems"] == 2 and results["mean"]["problems"] == 4
+
+    lines = (out_dir / "samples.jsonl").read_text().splitlines()
+    assert len(lines) == 4
+    assert all(len(json.loads(line)["responses"]) == 2 for line in lines)

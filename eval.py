@@ -1,0 +1,322 @@
+"""Evaluate a policy on math benchmarks: avg@n, pass@k and maj@n from n sampled answers per problem.
+
+For every problem we sample n responses with the training student's prompt, take the last \\boxed{}
+of each, and check it against the gold answer with the same verifier that gives the training
+reward. Reported per benchmark and as their unweighted mean.
+
+Design decisions:
+  1. The prompt, the chat-template settings (--enable-thinking) and the verifier are the training
+     student's (antisd.student_prompt_ids, antisd.verify), imported rather than copied, so the
+     numbers measure exactly the behaviour that training rewards.
+  2. Sampling defaults are the paper's eval settings: T=0.7, top-p 0.95 (METHOD.md 9). The paper
+     reports avg@32 on AIME and avg@4 on Minerva; the default here is n=4 on a small set, sized
+     for one GPU (see 7).
+  3. Each benchmark names its own columns explicitly (BENCHMARKS below), separately for the hub
+     copy and for a local <name>.jsonl, because the two often differ (amc23 says `question` on
+     the hub and `problem` locally; local minerva_math has no answer field at all). Nothing else
+     is guessed; a missing file or field is an error that names it.
+  4. pass@k is the unbiased estimator 1 - C(n-c, k) / C(n, k), computed as the product of the c
+     factors (1 - k/i), i = n-c+1..n, never with large binomials; reported for every power of two k <= n.
+  5. maj@n groups the extracted answers by verified equivalence (\\frac12 and 0.5 are one vote),
+     not by string; responses without a \\boxed{} do not vote; ties go to the answer seen first.
+  6. All prompts of all benchmarks go through one sampler loop, sorted by prompt length so that a
+     batch pads little. Sampling runs under a forked RNG seeded with --seed: results repeat, and
+     an evaluation in the middle of training does not disturb the training run's random stream.
+  7. Cost, an ESTIMATE (not measured): Qwen3-1.7B in bf16 on one H100 with batch 64 decodes at
+     roughly 25-35 ms per step, and a batch runs until its longest response stops, i.e. usually
+     --max-new-tokens steps. The defaults (aime24, aime25, amc23, minerva_math: 372 problems,
+     n=4, 2048 new tokens) make 1,488 samples = 24 batches x ~1 min, about 20-30 minutes.
+  8. --limit K keeps the first K rows of each benchmark, in file order, for quick checks. A row whose
+     gold answer antisd.clean_gold cannot parse is skipped with a warning (nothing could ever
+     match it, so it would only count as a wrong answer); a benchmark with none left is an error.
+
+Outputs in --out-dir: results.json (metrics per benchmark under "benchmarks", their mean under
+"mean"; in "mean", `problems` is the total), samples.jsonl (one line per problem with all of its
+responses), and a Markdown table on stdout.
+
+Run:  python eval.py                                    # Qwen/Qwen3-1.7B, default benchmarks, one GPU
+      python eval.py --model runs/antisd/checkpoint-200 --benchmarks aime24,aime25,hmmt25 --n 32
+      python eval.py --data-dir ../shared/hub/bench --benchmarks math500,gsm8k --limit 100
+      python eval.py --model tiny --data-dir ../shared/hub/bench --limit 2 --n 2 --max-new-tokens 16  # CPU
+"""
+
+import argparse
+import importlib.metadata
+import json
+import math
+import os
+import platform
+import sys
+import time
+
+import datasets
+import torch
+from tqdm import tqdm
+
+import antisd
+
+# -----------------------------------------------------------------------------
+# Benchmarks: where each lives, and which fields hold the problem and the gold answer
+
+# how to get the gold answer out of the gold field, before antisd.clean_gold normalises it
+GOLD_RULES = {
+    "value": lambda value: value,                               # the field is the answer (str, int, float or list)
+    "last_boxed": lambda text: antisd.last_boxed(text),         # a worked solution: its last \boxed{}
+    "after_hashes": lambda text: text[text.rindex("####"):] if "####" in text else None,  # GSM8K "... #### 1,000"
+}
+
+BENCHMARKS = {
+    # name: hub (id, config, split); hub and local (<name>.jsonl) fields: (problem, gold, gold rule)
+    "math500": dict(hub=("HuggingFaceH4/MATH-500", None, "test"),
+                    hub_fields=("problem", "answer", "value"),
+                    local_fields=("problem", "answer", "value")),
+    "aime24": dict(hub=("HuggingFaceH4/aime_2024", None, "train"),
+                   hub_fields=("problem", "answer", "value"),        # "025": a string with leading zeros
+                   local_fields=("problem", "answer", "value")),
+    "aime25": dict(hub=("math-ai/aime25", None, "test"),
+                   hub_fields=("problem", "answer", "value"),
+                   local_fields=("problem", "answer", "value")),     # an int locally
+    "amc23": dict(hub=("math-ai/amc23", None, "test"),
+                  hub_fields=("question", "answer", "value"),
+                  local_fields=("problem", "answer", "value")),      # a float 27.0 locally
+    "minerva_math": dict(hub=("math-ai/minervamath", None, "test"),
+                         hub_fields=("question", "answer", "value"),
+                         local_fields=("problem", "solution", "last_boxed")),  # no answer field locally
+    "olympiadbench": dict(hub=("Hothan/OlympiadBench", "OE_TO_maths_en_COMP", "train"),
+                          hub_fields=("question", "final_answer", "value"),   # a list of strings
+                          local_fields=("question", "final_answer", "value")),
+    "gsm8k": dict(hub=("openai/gsm8k", "main", "test"),
+                  hub_fields=("question", "answer", "after_hashes"),
+                  local_fields=("question", "answer", "after_hashes")),
+    "hmmt25": dict(hub=("MathArena/hmmt_feb_2025", None, "train"),
+                   hub_fields=("problem", "answer", "value"),
+                   local_fields=("problem", "answer", "value")),     # no local copy exists: the hub's fields
+}
+
+
+def load_benchmark(name, data_dir=None, limit=None):
+    """The first `limit` problems of a benchmark as [{"problem": str, "answer": str}], gold cleaned.
+
+    From the hub by default, or from DATA_DIR/<name>.jsonl in that file's own schema.
+    """
+    if name not in BENCHMARKS:
+        raise ValueError(f"unknown benchmark {name!r}; known: {', '.join(BENCHMARKS)}")
+    spec = BENCHMARKS[name]
+    if data_dir is None:
+        hub_id, config, split = spec["hub"]
+        source = f"hub dataset {hub_id}" + (f" config {config}" if config else "") + f" split {split}"
+        try:
+            rows = datasets.load_dataset(hub_id, config, split=split).to_list()
+        except Exception as error:  # offline, renamed, gated: say which benchmark and what to do
+            raise RuntimeError(f"{name}: could not load the {source} ({error}); without the hub, "
+                               f"pass --data-dir DIR with a file {name}.jsonl") from error
+        problem_field, gold_field, gold_rule = spec["hub_fields"]
+    else:
+        source = os.path.join(data_dir, f"{name}.jsonl")
+        if not os.path.isfile(source):
+            raise FileNotFoundError(f"{name}: benchmark file {source} does not exist")
+        rows = antisd.read_jsonl(source)
+        problem_field, gold_field, gold_rule = spec["local_fields"]
+    if limit is not None:
+        rows = rows[:limit]
+    if not rows:
+        raise ValueError(f"{name}: {source} has no problems")
+
+    problems, unparsable = [], []
+    for index, row in enumerate(rows):
+        for field in (problem_field, gold_field):
+            if field not in row:
+                raise ValueError(f"{name}: {source} row {index} has no field {field!r} "
+                                 f"(fields: {', '.join(sorted(row))})")
+        problem = row[problem_field]
+        if not isinstance(problem, str) or not problem.strip():
+            raise ValueError(f"{name}: {source} row {index}: field {problem_field!r} is not a problem text: {problem!r}")
+        raw_gold = GOLD_RULES[gold_rule](row[gold_field])
+        gold = None if raw_gold is None else antisd.clean_gold(raw_gold)
+        if gold is None:  # nothing could ever be verified against it: leave it out, loudly
+            unparsable.append(index)
+            continue
+        problems.append({"problem": problem, "answer": gold})
+    if not problems:
+        raise ValueError(f"{name}: {source}: no row has a gold answer that can be parsed in field "
+                         f"{gold_field!r} (rule {gold_rule}); row 0 has {str(rows[0][gold_field])[-200:]!r}")
+    if unparsable:
+        print(f"warning: {name}: skipped {len(unparsable)} of {len(rows)} problems whose gold answer in field "
+              f"{gold_field!r} cannot be parsed (rows {unparsable[:10]})", file=sys.stderr)
+    return problems
+
+
+# -----------------------------------------------------------------------------
+# Metrics
+
+def pass_at_k(n, c, k):
+    """Unbiased pass@k from n samples of which c are correct: 1 - C(n-c, k) / C(n, k)."""
+    if n - c < k:  # every k-subset holds a correct sample
+        return 1.0
+    # C(n-c, k) / C(n, k) = prod_{i=n-c+1}^{n} (1 - k / i): no large numbers, no cancellation
+    return 1.0 - math.prod(1.0 - k / i for i in range(n - c + 1, n + 1))
+
+
+def same_answer(answer, other):
+    """Whether two extracted answers are the same: equal strings, or verified equivalent."""
+    return answer.strip() == other.strip() or antisd.verify("\\boxed{" + answer + "}", other) == 1.0
+
+
+def majority_is_correct(answers, correct, same=same_answer):
+    """maj@n for one problem: 1.0 if the most voted answer group is correct.
+
+    answers: the extracted answer of each sample, None when it has no \\boxed{} (no vote).
+    correct: each sample's verified score. A group is represented by its first answer, and ties
+    go to the group seen first, so the result does not depend on anything but the sample order.
+    """
+    groups = []  # [representative answer, votes, representative's score]
+    for answer, score in zip(answers, correct):
+        if answer is None:
+            continue
+        for group in groups:
+            if same(answer, group[0]):
+                group[1] += 1
+                break
+        else:
+            groups.append([answer, 1, score])
+    if not groups:
+        return 0.0
+    return float(max(groups, key=lambda group: group[1])[2])  # max keeps the first of equal counts
+
+
+def benchmark_metrics(records, n):
+    """Metrics of one benchmark from its per-problem records (see evaluate)."""
+    ks = [2 ** i for i in range(n.bit_length())]                       # 1, 2, 4, ... <= n
+    metrics = {"problems": len(records),
+               f"avg@{n}": sum(sum(r["correct"]) / n for r in records) / len(records)}
+    for k in ks:
+        metrics[f"pass@{k}"] = sum(pass_at_k(n, int(sum(r["correct"])), k) for r in records) / len(records)
+    metrics[f"maj@{n}"] = sum(r["majority_correct"] for r in records) / len(records)
+    samples = n * len(records)
+    metrics["no_box"] = sum(a is None for r in records for a in r["extracted"]) / samples
+    metrics["truncated"] = sum(t for r in records for t in r["truncated"]) / samples
+    metrics["mean_length"] = sum(sum(r["lengths"]) for r in records) / samples
+    return metrics
+
+
+def mean_metrics(per_benchmark):
+    """The unweighted mean over benchmarks of every metric; `problems` is the total instead."""
+    names = list(next(iter(per_benchmark.values())))
+    mean = {name: sum(m[name] for m in per_benchmark.values()) / len(per_benchmark) for name in names}
+    mean["problems"] = sum(m["problems"] for m in per_benchmark.values())
+    return mean
+
+
+# -----------------------------------------------------------------------------
+# Sampling and scoring
+
+def evaluate(model, tokenizer, benchmarks, n, temperature, top_p, max_new_tokens, batch_size,
+             enable_thinking, seed):
+    """Sample n responses per problem and score them.
+
+    benchmarks: {name: load_benchmark(name, ...)}. Returns (results, samples): results is
+    {"benchmarks": {name: metrics}, "mean": metrics}, samples one dict per problem.
+    The model is put in eval mode and given back in the mode it came in.
+    """
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+
+    # one prompt per problem, each asked n times; ids are the training student's exactly
+    problems = [(name, index, item) for name, items in benchmarks.items() for index, item in enumerate(items)]
+    prompts = [antisd.student_prompt_ids(tokenizer, item["problem"], enable_thinking) for _, _, item in problems]
+    requests = [p for p in range(len(prompts)) for _ in range(n)]     # sample j of prompt p is request p*n+j
+    order = sorted(range(len(requests)), key=lambda r: len(prompts[requests[r]]))  # similar lengths share a batch
+    outputs = [None] * len(requests)
+
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.no_grad():
+        torch.manual_seed(seed)
+        for start in tqdm(range(0, len(order), batch_size), desc="sampling", unit="batch"):
+            batch = order[start:start + batch_size]
+            generated = antisd.generate(model, tokenizer, [prompts[requests[r]] for r in batch],
+                                        max_new_tokens, temperature, top_p, batch_size)
+            for r, output in zip(batch, generated):
+                outputs[r] = output
+    model.train(was_training)
+
+    # score: verify each response, vote per problem
+    samples = []
+    for p, (name, index, item) in enumerate(problems):
+        problem_outputs = outputs[p * n:(p + 1) * n]
+        responses = [antisd.decode_response(tokenizer, ids) for ids, _ in problem_outputs]
+        correct = [antisd.verify(response, item["answer"]) for response in responses]
+        extracted = [antisd.extract_boxed(response) for response in responses]
+        samples.append({"benchmark": name, "index": index, "problem": item["problem"], "answer": item["answer"],
+                        "responses": responses, "extracted": extracted, "correct": correct,
+                        "majority_correct": majority_is_correct(extracted, correct),
+                        "truncated": [truncated for _, truncated in problem_outputs],
+                        "lengths": [len(ids) for ids, _ in problem_outputs]})
+
+    per_benchmark = {name: benchmark_metrics([s for s in samples if s["benchmark"] == name], n) for name in benchmarks}
+    return {"benchmarks": per_benchmark, "mean": mean_metrics(per_benchmark)}, samples
+
+
+def markdown_table(results):
+    """results["benchmarks"] and results["mean"] as one Markdown table, a row per benchmark."""
+    rows = {**results["benchmarks"], "mean": results["mean"]}
+    columns = list(results["mean"])
+    lines = ["| benchmark | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    for name, metrics in rows.items():
+        cells = [str(metrics[c]) if c == "problems" else
+                 f"{metrics[c]:.1f}" if c == "mean_length" else f"{metrics[c]:.3f}" for c in columns]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+# -----------------------------------------------------------------------------
+# Command line
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    # model and data
+    parser.add_argument("--model", default="Qwen/Qwen3-1.7B", help="hub id, checkpoint dir saved by antisd.py, or 'tiny' (CPU, offline)")
+    parser.add_argument("--benchmarks", default="aime24,aime25,amc23,minerva_math",  # competition sets + the paper's Minerva; ~20-30 min (estimate, docstring 7)
+                        help=f"comma-separated, from: {', '.join(BENCHMARKS)}")
+    parser.add_argument("--data-dir", default=None, help="read DIR/<name>.jsonl instead of the hub (e.g. ../shared/hub/bench)")  # None: the hub
+    parser.add_argument("--limit", type=int, default=None, help="evaluate the first K problems of each benchmark")  # None: all
+    parser.add_argument("--device", default=None, help="cuda, cuda:1, cpu")  # None: CUDA when available (antisd.pick_device)
+    # sampling
+    parser.add_argument("--n", type=int, default=4, help="samples per problem")  # the paper's avg@4 (Minerva); it uses 32 for AIME
+    parser.add_argument("--temperature", type=float, default=0.7)  # the paper's eval sampling (METHOD.md 9)
+    parser.add_argument("--top-p", type=float, default=0.95)  # the paper's eval sampling (METHOD.md 9)
+    parser.add_argument("--max-new-tokens", type=int, default=2048)  # fits one GPU in well under an hour (estimate, docstring 7); the paper allows 32K
+    parser.add_argument("--enable-thinking", action="store_true",
+                        help="Qwen3 chat-template thinking mode; use the same setting as training")  # off, as antisd.py: answers fit the token budget
+    parser.add_argument("--batch-size", type=int, default=64)  # sequences per generate call; ~17 GB of KV cache at 1.7B and 2K+prompt tokens
+    parser.add_argument("--seed", type=int, default=0)  # seeds sampling, so a rerun gives the same responses on the same machine
+    # output
+    parser.add_argument("--out-dir", default="eval_out", help="where results.json and samples.jsonl go (overwritten)")
+    args = parser.parse_args()
+
+    if args.n < 1 or args.batch_size < 1:
+        parser.error("--n and --batch-size must be at least 1")
+    names = [name.strip() for name in args.benchmarks.split(",") if name.strip()]
+    benchmarks = {name: load_benchmark(name, args.data_dir, args.limit) for name in names}  # data errors before the model loads
+    device = antisd.pick_device(args.device, args.model)
+    model, tokenizer = antisd.load_model(args.model, device)
+
+    started = time.time()
+    results, samples = evaluate(model, tokenizer, benchmarks, n=args.n, temperature=args.temperature,
+                                top_p=args.top_p, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+                                enable_thinking=args.enable_thinking, seed=args.seed)
+    seconds = time.time() - started
+
+    versions = {package: importlib.metadata.version(package)
+                for package in ("torch", "transformers", "datasets", "math-verify")}
+    versions["python"] = platform.python_version()
+    report = {"model": args.model, "settings": vars(args), "device": str(device),
+              "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+              "versions": versions, "seconds": round(seconds, 1), **results}
+    os.makedirs(args.out_dir, exist_ok=True)
+    with open(os.path.join(args.out_dir, "results.json"), "w") as f:
+        json.dump(report, f, indent=2)
+    with open(os.path.join(args.out_dir, "samples.jsonl"), "w") as f:
+        for sample in samples:
+            f.write(json.dumps(sample) + "\n")
+    print(markdown_table(results))
+    print(f"{len(samples)} problems x {args.n} samples in {seconds:.0f} s; wrote {args.out_dir}/results.json and samples.jsonl")
