@@ -44,14 +44,19 @@ rescaled sums (sum exp, and sum exp * log for the entropy) in float32, base 2; p
 streams both rows again to accumulate KL(p_S || M) and KL(p_T || M), which need the normalised
 probabilities. It saves six floats per row. The backward recomputes p_S, p_T and log M from those
 floats on a 2-D grid (rows x vocabulary blocks), reading each logit once and writing each gradient
-entry once, in the logits' dtype. The only [N, V] allocation in forward + backward is the gradient.
+entry once, in the logits' dtype. (A backward looping over a row in one program would move the same
+bytes; with every row statistic saved the 2-D grid needs no reduction, no barrier, and gives the
+scheduler N x V/BLOCK independent programs.) The only [N, V] allocation in forward + backward is the
+gradient.
 Bytes per vocabulary entry for bf16 logits: forward 2 (student only) or 8 (teacher: two passes over
 two rows), backward 4 or 6 (read student [and teacher], write gradient); with a teacher, forward +
 backward moves 14 bytes per entry. Ignored rows read nothing.
 """
 
+import contextlib
 import math
 import os
+import sys
 
 import torch
 
@@ -163,8 +168,16 @@ LN2 = math.log(2.0)
 LOG2E = 1.0 / LN2
 N_ROW_STATS = 6        # saved per row: m_S, log2 s_S, m_T, log2 s_T, entropy_S, KL(p_S || M)
 
-# Launch settings for the GPU (not tuned on hardware yet; see the benchmark at the bottom).
-FWD_BLOCK, FWD_WARPS = 4096, 8
+# Launch settings for the GPU, chosen from ptxas register counts for sm_90 (not yet timed on
+# hardware; `python kernels.py --sweep` times alternatives). Forward: 8 elements per thread keep the
+# teacher variant at ~80 registers, so three 8-warp programs share an SM and hide each other's
+# per-block max reduction; 16 elements per thread would need ~170 registers (one program per SM).
+# Backward: no reductions; 16 elements per thread at ~64 registers, four programs per SM.
+# Instruction budget (sm_90 SASS, bf16, with teacher, per vocabulary entry): ~30 in pass 1, ~43 in
+# pass 2 and ~51 in the backward, of which ~20 each in pass 2 and the backward are the float32 log2
+# of M. At H100/H200 bandwidth that is close to the instruction throughput, so these passes are balanced
+# rather than purely memory-bound.
+FWD_BLOCK, FWD_WARPS = 2048, 8
 BWD_BLOCK, BWD_WARPS = 4096, 8
 INTERPRETER_MAX_BLOCK = 65536          # on CPU the interpreter is fast per element, slow per block
 
@@ -179,8 +192,14 @@ def _alloc(shape, dtype, device):
     return torch.empty(shape, dtype=dtype, device=device)
 
 
+# Triton decides whether a @triton.jit function runs in its CPU interpreter when the function is
+# decorated, i.e. when this module is imported: TRITON_INTERPRET=1 must be set before that.
+INTERPRETED = HAS_TRITON and os.environ.get("TRITON_INTERPRET") == "1"
+
+
 def _interpreting():
-    return os.environ.get("TRITON_INTERPRET") == "1"
+    """True when the kernels below run in the interpreter and TRITON_INTERPRET=1 is still set."""
+    return INTERPRETED and os.environ.get("TRITON_INTERPRET") == "1"
 
 
 if HAS_TRITON:
@@ -229,7 +248,9 @@ if HAS_TRITON:
         cols0 = tl.arange(0, BLOCK)
         target = tl.load(tgt_ptr + row).to(tl.int64)
         valid = target != -100                       # IGNORE_INDEX
-        safe_target = tl.where(valid, target, 0)
+        # A target outside [0, V) is not read (no stray memory access); its logp becomes NaN.
+        target_ok = valid & (target >= 0) & (target < V)
+        safe_target = tl.where(target_ok, target, 0)
         end = tl.where(valid, V, 0)                  # ignored rows skip both passes (read nothing)
         s_row = s_ptr + row * s_stride
         t_row = t_ptr + row * t_stride
@@ -252,7 +273,7 @@ if HAS_TRITON:
                 z_t = tl.load(t_row + cols, mask=in_row, other=-float("inf")).to(tl.float32)
                 m_t, sum_t, ent_t = _online_update(z_t, m_t, sum_t, ent_t, scale)
 
-        zy_s = tl.load(s_row + safe_target, mask=valid, other=0.0).to(tl.float32)
+        zy_s = tl.load(s_row + safe_target, mask=target_ok, other=float("nan")).to(tl.float32)
         l2s_s, entropy_s, logp_s = _finish_row(m_s, sum_s, ent_s, zy_s, inv_temp)
         tl.store(logp_ptr + row, tl.where(valid, logp_s, 0.0))
         tl.store(ent_ptr + row, tl.where(valid, entropy_s, 0.0))
@@ -263,14 +284,14 @@ if HAS_TRITON:
         tl.store(stats + 4, tl.where(valid, entropy_s, 0.0))
 
         if HAS_TEACHER:
-            zy_t = tl.load(t_row + safe_target, mask=valid, other=0.0).to(tl.float32)
+            zy_t = tl.load(t_row + safe_target, mask=target_ok, other=float("nan")).to(tl.float32)
             l2s_t, entropy_t, logp_t = _finish_row(m_t, sum_t, ent_t, zy_t, inv_temp)
             tl.store(t_logp_ptr + row, tl.where(valid, logp_t, 0.0))
             tl.store(t_ent_ptr + row, tl.where(valid, entropy_t, 0.0))
 
             # ---- pass 2: KL(p_S || M) and KL(p_T || M) from normalised probabilities
-            # log2 M = log2(beta p_T + (1-beta) p_S). Where M underflows to 0 both p are < 1e-38 and
-            # their terms are negligible, so they are dropped (this also covers masked columns).
+            # log2 M = log2(beta p_T + (1-beta) p_S). M is floored at 1e-37 (a normal float): below
+            # that both p are < 1e-37 and their terms vanish, while log2(0) = -inf would give 0 * inf.
             kl_s = tl.zeros([BLOCK], dtype=tl.float32)
             kl_t = tl.zeros([BLOCK], dtype=tl.float32)
             for start in range(0, end, BLOCK):
@@ -283,11 +304,9 @@ if HAS_TRITON:
                 lp_t = tl.maximum((z_t - m_t) * scale - l2s_t, -1e30)
                 p_s = tl.exp2(lp_s)
                 p_t = tl.exp2(lp_t)
-                mix = beta * p_t + (1.0 - beta) * p_s
-                keep = mix > 0
-                log2_mix = tl.log2(tl.where(keep, mix, 1.0))
-                kl_s += tl.where(keep, p_s * (lp_s - log2_mix), 0.0)
-                kl_t += tl.where(keep, p_t * (lp_t - log2_mix), 0.0)
+                log2_mix = tl.log2(tl.maximum(beta * p_t + (1.0 - beta) * p_s, 1e-37))
+                kl_s += p_s * (lp_s - log2_mix)
+                kl_t += p_t * (lp_t - log2_mix)
             kl_student = _LN2 * tl.sum(kl_s, axis=0)
             kl_teacher = _LN2 * tl.sum(kl_t, axis=0)
             jsd = beta * kl_teacher + (1.0 - beta) * kl_student
@@ -319,36 +338,42 @@ if HAS_TRITON:
         row = tl.program_id(0).to(tl.int64)          # rows on axis 0: axes 1 and 2 are capped at 65535
         cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         in_row = cols < V
-        target = tl.load(tgt_ptr + row).to(tl.int64)
+        target = tl.load(tgt_ptr + row).to(tl.int32)   # V < 2**31, so 32-bit column compares
         valid = target != -100                       # IGNORE_INDEX
         load_mask = in_row & valid                   # ignored rows read nothing and get zeros
 
+        # Per-row scalars, with 1/T and ln 2 folded in once per program rather than per element:
+        #   grad = p_S * (k0 + k_ent * log2 p_S + k_jsd * (log2 p_S - log2 M)) + [j == y] a / T
+        #   k0 = -(a + b H + c (1-beta) KL_S) / T,  k_ent = -b ln2 / T,  k_jsd = c (1-beta) ln2 / T
+        # (log2 p_S - log2 M) stays one difference: it is small where p_S ~ M and must not cancel.
         stats = stats_ptr + row * 6                  # N_ROW_STATS
         m_s = tl.load(stats + 0)
         l2s_s = tl.load(stats + 1)
-        entropy = tl.load(stats + 4)
-        g_logp = tl.load(g_logp_ptr + row)
-        g_ent = tl.load(g_ent_ptr + row)
+        g_logp = tl.load(g_logp_ptr + row) * inv_temp
+        g_ent = tl.load(g_ent_ptr + row) * inv_temp
+        k0 = -g_logp - g_ent * tl.load(stats + 4)
+        k_ent = -g_ent * _LN2
 
         z_s = tl.load(s_ptr + row * s_stride + cols, mask=load_mask, other=0.0).to(tl.float32)
         lp_s = (z_s - m_s) * scale - l2s_s           # log2 p_S
         p_s = tl.exp2(lp_s)
-        coef = -g_logp - g_ent * (_LN2 * lp_s + entropy)
+        coef = k0 + k_ent * lp_s
         if USE_JSD:
             m_t = tl.load(stats + 2)
             l2s_t = tl.load(stats + 3)
-            kl_student = tl.load(stats + 5)
-            g_jsd = tl.load(g_jsd_ptr + row)
+            g_jsd = tl.load(g_jsd_ptr + row) * inv_temp * (1.0 - beta)
+            k0_jsd = -g_jsd * tl.load(stats + 5)
+            k_jsd = g_jsd * _LN2
             z_t = tl.load(t_ptr + row * t_stride + cols, mask=load_mask, other=0.0).to(tl.float32)
             p_t = tl.exp2((z_t - m_t) * scale - l2s_t)
-            mix = beta * p_t + (1.0 - beta) * p_s
-            keep = mix > 0                           # M == 0 only where p_S underflowed too
-            log_ratio = _LN2 * (lp_s - tl.log2(tl.where(keep, mix, 1.0)))
-            coef += g_jsd * (1.0 - beta) * (tl.where(keep, log_ratio, 0.0) - kl_student)
-        # The one-hot term is added in float32 before the single rounding to the output dtype: at a
-        # confident target p ~ 1 and a (1 - p) only survives if formed at full precision.
+            # M floored as in the forward: where it matters p_S is < 1e-37 and the term vanishes
+            log2_mix = tl.log2(tl.maximum(beta * p_t + (1.0 - beta) * p_s, 1e-37))
+            coef += k0_jsd + k_jsd * (lp_s - log2_mix)
+        # The one-hot term and p_S * coef nearly cancel at a confident target (p ~ 1): they are added
+        # in float32 and rounded once to the output dtype, so the result keeps float32 accuracy
+        # instead of inheriting a bf16 rounding error of size ~|a| / 256 from either piece.
         grad = p_s * coef + tl.where(cols == target, g_logp, 0.0)
-        grad = tl.where(load_mask, grad * inv_temp, 0.0)
+        grad = tl.where(load_mask, grad, 0.0)
         out = grad_ptr + row * grad_stride + cols
         if ROUND_BF16_BY_HAND:
             tl.store(out, _to_bf16_rtne(grad), mask=in_row)
@@ -371,8 +396,13 @@ def _unit_column_stride(x):
     return x if x.stride(1) == 1 or x.shape[1] <= 1 else x.contiguous()
 
 
+def _on_device(device):
+    # Triton launches on the current CUDA device; make it the tensors' device.
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
 def _default_block(V, device, gpu_block):
-    if device.type == "cuda" and not _interpreting():
+    if device.type == "cuda" and not INTERPRETED:
         return gpu_block
     return min(triton.next_power_of_2(V), INTERPRETER_MAX_BLOCK)
 
@@ -391,14 +421,15 @@ class _TritonTokenStats(torch.autograd.Function):
         teacher = teacher_logits if has_teacher else logits     # placeholder pointer, never read
         fwd_block = block or _default_block(V, device, FWD_BLOCK)
         if N > 0:
-            _token_stats_fwd_kernel[(N,)](
-                logits, logits.stride(0), teacher, teacher.stride(0), targets,
-                outputs["logp"], outputs["entropy"],
-                outputs.get("t_logp", outputs["logp"]), outputs.get("t_entropy", outputs["logp"]),
-                outputs.get("jsd", outputs["logp"]), stats,
-                V, LOG2E / temperature, 1.0 / temperature, beta,
-                HAS_TEACHER=has_teacher, BLOCK=fwd_block, num_warps=FWD_WARPS,
-            )
+            with _on_device(device):
+                _token_stats_fwd_kernel[(N,)](
+                    logits, logits.stride(0), teacher, teacher.stride(0), targets,
+                    outputs["logp"], outputs["entropy"],
+                    outputs.get("t_logp", outputs["logp"]), outputs.get("t_entropy", outputs["logp"]),
+                    outputs.get("jsd", outputs["logp"]), stats,
+                    V, LOG2E / temperature, 1.0 / temperature, beta,
+                    HAS_TEACHER=has_teacher, BLOCK=fwd_block, num_warps=FWD_WARPS,
+                )
         ctx.save_for_backward(logits, targets, teacher_logits, stats)
         ctx.settings = (beta, temperature, block, names)
         ctx.set_materialize_grads(False)
@@ -426,24 +457,28 @@ class _TritonTokenStats(torch.autograd.Function):
         grad_logits = _alloc((N, V), logits.dtype, device)
         bwd_block = block or _default_block(V, device, BWD_BLOCK)
         if N > 0:
-            _token_stats_bwd_kernel[(N, triton.cdiv(V, bwd_block))](
-                logits, logits.stride(0), teacher, teacher.stride(0), targets, stats,
-                per_row(g_logp), per_row(g_ent), per_row(g_jsd if use_jsd else None),
-                grad_logits, grad_logits.stride(0),
-                V, LOG2E / temperature, 1.0 / temperature, beta,
-                USE_JSD=use_jsd,
-                ROUND_BF16_BY_HAND=_interpreting() and logits.dtype == torch.bfloat16,
-                BLOCK=bwd_block, num_warps=BWD_WARPS,
-            )
+            with _on_device(device):
+                _token_stats_bwd_kernel[(N, triton.cdiv(V, bwd_block))](
+                    logits, logits.stride(0), teacher, teacher.stride(0), targets, stats,
+                    per_row(g_logp), per_row(g_ent), per_row(g_jsd if use_jsd else None),
+                    grad_logits, grad_logits.stride(0),
+                    V, LOG2E / temperature, 1.0 / temperature, beta,
+                    USE_JSD=use_jsd,
+                    ROUND_BF16_BY_HAND=INTERPRETED and logits.dtype == torch.bfloat16,
+                    BLOCK=bwd_block, num_warps=BWD_WARPS,
+                )
         return grad_logits, None, None, None, None, None
 
 
 def token_stats_triton(logits, targets, teacher_logits=None, beta=0.5, temperature=1.0, block=None):
     """Fused Triton path; same arguments, outputs and gradients as `token_stats_torch`. `block`
-    overrides the vocabulary block size of both kernels (a power of two); by default 4096 on GPU and
-    the next power of two >= V (capped at 65536) under the CPU interpreter."""
+    overrides the vocabulary block size of both kernels (a power of two); by default FWD_BLOCK and
+    BWD_BLOCK on GPU and the next power of two >= V (capped at 65536) under the CPU interpreter."""
     if not HAS_TRITON:
         raise RuntimeError("token_stats_triton needs triton")
+    if not logits.is_cuda and not INTERPRETED:
+        raise RuntimeError("token_stats_triton on CPU tensors needs TRITON_INTERPRET=1 set before "
+                           "kernels.py is imported")
     _check_shapes(logits, targets, teacher_logits)
     if block is not None and (block <= 0 or block & (block - 1)):
         raise ValueError(f"token_stats_triton: block must be a power of two, got {block}")
@@ -463,8 +498,10 @@ def token_stats(logits, targets, teacher_logits=None, beta=0.5, temperature=1.0)
     """Per-row logp, entropy (and with a teacher: t_logp, t_entropy, jsd), float32 [N] each.
 
     CUDA tensors take the fused Triton kernels. CPU tensors take the torch reference, except when
-    TRITON_INTERPRET=1 is set in the environment (before this module is imported), where the Triton
-    kernels run on the CPU through the interpreter; that is how the tests exercise them."""
+    TRITON_INTERPRET=1 is set in the environment, where the Triton kernels run on the CPU through the
+    interpreter; that is how the tests exercise them. The variable must already have been set when
+    this module was imported (Triton fixes the mode then); if it was not, CPU tensors stay on the
+    torch reference."""
     if HAS_TRITON and (logits.is_cuda or _interpreting()):
         return token_stats_triton(logits, targets, teacher_logits, beta, temperature)
     return token_stats_torch(logits, targets, teacher_logits, beta, temperature)
@@ -490,15 +527,11 @@ def _plain_reference(logits, targets, teacher_logits, beta, temperature):
     return tuple(stats[name] for name in names)
 
 
-def _benchmark():
-    if not (torch.cuda.is_available() and HAS_TRITON) or _interpreting():
-        print("kernels.py benchmark: needs a CUDA GPU with triton (and TRITON_INTERPRET unset); "
-              "nothing to measure here.")
-        return
+def _benchmark(Ns=(8192, 16384), V=151_936, device="cuda"):
     from triton.testing import do_bench
 
     torch.manual_seed(0)
-    device, dtype, V, beta, temperature = "cuda", torch.bfloat16, 151_936, 0.5, 1.0
+    dtype, beta, temperature = torch.bfloat16, 0.5, 1.0
     compiled = torch.compile(_plain_reference, dynamic=False)
     impls = [
         ("triton fused", lambda l, y, t: tuple(token_stats_triton(l, y, t, beta, temperature).values())),
@@ -510,11 +543,13 @@ def _benchmark():
           f"bf16 logits, V = {V}")
     print("torch.compile row: the reference math on all rows at once (the chunked autograd.Function "
           "is not compiled)")
+    print("GB/s counts the fused design's traffic for every row (bf16: fwd 2 or 8 bytes per entry, "
+          "fwd+bwd 6 or 14, student only or with teacher); % copy is relative to a device-to-device copy")
     header = (f"{'N':>6} {'teacher':>7} {'mode':>8}  {'implementation':<32} {'ms':>9} {'GB/s':>8} "
               f"{'% copy':>7} {'extra peak GiB':>15} {'x grad':>7}")
-    for N in (8192, 16384):
-        logits = (torch.randn(N, V, device=device) * 3).to(dtype)
-        teacher_all = (torch.randn(N, V, device=device) * 3).to(dtype)
+    for N in Ns:
+        logits = torch.randn(N, V, device=device, dtype=dtype).mul_(3)
+        teacher_all = torch.randn(N, V, device=device, dtype=dtype).mul_(3)
         targets = torch.randint(0, V, (N,), device=device)
         upstream = [torch.randn(N, device=device) for _ in range(3)]
         copy_dst = torch.empty_like(logits)
@@ -565,5 +600,41 @@ def _benchmark():
         del logits, teacher_all
 
 
+def _sweep_launch_settings(N=8192, V=151_936):
+    """Times a few (BLOCK, num_warps) choices for each kernel (bf16, with teacher); the best ones
+    belong in FWD_BLOCK / FWD_WARPS / BWD_BLOCK / BWD_WARPS."""
+    from triton.testing import do_bench
+
+    global FWD_BLOCK, FWD_WARPS, BWD_BLOCK, BWD_WARPS
+    saved = FWD_BLOCK, FWD_WARPS, BWD_BLOCK, BWD_WARPS
+    logits = torch.randn(N, V, device="cuda", dtype=torch.bfloat16).mul_(3)
+    teacher = torch.randn(N, V, device="cuda", dtype=torch.bfloat16).mul_(3)
+    targets = torch.randint(0, V, (N,), device="cuda")
+    upstream = [torch.randn(N, device="cuda") for _ in range(3)]
+    entries = logits.numel()
+    print(f"launch settings, N = {N}, V = {V}, bf16, with teacher")
+    for FWD_BLOCK, FWD_WARPS in ((1024, 4), (2048, 4), (2048, 8), (4096, 8), (4096, 16), (8192, 16)):
+        with torch.no_grad():
+            ms = do_bench(lambda: token_stats_triton(logits, targets, teacher), return_mode="median")
+        print(f"  forward  BLOCK {FWD_BLOCK:>5} warps {FWD_WARPS:>2}: {ms:8.3f} ms "
+              f"{8 * entries / ms / 1e6:6.0f} GB/s")
+    FWD_BLOCK, FWD_WARPS = saved[:2]
+    leaf = logits.detach().requires_grad_()
+    with torch.enable_grad():
+        out = token_stats_triton(leaf, targets, teacher)
+    for BWD_BLOCK, BWD_WARPS in ((1024, 4), (2048, 8), (4096, 8), (4096, 16), (8192, 16)):
+        ms = do_bench(lambda: torch.autograd.grad([out["logp"], out["entropy"], out["jsd"]], leaf,
+                                                  upstream, retain_graph=True), return_mode="median")
+        print(f"  backward BLOCK {BWD_BLOCK:>5} warps {BWD_WARPS:>2}: {ms:8.3f} ms "
+              f"{6 * entries / ms / 1e6:6.0f} GB/s")
+    FWD_BLOCK, FWD_WARPS, BWD_BLOCK, BWD_WARPS = saved
+
+
 if __name__ == "__main__":
-    _benchmark()
+    if not (torch.cuda.is_available() and HAS_TRITON) or INTERPRETED:
+        print("kernels.py benchmark: needs a CUDA GPU with triton (and TRITON_INTERPRET unset); "
+              "nothing to measure here.")
+    elif "--sweep" in sys.argv[1:]:
+        _sweep_launch_settings()
+    else:
+        _benchmark()

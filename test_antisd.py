@@ -7,9 +7,11 @@ Qwen3 tokenizer or benchmark files read ../shared/hub and skip when it is absent
 
 import os
 
+os.environ.setdefault("TRITON_INTERPRET", "1")   # before kernels.py is imported: Triton runs on the CPU
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
+import functools
 import importlib
 import itertools
 import json
@@ -30,11 +32,26 @@ import kernels
 
 evaluation = importlib.import_module("eval")  # `import eval` would shadow the builtin eval
 
+# The interpreter is slow per program: by default CPU tensors take the torch reference, the kernel
+# tests call kernels.token_stats_triton directly, and the `token_stats_path` fixture sends a few
+# model-level tests (scoring alignment, micro-batching, the full estimator) through the kernel too.
+os.environ["TRITON_INTERPRET"] = "0"
+
 HERE = Path(__file__).resolve().parent
 HUB = HERE.parent / "shared" / "hub"
 QWEN3_TOKENIZER = HUB / "Qwen3-tokenizer"
 BENCH_DIR = HUB / "bench"   # real copies of the benchmarks, when present
 EVAL_BENCHMARKS = ["math500", "aime24", "aime25", "amc23", "minerva_math", "olympiadbench", "gsm8k"]
+
+
+@pytest.fixture(params=["torch", "triton"])
+def token_stats_path(request, monkeypatch):
+    """Runs a test once through the torch reference and once through the Triton kernel."""
+    if request.param == "triton":
+        if not kernels.INTERPRETED:
+            pytest.skip("the Triton path on CPU needs TRITON_INTERPRET=1 before kernels.py is imported")
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    return request.param
 
 
 @pytest.fixture(scope="module")
@@ -258,7 +275,7 @@ def check_alignment(model, tokenizer, problems, responses, enable_thinking):
 
 
 @torch.no_grad()
-def test_teacher_scores_exactly_the_sampled_tokens_under_left_padding(tiny):
+def test_teacher_scores_exactly_the_sampled_tokens_under_left_padding(tiny, token_stats_path):
     model, tokenizer = tiny
     problems = ["What is 1+1?", "A much longer problem: compute 17 * 23 and then add 5 to it.", "2*3?"]
     torch.manual_seed(0)
@@ -293,73 +310,326 @@ def test_alignment_with_the_real_qwen3_tokenizer(enable_thinking):
 
 
 # -----------------------------------------------------------------------------
-# kernels.token_stats_torch against a float64 brute force
+# kernels.py: the torch reference and the fused Triton kernels against float64
+
+IGNORE = -100
+
+# The Triton tests run on the CPU through the interpreter (or on a GPU when one is present and the
+# interpreter is switched off). The interpreter only applies if TRITON_INTERPRET=1 was set before
+# kernels.py was first imported (see the top of this file).
+if kernels.INTERPRETED:
+    DEVICE = "cpu"
+elif kernels.HAS_TRITON and torch.cuda.is_available():
+    DEVICE = "cuda"
+else:
+    DEVICE = None
+needs_triton = pytest.mark.skipif(DEVICE is None, reason="needs triton and either a GPU or "
+                                  "TRITON_INTERPRET=1 set before kernels.py is imported")
+
+# One vocabulary block per row where possible: the interpreter is slow per block, fast per element.
+BLOCK_CAP = 65536
 
 
-def brute_force_stats(logits, targets, teacher_logits, beta, temperature):
-    """The five statistics in float64, straight from their definitions, row by row."""
-    out = {name: [] for name in kernels.STAT_NAMES}
-    for z, y, zt in zip(logits.double(), targets.tolist(), teacher_logits.double()):
-        if y == kernels.IGNORE_INDEX:
-            for name in out:
-                out[name].append(torch.zeros((), dtype=torch.float64))
-            continue
-        logp, logq = torch.log_softmax(z / temperature, -1), torch.log_softmax(zt / temperature, -1)
-        p, q = logp.exp(), logq.exp()
-        logm = torch.logaddexp(math.log(beta) + logq, math.log(1 - beta) + logp)   # log M, float64
-        out["logp"].append(logp[y])
-        out["entropy"].append(-torch.sum(p * logp))
-        out["t_logp"].append(logq[y])
-        out["t_entropy"].append(-torch.sum(q * logq))
-        out["jsd"].append(beta * torch.sum(q * (logq - logm)) + (1 - beta) * torch.sum(p * (logp - logm)))
-    return {name: torch.stack(values) for name, values in out.items()}
+def block_for(V):
+    return min(1 << (V - 1).bit_length(), BLOCK_CAP) if DEVICE == "cpu" else None
 
 
-def hard_rows(n, vocab, seed):
-    """Random rows plus the cases that break naive code: a target with probability ~1, huge |logits|,
-    an ignored row, teacher equal to student."""
+# -----------------------------------------------------------------------------
+# Independent float64 definition (deliberately not calling kernels.py)
+
+def stats_float64(logits, targets, teacher_logits, beta, temperature):
+    """Float64 brute force of the five statistics, differentiable through `logits`."""
+    valid = targets != IGNORE
+    idx = targets.clamp(min=0)[:, None]
+    log_p = torch.log_softmax(logits.double() / temperature, dim=-1)
+    p = log_p.exp()
+    out = {"logp": log_p.gather(1, idx)[:, 0], "entropy": -(p * log_p).sum(-1)}
+    if teacher_logits is not None:
+        log_q = torch.log_softmax(teacher_logits.double() / temperature, dim=-1)
+        q = log_q.exp()
+        log_m = torch.logaddexp(log_q + math.log(beta), log_p + math.log(1.0 - beta))
+        out["t_logp"] = log_q.gather(1, idx)[:, 0]
+        out["t_entropy"] = -(q * log_q).sum(-1)
+        out["jsd"] = beta * (q * (log_q - log_m)).sum(-1) + (1 - beta) * (p * (log_p - log_m)).sum(-1)
+    return {k: torch.where(valid, v, torch.zeros_like(v)) for k, v in out.items()}
+
+
+def run(fn, logits, targets, teacher, upstream, **kwargs):
+    """Outputs (float64 copies) and the gradient of sum(upstream * output) over logp/entropy/jsd."""
+    leaf = logits.detach().clone()
+    if fn is stats_float64:          # keep the exact gradient in float64 (no rounding to the input dtype)
+        leaf = leaf.double().cpu()
+        upstream = {k: v.cpu() for k, v in upstream.items()}
+    leaf.requires_grad_()
+    out = fn(leaf, targets, teacher, **kwargs)
+    names = [n for n in ("logp", "entropy", "jsd") if n in out]
+    grad, = torch.autograd.grad([out[n] for n in names], leaf, [upstream[n].to(out[n]) for n in names])
+    return {k: v.detach().double().cpu() for k, v in out.items()}, grad, out
+
+
+def make_rows(V, dtype, seed, device="cpu"):
+    """Five kinds of rows: ordinary, ignored, huge |logits| (~3e4), a near-certain target (+30
+    above the rest), and a teacher identical to the student. Returns logits, targets, teacher."""
     g = torch.Generator().manual_seed(seed)
-    logits = torch.randn(n, vocab, generator=g) * 3
-    teacher = torch.randn(n, vocab, generator=g) * 3
-    targets = torch.randint(0, vocab, (n,), generator=g)
-    logits[1, targets[1]] += 40.0                   # confident target: softmax ~ 1 - 1e-16
-    teacher[1, targets[1]] += 40.0
-    logits[2] *= 3000.0                             # |logits| ~ 1e4
-    teacher[2] = teacher[2] * 3000.0
-    targets[3] = kernels.IGNORE_INDEX
-    teacher[4] = logits[4]                          # identical: jsd = 0
-    return logits, targets, teacher
+    s = torch.randn(5, V, generator=g, dtype=torch.float64) * 2
+    t = torch.randn(5, V, generator=g, dtype=torch.float64) * 2
+    y = torch.randint(0, V, (5,), generator=g)
+    y[1] = IGNORE
+    s[2] = (torch.randn(V, generator=g, dtype=torch.float64) * 1e4).clamp(-3e4, 3e4)
+    t[2] = (torch.randn(V, generator=g, dtype=torch.float64) * 1e4).clamp(-3e4, 3e4)
+    s[3, y[3]] = s[3].max() + 30
+    t[3, y[3]] = t[3].max() + 25
+    t[4] = s[4]
+    return s.to(dtype).to(device), y.to(device), t.to(dtype).to(device)
 
 
-@pytest.mark.parametrize("temperature", [1.0, 0.7])
-def test_torch_token_stats_match_float64_values_and_gradients(temperature):
-    logits, targets, teacher = hard_rows(8, 1000, seed=0)
-    x = logits.clone().requires_grad_()
-    got = kernels.token_stats_torch(x, targets, teacher, beta=0.5, temperature=temperature, chunk_rows=3)
-    x64 = logits.double().requires_grad_()
-    ref = brute_force_stats(x64, targets, teacher, 0.5, temperature)
-    for name in kernels.STAT_NAMES:
-        assert got[name].dtype == torch.float32
-        assert torch.allclose(got[name].double(), ref[name], rtol=1e-5, atol=2e-5), name
-    g = torch.Generator().manual_seed(1)
-    upstream = {name: torch.randn(8, generator=g) for name in ("logp", "entropy", "jsd")}
-    sum(((got[k] * upstream[k]).sum() for k in upstream)).backward()
-    sum(((ref[k] * upstream[k].double()).sum() for k in upstream)).backward()
-    assert torch.all(x.grad[3] == 0)   # ignored row: no gradient
-    err = (x.grad.double() - x64.grad).norm() / x64.grad.norm()
-    assert err < 1e-5, err
-    assert not got["t_logp"].requires_grad and not got["t_entropy"].requires_grad
+def random_upstream(n, seed, device="cpu"):
+    g = torch.Generator().manual_seed(seed)
+    return {name: torch.randn(n, generator=g).to(device) for name in ("logp", "entropy", "jsd")}
 
 
-def test_torch_token_stats_handles_bf16_and_strided_rows():
-    logits, targets, teacher = hard_rows(6, 333, seed=2)
-    wide = torch.randn(6, 400)
-    wide[:, :333] = logits
-    strided = wide[:, :333]                          # row stride 400 != V
-    got = kernels.token_stats_torch(strided.bfloat16(), targets, teacher.bfloat16())
-    ref = brute_force_stats(logits.bfloat16().double(), targets, teacher.bfloat16().double(), 0.5, 1.0)
-    for name in kernels.STAT_NAMES:
-        assert torch.allclose(got[name].double(), ref[name], rtol=1e-4, atol=1e-4), name
+def max_err(a, b):
+    return (a.double().cpu() - b.double().cpu()).abs().max().item()
+
+
+# -----------------------------------------------------------------------------
+# The torch reference against float64
+
+@pytest.mark.parametrize("with_teacher", [True, False])
+def test_torch_reference_matches_float64_on_peaked_and_huge_logit_rows(with_teacher):
+    V, beta, T = 1000, 0.3, 0.7
+    logits, targets, teacher = make_rows(V, torch.float32, seed=1)
+    teacher = teacher if with_teacher else None
+    up = random_upstream(5, seed=2)
+    chunked = functools.partial(kernels.token_stats_torch, chunk_rows=2)   # several chunks per call
+    out, grad, _ = run(chunked, logits, targets, teacher, up, beta=beta, temperature=T)
+    ref, ref_grad, _ = run(stats_float64, logits, targets, teacher, up, beta=beta, temperature=T)
+    assert set(out) == set(ref)
+    for name in ref:
+        # float32 rounding of z / T costs up to ~|z| * 6e-8 ~ 3e-3 on the 3e4-scale row
+        assert torch.allclose(out[name], ref[name], rtol=1e-5, atol=5e-3), name
+    assert grad.dtype == torch.float32
+    assert torch.allclose(grad.double(), ref_grad, rtol=1e-4, atol=1e-6)
+    assert grad[1].abs().max() == 0          # ignored row
+
+
+def test_jsd_gradient_formula_matches_autograd_in_float64():
+    """The closed form used by the fused backward:
+    d jsd / dz = (1-beta) p_S (log p_S - log M - KL(p_S || M)) / T."""
+    V, beta, T = 257, 0.3, 0.7
+    g = torch.Generator().manual_seed(3)
+    z = (torch.randn(4, V, generator=g, dtype=torch.float64) * 3).requires_grad_()
+    zt = torch.randn(4, V, generator=g, dtype=torch.float64) * 3
+    targets = torch.zeros(4, dtype=torch.long)
+    jsd = stats_float64(z, targets, zt, beta, T)["jsd"]
+    auto, = torch.autograd.grad(jsd.sum(), z)
+    with torch.no_grad():
+        log_p = torch.log_softmax(z / T, -1)
+        log_q = torch.log_softmax(zt / T, -1)
+        log_m = torch.log(beta * log_q.exp() + (1 - beta) * log_p.exp())
+        kl_s = (log_p.exp() * (log_p - log_m)).sum(-1, keepdim=True)
+        closed = (1 - beta) * log_p.exp() * (log_p - log_m - kl_s) / T
+    assert torch.allclose(auto, closed, rtol=1e-10, atol=1e-14)
+
+
+# -----------------------------------------------------------------------------
+# Fused kernels against float64
+
+CASES = [(V, dtype) for V in (1000, 32003) for dtype in (torch.float32, torch.bfloat16)]
+CASES += [(151936, torch.float32), (151936, torch.bfloat16), (1000, torch.float16)]
+
+
+@needs_triton
+@pytest.mark.parametrize("V,dtype", CASES, ids=[f"V{v}-{str(d)[6:]}" for v, d in CASES])
+def test_triton_values_and_gradients_match_float64_incl_peaked_huge_and_ignored_rows(V, dtype):
+    beta, T = 0.3, 0.7
+    logits, targets, teacher = make_rows(V, dtype, seed=V, device=DEVICE)
+    if V == 151936:        # keep the interpreter fast: ordinary, ignored, huge, peaked rows only
+        logits, targets, teacher = logits[:4], targets[:4], teacher[:4]
+    up = random_upstream(len(targets), seed=V + 1, device=DEVICE)
+    out, grad, raw = run(kernels.token_stats_triton, logits, targets, teacher, up, beta=beta,
+                         temperature=T, block=block_for(V))
+    ref, ref_grad, _ = run(kernels.token_stats_torch, logits, targets, teacher, up, beta=beta,
+                           temperature=T)
+    exact, exact_grad, _ = run(stats_float64, logits, targets, teacher, up, beta=beta, temperature=T)
+
+    assert all(v.dtype == torch.float32 and v.shape == targets.shape for v in raw.values())
+    assert set(out) == set(exact)
+    for name in exact:
+        err, ref_err = max_err(out[name], exact[name]), max_err(ref[name], exact[name])
+        # No worse than the float32 torch reference, up to two float32 ulps of the largest value:
+        # on the huge-logit row logp reaches ~1e5 nats, where one ulp is already 8e-3.
+        two_ulps = 2.5e-7 * exact[name].abs().max().item()
+        assert err <= 1.05 * ref_err + 2e-5 + two_ulps, (name, err, ref_err)
+        assert torch.allclose(out[name], exact[name], rtol=3e-7, atol=2e-5), name
+    ignored = targets.cpu() == IGNORE
+    assert all((out[name][ignored] == 0).all() for name in out)
+
+    assert grad.dtype == dtype and grad.shape == logits.shape
+    err, ref_err = max_err(grad, exact_grad), max_err(ref_grad, exact_grad)
+    assert err <= 1.05 * ref_err + 1e-7, (err, ref_err)
+    # elementwise: one rounding to the logits' dtype on top of float32-accurate values
+    rel = {torch.float32: 1e-5, torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -10}[dtype]
+    scale = exact_grad.abs().amax(-1, keepdim=True)
+    assert ((grad.double().cpu() - exact_grad).abs() <= rel * exact_grad.abs() + 1e-6 * scale + 1e-7).all()
+    assert (grad.cpu()[ignored] == 0).all()
+
+
+@needs_triton
+def test_triton_gradient_matches_float64_at_confident_targets():
+    """p(target) ~ 1 - 1e-13: the target entry's gradient a (1 - p) must be formed in float32 and
+    rounded once; a bf16 softmax would give garbage there."""
+    V, T = 4099, 1.0
+    g = torch.Generator().manual_seed(7)
+    base = torch.randn(3, V, generator=g, dtype=torch.float64)
+    targets = torch.tensor([5, 17, 4000])
+    base[torch.arange(3), targets] = base.max() + 30
+    for dtype in (torch.float32, torch.bfloat16):
+        logits = base.to(dtype)
+        up = random_upstream(3, seed=8)
+        up["logp"] = torch.tensor([1.0, -2.0, 0.5])
+        _, grad, _ = run(kernels.token_stats_triton, logits.to(DEVICE), targets.to(DEVICE), None,
+                         {k: v.to(DEVICE) for k, v in up.items()}, temperature=T, block=block_for(V))
+        _, ref_grad, _ = run(kernels.token_stats_torch, logits, targets, None, up, temperature=T)
+        _, exact, _ = run(stats_float64, logits, targets, None, up, beta=0.5, temperature=T)
+        at_target = grad.cpu().double()[torch.arange(3), targets]
+        exact_target = exact[torch.arange(3), targets]
+        assert (at_target - exact_target).abs().max() <= 1e-6
+        assert max_err(grad, exact) <= 1.05 * max_err(ref_grad, exact) + 1e-9
+
+
+@needs_triton
+def test_triton_default_temperature_and_beta_without_teacher():
+    V = 32003
+    logits, targets, _ = make_rows(V, torch.bfloat16, seed=11, device=DEVICE)
+    up = random_upstream(5, seed=12, device=DEVICE)
+    out, grad, raw = run(kernels.token_stats_triton, logits, targets, None, up, block=block_for(V))
+    exact, exact_grad, _ = run(stats_float64, logits, targets, None, up, beta=0.5, temperature=1.0)
+    assert set(raw) == {"logp", "entropy"}
+    for name in exact:
+        assert torch.allclose(out[name], exact[name], rtol=1e-6, atol=2e-5), name
+    scale = exact_grad.abs().amax(-1, keepdim=True)
+    # + 1e-7 absolute: (1 - p) at a near-certain target is below float32 resolution (upstream ~ 1)
+    assert ((grad.double().cpu() - exact_grad).abs() <= 2.0 ** -8 * exact_grad.abs() + 1e-6 * scale + 1e-7).all()
+
+
+# -----------------------------------------------------------------------------
+# Layout, partial upstream gradients, write coverage
+
+@needs_triton
+def test_triton_handles_strided_rows_from_sliced_and_reshaped_views():
+    B, S, V, pad = 2, 3, 1003, 37
+    g = torch.Generator().manual_seed(21)
+    wide = (torch.randn(B, S, V + pad, generator=g) * 2).to(DEVICE).requires_grad_()
+    teacher_wide = (torch.randn(B * S, V + 2 * pad, generator=g) * 2).to(DEVICE)
+    logits = wide[..., :V].flatten(0, 1)             # [6, V] view, row stride V + pad
+    teacher = teacher_wide[:, pad:pad + V]            # row stride V + 2 pad, offset start
+    assert logits.stride(0) == V + pad and teacher.stride(0) == V + 2 * pad
+    targets = torch.tensor([3, IGNORE, 1002, 0, 500, 7], device=DEVICE, dtype=torch.int32)
+    up = random_upstream(6, seed=22, device=DEVICE)
+    out = kernels.token_stats_triton(logits, targets, teacher, 0.4, 1.3, block=block_for(V))
+    torch.autograd.backward([out["logp"], out["entropy"], out["jsd"]],
+                            [up["logp"], up["entropy"], up["jsd"]])
+    dense = logits.detach().contiguous()
+    out_c, grad_c, _ = run(kernels.token_stats_triton, dense, targets, teacher.contiguous(), up,
+                           beta=0.4, temperature=1.3, block=block_for(V))
+    for name in out_c:
+        assert torch.equal(out[name].detach().double().cpu(), out_c[name]), name
+    assert torch.equal(wide.grad[..., :V].flatten(0, 1), grad_c)
+    assert (wide.grad[..., V:] == 0).all()
+
+
+@needs_triton
+@pytest.mark.parametrize("used", [("logp",), ("entropy",), ("jsd",), ("logp", "jsd")])
+def test_triton_gradient_with_some_outputs_unused_matches_reference(used):
+    V = 1000
+    logits, targets, teacher = make_rows(V, torch.float32, seed=31)
+    results = []
+    for fn, kw in ((kernels.token_stats_triton, {"block": block_for(V)}), (kernels.token_stats_torch, {})):
+        leaf = logits.to(DEVICE).requires_grad_()
+        out = fn(leaf, targets.to(DEVICE), teacher.to(DEVICE), 0.3, 0.7, **kw)
+        # .sum() hands the backward an expanded (stride 0) upstream gradient
+        sum(out[name].sum() * (i + 1) for i, name in enumerate(used)).backward()
+        results.append(leaf.grad.cpu())
+    assert torch.allclose(results[0], results[1], rtol=1e-4, atol=1e-7)
+
+
+@needs_triton
+def test_triton_writes_every_output_and_gradient_element(monkeypatch):
+    """Outputs, saved row statistics and the gradient are allocated NaN-filled: any element the
+    kernels forget to write (ignored rows, the ragged last block, unused teacher slots) shows up."""
+    monkeypatch.setattr(kernels, "_poison", True)
+    V = 1003
+    logits, targets, teacher = make_rows(V, torch.bfloat16, seed=41, device=DEVICE)
+    up = random_upstream(5, seed=42, device=DEVICE)
+    for t in (teacher, None):
+        for block in (block_for(V), 256):            # one block per row, and a ragged last block
+            out, grad, raw = run(kernels.token_stats_triton, logits, targets, t, up, beta=0.3,
+                                 temperature=0.7, block=block)
+            assert all(not v.isnan().any() for v in raw.values())
+            assert not grad.isnan().any()
+            assert (grad[1] == 0).all()              # ignored row
+
+
+@needs_triton
+def test_triton_small_block_matches_single_block():
+    """Many blocks per row exercise the online rescaling (the max moves between blocks)."""
+    V = 5000
+    logits, targets, teacher = make_rows(V, torch.float32, seed=51, device=DEVICE)
+    logits[0] = torch.linspace(-5, 20, V, device=DEVICE)          # max keeps moving to the right
+    up = random_upstream(5, seed=52, device=DEVICE)
+    one, g_one, _ = run(kernels.token_stats_triton, logits, targets, teacher, up, block=8192)
+    many, g_many, _ = run(kernels.token_stats_triton, logits, targets, teacher, up, block=512)
+    for name in one:
+        assert torch.allclose(one[name], many[name], rtol=1e-5, atol=1e-5), name
+    assert torch.allclose(g_one, g_many, rtol=1e-5, atol=1e-8)
+
+
+@needs_triton
+def test_triton_empty_batch_and_all_ignored_rows():
+    V = 100
+    empty = torch.zeros(0, V, device=DEVICE, requires_grad=True)
+    out = kernels.token_stats_triton(empty, torch.zeros(0, dtype=torch.long, device=DEVICE), empty.detach())
+    assert all(v.shape == (0,) for v in out.values())
+    logits = torch.randn(3, V, device=DEVICE, requires_grad=True)
+    targets = torch.full((3,), IGNORE, device=DEVICE)
+    out = kernels.token_stats_triton(logits, targets, torch.randn(3, V, device=DEVICE))
+    assert all((v == 0).all() for v in out.values())
+    (out["logp"] + out["entropy"] + out["jsd"]).sum().backward()
+    assert (logits.grad == 0).all()
+
+
+@needs_triton
+def test_teacher_gets_no_gradient_and_teacher_stats_are_not_differentiable():
+    V = 300
+    logits = torch.randn(2, V, device=DEVICE, requires_grad=True)
+    teacher = torch.randn(2, V, device=DEVICE, requires_grad=True)
+    out = kernels.token_stats_triton(logits, torch.tensor([1, 2], device=DEVICE), teacher)
+    assert not out["t_logp"].requires_grad and not out["t_entropy"].requires_grad
+    out["jsd"].sum().backward()
+    assert teacher.grad is None and logits.grad is not None
+
+
+def test_token_stats_dispatch_follows_device_and_interpreter_flag(monkeypatch):
+    calls = []
+    monkeypatch.setattr(kernels, "token_stats_triton", lambda *a, **k: calls.append("triton"))
+    monkeypatch.setattr(kernels, "token_stats_torch", lambda *a, **k: calls.append("torch"))
+    x, y = torch.randn(2, 5), torch.tensor([0, 1])
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    kernels.token_stats(x, y)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    kernels.token_stats(x, y)
+    assert calls == ["torch", "triton" if kernels.INTERPRETED else "torch"]
+
+
+@needs_triton
+def test_triton_out_of_range_target_gives_nan_instead_of_reading_outside_the_row():
+    V = 100
+    logits = torch.randn(3, V, device=DEVICE)
+    targets = torch.tensor([V, 5, V + 1000], device=DEVICE)
+    out = kernels.token_stats_triton(logits, targets, logits + 1)
+    assert out["logp"][[0, 2]].isnan().all() and out["t_logp"][[0, 2]].isnan().all()
+    assert torch.isfinite(out["logp"][1]) and torch.isfinite(out["entropy"]).all()
 
 
 def test_torch_token_stats_keeps_memory_bounded_by_chunks():
@@ -388,7 +658,7 @@ def fixed_batch(tokenizer, seed=0):
     return prompts, responses, advantages, mask
 
 
-def test_gradient_does_not_depend_on_micro_batch_size(tiny):
+def test_gradient_does_not_depend_on_micro_batch_size(tiny, token_stats_path):
     model, tokenizer = tiny
     prompts, responses, advantages, mask = fixed_batch(tokenizer)
     old_logp = antisd.score(model, prompts, None, responses, tokenizer.pad_token_id, 4, 1.0)["logp"] - 0.05 * mask
@@ -416,7 +686,7 @@ def test_loss_is_the_batch_token_mean_of_the_clipped_surrogate():
     assert int(clipped) == 2
 
 
-def test_full_estimator_gradient_is_the_exact_jsd_gradient(tiny):
+def test_full_estimator_gradient_is_the_exact_jsd_gradient(tiny, token_stats_path):
     model, tokenizer = tiny
     prompts, responses, _, mask = fixed_batch(tokenizer, seed=3)
     teacher = [antisd.render_prompt(tokenizer, antisd.build_teacher_prompt(
