@@ -1,7 +1,7 @@
 """AntiSD: anti-self-distillation for reasoning RL, on one GPU.
 
-One step (Algorithm 1 of arXiv 2605.11609; ../shared/METHOD.md in the source tree has the equations,
-cited below as "M<section>"):
+One step (Algorithm 1 of arXiv 2605.11609; "M<n>" below cites section n of METHOD.md, the summary
+of the paper's equations and settings that this file follows):
   1. sample G rollouts per problem from the student                                  (M1)
   2. reward each rollout: is its last \\boxed{} equivalent to the gold answer?        (M1)
   3. group advantages: z-score of the rewards within each group of G                 (M2)
@@ -27,14 +27,22 @@ Design decisions:
      has a spacing of 6e-5, so an lr=1e-6 step applied to it in place would round to nothing.
   6. Defaults are a one-GPU run: Qwen3-1.7B in non-thinking mode, 16 problems x 8 rollouts per step,
      responses up to 1,536 tokens (the paper: 32 x 8 and 32K tokens on many GPUs, M9).
+  7. The reward checker (math-verify) runs in a worker process killed after VERIFY_SECONDS: some
+     answers (9^9^9^9) hang it past its own time limit. A killed check scores 0.
+  8. Checkpoints hold everything a run needs to continue bit for bit (optimizer, RNG states, data
+     cursor, gate state); --resume continues the newest one and refuses changed settings.
 
 Where this file differs from the paper, and why:
   - batch and response length are smaller (one GPU; see 6 above); everything else is M9's settings.
   - --gate perplexity keeps the on/off gate of M6 with the official code's signal (teacher
     perplexity, reopening at 1.07x its warm-up value, M8) but not its continuous per-sequence lambda.
+  - --estimator full (not in the paper) replaces the sampled-token term by the exact gradient of the
+    full-vocabulary JSD, at the cost of one more teacher forward per micro-batch.
 
 Run:  python antisd.py                                        # Qwen3-1.7B on MATH, one GPU
-      python antisd.py --method grpo                          # the GRPO baseline, same rollouts code
+      python antisd.py --method grpo --out-dir runs/grpo      # the GRPO baseline, same code
+      python antisd.py --method sd --out-dir runs/sd          # default self-distillation
+      python antisd.py --resume                               # continue runs/antisd after a stop
       python antisd.py --model tiny --dataset arith --steps 3 # CPU, offline, seconds
 """
 
@@ -45,6 +53,7 @@ import math
 import os
 import random
 import re
+import shlex
 import shutil
 import signal
 import statistics
@@ -741,7 +750,8 @@ class MasterAdamW:
     def __init__(self, model, lr):
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.master = [p if p.dtype == torch.float32 else p.detach().float().clone() for p in self.params]
-        self.optimizer = torch.optim.AdamW(self.master, lr=lr, weight_decay=0.0)
+        # weight decay 0.01 as in verl, which the paper's code builds on (negligible at lr 1e-6)
+        self.optimizer = torch.optim.AdamW(self.master, lr=lr, weight_decay=0.01)
 
     def clip_gradients(self, max_norm):
         """Moves the gradients onto the master copies and clips them; returns the norm before clipping."""
@@ -1082,8 +1092,9 @@ def main(argv=None):
                 last_saved = save_checkpoint(args.out_dir, step, model, tokenizer, trainer_state(step),
                                              args.keep_checkpoints)
             if stop_requested and step < args.steps:
+                command = [a for a in (sys.argv[1:] if argv is None else argv) if a != "--resume"]
                 print(f"stopped after step {step}, saved {last_saved}. To continue:\n"
-                      f"  python antisd.py {' '.join(argv if argv is not None else sys.argv[1:])} --resume".replace(" --resume --resume", " --resume"))
+                      f"  python antisd.py {shlex.join(command + ['--resume'])}")
                 return
     finally:
         progress.close()

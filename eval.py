@@ -36,8 +36,8 @@ responses), and a Markdown table on stdout.
 
 Run:  python eval.py                                    # Qwen/Qwen3-1.7B, default benchmarks, one GPU
       python eval.py --model runs/antisd/checkpoint-200 --benchmarks aime24,aime25,hmmt25 --n 32
-      python eval.py --data-dir ../shared/hub/bench --benchmarks math500,gsm8k --limit 100
-      python eval.py --model tiny --data-dir ../shared/hub/bench --limit 2 --n 2 --max-new-tokens 16  # CPU
+      python eval.py --data-dir bench/ --benchmarks math500,gsm8k --limit 100   # local <name>.jsonl files
+      python eval.py --model tiny --device cpu --data-dir bench/ --limit 2 --n 2 --max-new-tokens 16  # CPU
 """
 
 import argparse
@@ -277,7 +277,7 @@ if __name__ == "__main__":
     parser.add_argument("--model", default="Qwen/Qwen3-1.7B", help="hub id, checkpoint dir saved by antisd.py, or 'tiny' (CPU, offline)")
     parser.add_argument("--benchmarks", default="aime24,aime25,amc23,minerva_math",  # competition sets + the paper's Minerva; ~20-30 min (estimate, docstring 7)
                         help=f"comma-separated, from: {', '.join(BENCHMARKS)}")
-    parser.add_argument("--data-dir", default=None, help="read DIR/<name>.jsonl instead of the hub (e.g. ../shared/hub/bench)")  # None: the hub
+    parser.add_argument("--data-dir", default=None, help="read DIR/<name>.jsonl instead of the hub, in each benchmark's own schema")  # None: the hub
     parser.add_argument("--limit", type=int, default=None, help="evaluate the first K problems of each benchmark")  # None: all
     parser.add_argument("--device", default=None, help="cuda, cuda:1, cpu")  # None: CUDA when available (antisd.pick_device)
     # sampling
