@@ -265,11 +265,16 @@ def problem_from_row(row, where):
         if solution is None:
             raise ValueError(f"{where}: missing field 'answer' (or 'solution' with a \\boxed{{}} answer)")
         gold = last_boxed(solution)
-    if solution is not None and "####" in solution and field == "answer":
-        solution = gsm8k_solution(solution)
     if isinstance(gold, str) and "####" in gold and solution is None:  # GSM8K: answer holds the solution
         solution = gsm8k_solution(gold)
     return {"problem": problem, "answer": clean_gold(gold), "solution": solution}
+
+
+HUB_DATASETS = {  # --dataset name: (hub id, config), split "train"
+    "math": ("DigitalLearningGmbH/MATH-lighteval", "default"),  # MATH train: 7,500 with full solutions
+    "gsm8k": ("openai/gsm8k", "main"),
+    "dapo": ("BytedTsinghua-SIA/DAPO-Math-17k", None),           # answers only
+}
 
 
 def load_problems(name, seed):
@@ -283,19 +288,23 @@ def load_problems(name, seed):
         numbered = read_jsonl(name, with_line_numbers=True)
         rows = [row for _, row in numbered]
         where = [f"{name}, line {line_number}" for line_number, _ in numbered]
-    elif name in ("math", "gsm8k", "dapo"):
+    elif name in HUB_DATASETS:
         import datasets
-        if name == "math":  # MATH train, 7,500 problems with full solutions
-            rows = list(datasets.load_dataset("DigitalLearningGmbH/MATH-lighteval", "default", split="train"))
-        elif name == "gsm8k":
-            rows = list(datasets.load_dataset("openai/gsm8k", "main", split="train"))
-        else:  # DAPO-Math-17k repeats each problem ~100 times: keep one of each
+        hub_id, config = HUB_DATASETS[name]
+        try:
+            hub_rows = datasets.load_dataset(hub_id, config, split="train")
+        except Exception as e:  # offline, renamed, gated: say which and what to do instead
+            raise ValueError(f"--dataset {name}: could not load {hub_id} from the hub ({type(e).__name__}: {e}); "
+                             f"without the hub, pass a local .jsonl file") from None
+        if name == "dapo":  # DAPO-Math-17k repeats each problem ~100 times: keep one of each
             seen, rows = set(), []
-            for row in datasets.load_dataset("BytedTsinghua-SIA/DAPO-Math-17k", split="train"):
+            for row in hub_rows:
                 problem = dapo_problem(row["prompt"][0]["content"])
                 if problem not in seen:
                     seen.add(problem)
                     rows.append({"problem": problem, "answer": row["reward_model"]["ground_truth"]})
+        else:
+            rows = list(hub_rows)
         where = [f"{name}, row {i}" for i in range(len(rows))]
     else:
         raise ValueError(f"--dataset {name!r}: expected one of math, gsm8k, dapo, arith, or a path to a .jsonl file")

@@ -125,6 +125,18 @@ def test_unparsable_gold_rows_are_dropped_and_counted(tmp_path):
     assert problems[2]["solution"].endswith(r"\boxed{6}.")
 
 
+def test_hub_rows_of_each_training_set_become_problems():
+    dapo = ("Solve the following math problem step by step. The last line of your response should be of the "
+            "form Answer: $Answer (without quotes) where $Answer is the answer to the problem.\n\n"
+            "Let $x$ be 3.\n\nCompute $x^2$.\n\nRemember to put your answer on its own line after \"Answer:\".")
+    assert antisd.dapo_problem(dapo) == "Let $x$ be 3.\n\nCompute $x^2$."
+    gsm8k = antisd.problem_from_row({"question": "Q?", "answer": "16 - 3 = <<16-3=13>>13 eggs.\n#### 1,300"}, "gsm8k")
+    assert gsm8k == {"problem": "Q?", "answer": "1300", "solution": "16 - 3 = 13 eggs.\nThe answer is \\boxed{1300}."}
+    math_row = antisd.problem_from_row({"problem": "P", "level": "Level 1", "type": "Algebra",
+                                        "solution": "So $x = \\boxed{\\frac{1}{2}}$."}, "math")
+    assert math_row["answer"] == "\\frac{1}{2}" and math_row["solution"].startswith("So $x")
+
+
 def test_arith_problems_are_seeded_and_their_solutions_are_correct():
     first, again = antisd.make_arith_problems(50, seed=3), antisd.make_arith_problems(50, seed=3)
     assert first == again
@@ -930,6 +942,7 @@ def test_interrupted_run_saves_and_says_how_to_resume(tmp_path):
     (["--group-size", "1"], "--group-size must be at least 2"),
     (["--estimator", "full", "--method", "grpo"], "--estimator full is the JSD gradient itself"),
     (["--dataset", "missing.jsonl"], "--dataset missing.jsonl: file not found"),
+    (["--dataset", "math"], "--dataset math: could not load DigitalLearningGmbH/MATH-lighteval"),  # offline
 ])
 def test_bad_flags_are_refused_with_a_message_naming_them(tmp_path, capsys, argv, message):
     import re
