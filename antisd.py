@@ -596,10 +596,11 @@ def verify(response, gold):
 # 5. Group advantages (M2)
 
 def group_advantages(rewards, group_size, eps=1e-6):
-    """A_seq_i = (R_i - mean_group) / (std_group + eps); a group whose rewards are equal gives 0."""
+    """A_seq_i = (R_i - mean_group) / (std_group + eps); a group whose rewards are equal gives 0.
+    std is the sample standard deviation (divides by G - 1), as in verl, which the paper's code uses."""
     grouped = torch.as_tensor(rewards, dtype=torch.float32).view(-1, group_size)  # [P, G]
     centered = grouped - grouped.mean(dim=1, keepdim=True)
-    return (centered / (grouped.std(dim=1, keepdim=True, unbiased=False) + eps)).flatten()  # [P*G]
+    return (centered / (grouped.std(dim=1, keepdim=True) + eps)).flatten()  # [P*G]
 
 
 # -----------------------------------------------------------------------------
