@@ -918,7 +918,7 @@ def main(argv=None):
             gate.load_state_dict(resumed["gate"])
         rng.setstate(resumed["rng"])
         torch.set_rng_state(resumed["torch_rng"])
-        if device.type == "cuda" and resumed["cuda_rng"]:
+        if device.type == "cuda" and resumed["cuda_rng"] is not None:
             torch.cuda.set_rng_state(resumed["cuda_rng"])
         first_step = resumed["step"] + 1
         print(f"resumed from {checkpoints[-1]}: continuing at step {first_step}")
