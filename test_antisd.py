@@ -13,6 +13,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 import functools
 import importlib
+import io
 import itertools
 import json
 import math
@@ -774,6 +775,35 @@ def test_bf16_weights_still_move_with_a_tiny_learning_rate():
     torch.nn.init.constant_(layer.weight, 0.01)
     master = antisd.MasterAdamW(layer, lr=1e-6)
     assert train(lambda: (master.clip_gradients(1e9), master.step()), layer) > 3e-5
+
+
+def test_master_weights_survive_a_save_and_load_exactly():
+    def bf16_layer():
+        torch.manual_seed(0)
+        return torch.nn.Linear(8, 8).bfloat16()
+
+    def train(layer, optimizer, steps, seed):
+        g = torch.Generator().manual_seed(seed)
+        for _ in range(steps):
+            for p in layer.parameters():
+                p.grad = torch.randn(p.shape, generator=g).bfloat16()
+            optimizer.clip_gradients(1.0)
+            optimizer.step()
+
+    straight = bf16_layer()
+    straight_optimizer = antisd.MasterAdamW(straight, lr=1e-3)
+    train(straight, straight_optimizer, 3, seed=1)
+    saved = io.BytesIO()                        # as in a checkpoint: serialised at once
+    torch.save(straight_optimizer.state_dict(), saved)
+    train(straight, straight_optimizer, 3, seed=2)
+
+    resumed = bf16_layer()                      # fresh bf16 weights: the masters must come from the save
+    resumed_optimizer = antisd.MasterAdamW(resumed, lr=1e-3)
+    saved.seek(0)
+    resumed_optimizer.load_state_dict(torch.load(saved))
+    train(resumed, resumed_optimizer, 3, seed=2)
+    for a, b, ma, mb in zip(straight.parameters(), resumed.parameters(), straight_optimizer.master, resumed_optimizer.master):
+        assert torch.equal(a, b) and torch.equal(ma, mb) and ma.dtype == torch.float32
 
 
 # -----------------------------------------------------------------------------
