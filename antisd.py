@@ -1005,11 +1005,11 @@ def main(argv=None):
             # ---- 5. gate and 6. per-token advantages
             if teacher_needed:
                 u = (stats["t_logp"] - stats["logp"]) * mask                    # [N, R] PMI, M1
-                teacher_entropy = stats["t_entropy"][mask]
-                signal_value = (float(teacher_entropy.median()) if args.gate != "perplexity"
-                                else math.exp(-float(stats["t_logp"][mask].mean())))  # M6 / M8
+                teacher_entropy_median = float(stats["t_entropy"][mask].median())   # H, M6
+                signal_value = (teacher_entropy_median if args.gate != "perplexity"
+                                else math.exp(-float(stats["t_logp"][mask].mean())))  # M8
             else:
-                u, teacher_entropy, signal_value = torch.zeros(n_rollouts, width, device=device), None, float("nan")
+                u, teacher_entropy_median, signal_value = torch.zeros(n_rollouts, width, device=device), 0.0, float("nan")
             lam = 0.0 if args.method == "grpo" else (gate.update(signal_value) if gate else args.lambda_max)
             if args.estimator == "full":  # the exact JSD gradient replaces the sampled-token term
                 advantages, a = seq_adv[:, None].expand(-1, width), torch.zeros_like(u)
@@ -1057,7 +1057,7 @@ def main(argv=None):
                 "u_p01": u_p01,
                 "u_p99": u_p99,
                 "sd_term_mean": float(a[mask].mean()),
-                "teacher_entropy_median": float(teacher_entropy.median()) if teacher_entropy is not None else 0.0,
+                "teacher_entropy_median": teacher_entropy_median,
                 "student_entropy_median": float(stats["entropy"][mask].median()) if stats is not None else 0.0,
                 "jsd_mean": float(stats["jsd"][mask].mean()) if teacher_needed else 0.0,
                 "gate_signal": signal_value if math.isfinite(signal_value) else 0.0,
