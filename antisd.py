@@ -47,6 +47,7 @@ Run:  python antisd.py                                        # Qwen3-1.7B on MA
 """
 
 import argparse
+import hashlib
 import importlib
 import json
 import math
@@ -68,11 +69,22 @@ from kernels import IGNORE_INDEX, token_stats
 # -----------------------------------------------------------------------------
 # 0. Configuration
 
+class UserError(ValueError):
+    """A failure the user can fix (a bad flag, file, row or checkpoint, settings that break training):
+    the command line prints its message alone and exits non-zero. Any other exception is a bug and
+    keeps its traceback (run_command, at the end of this file)."""
+
+
 # what defines a run: resuming with any of these changed would silently make it another run
 RUN_DEFINING = ["model", "dataset", "enable_thinking", "max_solution_tokens", "method", "estimator",
                 "divergence", "compose", "lambda_max", "gate", "gate_warmup", "tau_ratio",
                 "prompts_per_step", "group_size", "max_new_tokens", "temperature", "top_p", "lr",
-                "clip", "ppo_epochs", "grad_clip", "seed"]
+                "clip", "ppo_epochs", "grad_clip", "seed", "dataset_fingerprint"]
+
+
+def setting_name(key):
+    """How a RUN_DEFINING setting is named in messages: its flag, or what it is."""
+    return "the problems of --dataset (fingerprint)" if key == "dataset_fingerprint" else "--" + key.replace("_", "-")
 
 
 def get_args(argv=None):
@@ -127,6 +139,10 @@ def get_args(argv=None):
     args = p.parse_args(argv)
     if args.gate is None:
         args.gate = "entropy" if args.method == "antisd" else "none"
+    # argparse reads "nan" and "inf" as floats, and every comparison with NaN is False
+    for key, value in vars(args).items():
+        if isinstance(value, float) and not math.isfinite(value):
+            p.error(f"--{key.replace('_', '-')} must be a finite number, got {value}")
 
     # refuse inconsistent flags now, not after the model has loaded
     n_rollouts = args.prompts_per_step * args.group_size
@@ -162,16 +178,23 @@ def get_args(argv=None):
 def read_jsonl(path, with_line_numbers=False):
     """Rows of a JSONL file; a bad line is an error that names the file and the line."""
     rows = []
-    with open(path, encoding="utf-8") as f:
+    try:
+        f = open(path, "rb")  # bytes: a line that is not UTF-8 is reported with its number
+    except OSError as e:  # missing, a directory, no permission
+        raise UserError(f"{path}: cannot read it ({e.strerror})") from None
+    with f:
         for line_number, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
-                row = json.loads(line)
+                row = json.loads(line.decode("utf-8"))
+            except UnicodeDecodeError as e:
+                raise UserError(f"{path}, line {line_number}: not UTF-8 text (byte {line[e.start]:#04x} at "
+                                f"position {e.start})") from None
             except json.JSONDecodeError as e:
-                raise ValueError(f"{path}, line {line_number}: invalid JSON ({e.msg})") from None
+                raise UserError(f"{path}, line {line_number}: invalid JSON ({e.msg})") from None
             if not isinstance(row, dict):
-                raise ValueError(f"{path}, line {line_number}: expected a JSON object, got {type(row).__name__}")
+                raise UserError(f"{path}, line {line_number}: expected a JSON object, got {type(row).__name__}")
             rows.append((line_number, row) if with_line_numbers else row)
     return rows
 
@@ -249,21 +272,34 @@ def dapo_problem(content):
     return content
 
 
+# The longest problem or solution in the real benchmark files has about 10,000 characters. A row
+# far beyond that is a broken file, and would stall the tokenizer (over a minute for 50 MB) when drawn.
+MAX_TEXT_CHARS = 100_000
+
+
+def check_text_size(text, field, where):
+    if text is not None and len(text) > MAX_TEXT_CHARS:
+        raise UserError(f"{where}: field {field!r} has {len(text):,} characters, more than the limit of "
+                        f"{MAX_TEXT_CHARS:,} (MAX_TEXT_CHARS in antisd.py)")
+
+
 def problem_from_row(row, where):
     """{problem, answer, solution} from a row with `problem` (or `question`) and an `answer`
     (or `final_answer`) or a `solution` ending in a boxed answer. answer is None if unparsable."""
     problem = row.get("problem", row.get("question"))
     if not isinstance(problem, str) or not problem.strip():
-        raise ValueError(f"{where}: missing field 'problem' (or 'question')")
+        raise UserError(f"{where}: missing field 'problem' (or 'question')")
     solution = row.get("solution")
     solution = solution if isinstance(solution, str) else None  # OlympiadBench has a list here
+    check_text_size(problem, "problem", where)
+    check_text_size(solution, "solution", where)
     for field in ("answer", "final_answer"):
         if field in row:
             gold = row[field]
             break
     else:
         if solution is None:
-            raise ValueError(f"{where}: missing field 'answer' (or 'solution' with a \\boxed{{}} answer)")
+            raise UserError(f"{where}: missing field 'answer' (or 'solution' with a \\boxed{{}} answer)")
         gold = last_boxed(solution)
     if isinstance(gold, str) and "####" in gold and solution is None:  # GSM8K: answer holds the solution
         solution = gsm8k_solution(gold)
@@ -284,8 +320,10 @@ def load_problems(name, seed):
         where = ["arith"] * len(rows)
     elif name.endswith(".jsonl"):
         if not os.path.exists(name):
-            raise ValueError(f"--dataset {name}: file not found")
+            raise UserError(f"--dataset {name}: file not found")
         numbered = read_jsonl(name, with_line_numbers=True)
+        if not numbered:
+            raise UserError(f"--dataset {name}: the file holds no rows")
         rows = [row for _, row in numbered]
         where = [f"{name}, line {line_number}" for line_number, _ in numbered]
     elif name in HUB_DATASETS:
@@ -294,7 +332,7 @@ def load_problems(name, seed):
         try:
             hub_rows = datasets.load_dataset(hub_id, config, split="train")
         except Exception as e:  # offline, renamed, gated: say which and what to do instead
-            raise ValueError(f"--dataset {name}: could not load {hub_id} from the hub ({type(e).__name__}: {e}); "
+            raise UserError(f"--dataset {name}: could not load {hub_id} from the hub ({type(e).__name__}: {e}); "
                              f"without the hub, pass a local .jsonl file") from None
         if name == "dapo":  # DAPO-Math-17k repeats each problem ~100 times: keep one of each
             seen, rows = set(), []
@@ -307,12 +345,18 @@ def load_problems(name, seed):
             rows = list(hub_rows)
         where = [f"{name}, row {i}" for i in range(len(rows))]
     else:
-        raise ValueError(f"--dataset {name!r}: expected one of math, gsm8k, dapo, arith, or a path to a .jsonl file")
+        raise UserError(f"--dataset {name!r}: expected one of math, gsm8k, dapo, arith, or a path to a .jsonl file")
     problems = [problem_from_row(row, w) for row, w in zip(rows, where)]
     kept = [p for p in problems if p["answer"] is not None]
     if not kept:
-        raise ValueError(f"--dataset {name}: all {len(problems)} rows were dropped: no gold answer could be parsed")
+        raise UserError(f"--dataset {name}: all {len(problems)} rows were dropped: no gold answer could be parsed")
     return kept, len(problems) - len(kept)
+
+
+def dataset_fingerprint(problems):
+    """A hash of the problems as loaded (text, gold, solution): a run resumed on an edited file or a
+    changed hub dataset would silently train on other problems in another order."""
+    return hashlib.sha256(json.dumps(problems, sort_keys=True).encode()).hexdigest()[:16]
 
 
 class ProblemStream:
@@ -382,7 +426,17 @@ def build_tiny(seed=0):
 
 def pick_device(requested, model_name):
     if requested:
-        return torch.device(requested)
+        try:
+            device = torch.device(requested)
+        except RuntimeError:
+            device = None
+        if device is None or device.type not in ("cuda", "cpu"):
+            raise UserError(f"--device {requested!r}: expected cuda, cuda:N or cpu")
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise UserError(f"--device {requested}: no CUDA GPU is available here (torch.cuda.is_available() is False)")
+        if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+            raise UserError(f"--device {requested}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
+        return device
     if torch.cuda.is_available():
         return torch.device("cuda")
     if model_name != "tiny":
@@ -398,8 +452,12 @@ def load_model(name, device):
     else:
         from transformers import AutoModelForCausalLM, AutoTokenizer
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-        tokenizer = AutoTokenizer.from_pretrained(name)
-        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(name)
+            model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
+        except (OSError, ValueError) as e:  # not on the hub (or offline), not a model folder
+            where = "from its local folder" if os.path.isdir(name) else "no such local folder, nor from the hub"
+            raise UserError(f"--model {name}: could not load it ({where}): {one_line(e)}") from None
     tokenizer.padding_side = "left"
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -524,13 +582,22 @@ MAX_ANSWER_CHARS = 1000  # no real answer is longer; a runaway one is wrong, not
 _verifier = None  # (process, connection) of the worker, started on first use
 
 
-def _verifier_loop(connection):
+def _verifier_loop(connection, parent_end, parent_pid):
     """The worker: answers ("parse", text) with bool and ("verify", gold, answer) with bool. Both
     sides are read as $...$ math: inside \\boxed{} math-verify misreads some expressions."""
+    _detach_from_parent(parent_end)
     import math_verify
     connection.send("ready")
     while True:
-        request = connection.recv()
+        # exit with the parent, even after a kill -9: EOF once no one holds the parent's end,
+        # or a new parent pid (re-parented) if some other forked process still holds it
+        while not connection.poll(1.0):
+            if os.getppid() != parent_pid:
+                return
+        try:
+            request = connection.recv()
+        except EOFError:
+            return
         try:
             parsed = [math_verify.parse(f"${text}$", parsing_timeout=3) for text in request[1:]]
             if request[0] == "parse":
@@ -542,15 +609,34 @@ def _verifier_loop(connection):
         connection.send(result)
 
 
+def _detach_from_parent(parent_end):
+    """In the worker: drop what it inherited from the parent that must close when the parent dies.
+    A forked child holds copies of the parent's file descriptors: with the parent's end of the pipe
+    it would never see end-of-file, and with stdout/stderr a `| tee` would wait for it forever."""
+    if parent_end is not None:  # None under spawn: the child never receives it
+        parent_end.close()
+    devnull = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(devnull, fd)
+    os.close(devnull)
+
+
 def _start_verifier():
     import multiprocessing
     # fork: no re-import of this file (works from notebooks); the worker never touches CUDA
     methods = multiprocessing.get_all_start_methods()
-    context = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
+    forked = "fork" in methods
+    context = multiprocessing.get_context("fork" if forked else "spawn")
     ours, theirs = context.Pipe()
-    process = context.Process(target=_verifier_loop, args=(theirs,), daemon=True)
+    process = context.Process(target=_verifier_loop, args=(theirs, ours if forked else None, os.getpid()),
+                              daemon=True)
     process.start()
-    if not ours.poll(120) or ours.recv() != "ready":  # a checker that cannot start must not mean "all wrong"
+    theirs.close()  # the worker's end lives in the worker only: its death is EOF here
+    try:
+        ready = ours.poll(120) and ours.recv() == "ready"
+    except EOFError:  # it died while starting
+        ready = False
+    if not ready:  # a checker that cannot start must not mean "all wrong"
         process.kill()
         raise RuntimeError("the answer-checking process (math-verify) did not start; is math-verify installed?")
     return process, ours
@@ -774,6 +860,12 @@ class MasterAdamW:
     def step(self):
         self.optimizer.step()
         self.zero_grad()
+        # a finite loss and gradient can still overflow the weights (an absurd --lr): stop here, so that
+        # no later step, log line or checkpoint uses them (bf16 weights never even receive them)
+        if not torch.stack([m.isfinite().all() for m in self.master]).all():
+            raise UserError("the update made some weights infinite or NaN although the loss and gradient "
+                            "were finite: the learning rate is too large for these weights. Nothing was "
+                            "saved after the last checkpoint; lower --lr and resume or restart.")
         with torch.no_grad():
             for p, m in zip(self.params, self.master):
                 if m is not p:
@@ -850,13 +942,77 @@ def save_checkpoint(out_dir, step, model, tokenizer, trainer_state, keep):
     return final
 
 
+def load_checkpoint(path, device):
+    """(trainer state, model, tokenizer) of a checkpoint; UserError naming the file that is missing
+    or cannot be read (a disk that filled up, a copy cut short, a file deleted by hand)."""
+    weights = [name for name in ("model.safetensors", "model.safetensors.index.json")
+               if os.path.exists(os.path.join(path, name))]
+    missing = [name for name in ("config.json", "tokenizer.json", "tokenizer_config.json")
+               if not os.path.exists(os.path.join(path, name))] + ([] if weights else ["model.safetensors"])
+    if missing:
+        raise UserError(f"{path}: {', '.join(missing)} missing")
+
+    def read(what, load):
+        try:
+            return load()
+        except torch.cuda.OutOfMemoryError:
+            raise
+        except Exception as e:  # any failure to read a checkpoint file means the file is damaged
+            raise UserError(f"{what} cannot be read ({type(e).__name__}: {one_line(e)})") from None
+
+    from safetensors import safe_open
+    for name in sorted(os.listdir(path)):
+        file = os.path.join(path, name)
+        if name.endswith(".json"):
+            read(file, lambda: json.load(open(file, encoding="utf-8")))
+        elif name.endswith(".safetensors"):  # the header gives every tensor's bytes: a cut file fails here
+            read(file, lambda: safe_open(file, "pt").keys())
+    state = read(os.path.join(path, "trainer_state.pt"),
+                 lambda: torch.load(os.path.join(path, "trainer_state.pt"), weights_only=False))
+    model, tokenizer = read(f"the model in {path}", lambda: load_model(path, device))
+    return state, model, tokenizer
+
+
+def resume_from_newest_whole_checkpoint(checkpoints, device):
+    """(path, trainer state, model, tokenizer) of the newest checkpoint that loads. A damaged one is
+    reported and the one before it used: every saved step can be redone, so nothing is lost but time."""
+    damaged = []
+    for path in reversed(checkpoints):
+        try:
+            return (path, *load_checkpoint(path, device))
+        except UserError as e:
+            damaged.append(str(e))
+            print(f"checkpoint {path} is damaged: {e}; trying the one before it", file=sys.stderr)
+    raise UserError("--resume: no checkpoint is whole: " + "; ".join(damaged))
+
+
 def keep_log_lines_up_to(path, step):
-    """A resumed run redoes the steps after its checkpoint: drop their old log lines."""
-    if os.path.exists(path):
-        with open(path) as f:
-            lines = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
-        with open(path, "w") as f:
-            f.writelines(lines)
+    """A resumed run redoes the steps after its checkpoint: drop their old log lines. A kill can
+    leave the last line half-written; it is dropped too. The file is rewritten into a new file that
+    then replaces it, so a kill during the rewrite leaves the old one whole."""
+    if not os.path.exists(path):
+        return
+    with open(path, "rb") as f:
+        lines = f.read().split(b"\n")
+    kept = []
+    for line_number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            logged_step = json.loads(line)["step"]
+        except (ValueError, KeyError, TypeError):
+            if line_number == len(lines):  # no newline after it: torn by a kill mid-write
+                continue
+            raise UserError(f"{path}, line {line_number}: not a log line of this program "
+                            f"(move the file away to resume without it)") from None
+        if logged_step <= step:
+            kept.append(line + b"\n")
+    temporary = path + ".tmp"
+    with open(temporary, "wb") as f:
+        f.writelines(kept)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(temporary, path)
 
 
 def out_of_memory(phase, flag, value):
@@ -879,16 +1035,15 @@ def main(argv=None):
                          f"pass --resume to continue it, or choose another --out-dir")
     if args.resume and not checkpoints:
         raise SystemExit(f"--resume: no checkpoint in --out-dir {args.out_dir}")
-    resumed = None
-    if args.resume:
-        resumed = torch.load(os.path.join(checkpoints[-1], "trainer_state.pt"), weights_only=False)
-        changed = [f"--{key.replace('_', '-')} {resumed['args'][key]!r} -> {getattr(args, key)!r}"
-                   for key in RUN_DEFINING if resumed["args"].get(key) != getattr(args, key)]
-        if changed:
-            raise SystemExit(f"refusing to resume {checkpoints[-1]} with different settings: " + "; ".join(changed))
-    os.makedirs(args.out_dir, exist_ok=True)
+    try:
+        os.makedirs(args.out_dir, exist_ok=True)
+    except OSError as e:  # a file of that name, or a file on its path
+        raise UserError(f"--out-dir {args.out_dir}: cannot create it ({e.strerror})") from None
+    if not os.access(args.out_dir, os.W_OK):
+        raise UserError(f"--out-dir {args.out_dir}: not writable")
 
     problems, dropped = load_problems(args.dataset, args.seed)
+    args.dataset_fingerprint = dataset_fingerprint(problems)  # a run-defining setting, saved with the others
     print(f"dataset {args.dataset}: {len(problems)} problems, {dropped} dropped (gold answer unparsable)")
     eval_sets = {}
     if args.eval_every:
@@ -896,10 +1051,15 @@ def main(argv=None):
         eval_sets = {name: evaluation.load_benchmark(name, args.eval_data_dir, args.eval_limit or None)
                      for name in args.eval_benchmarks.split(",")}
     stream = ProblemStream(len(problems), args.seed)
-    try:
-        model, tokenizer = load_model(checkpoints[-1] if resumed else args.model, device)
-    except OSError as e:
-        raise SystemExit(f"--model {args.model}: could not load it ({e})") from None
+    resumed = None
+    if args.resume:
+        checkpoint, resumed, model, tokenizer = resume_from_newest_whole_checkpoint(checkpoints, device)
+        changed = [f"{setting_name(key)} {resumed['args'].get(key)!r} -> {getattr(args, key)!r}"
+                   for key in RUN_DEFINING if resumed["args"].get(key) != getattr(args, key)]
+        if changed:
+            raise SystemExit(f"refusing to resume {checkpoint} with different settings: " + "; ".join(changed))
+    else:
+        model, tokenizer = load_model(args.model, device)
     if device.type == "cuda":
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
@@ -921,7 +1081,7 @@ def main(argv=None):
         if device.type == "cuda" and resumed["cuda_rng"] is not None:
             torch.cuda.set_rng_state(resumed["cuda_rng"])
         first_step = resumed["step"] + 1
-        print(f"resumed from {checkpoints[-1]}: continuing at step {first_step}")
+        print(f"resumed from {checkpoint}: continuing at step {first_step}")
     for name in ("metrics.jsonl", "rollouts.jsonl"):
         keep_log_lines_up_to(os.path.join(args.out_dir, name), first_step - 1)
     metrics_file = open(os.path.join(args.out_dir, "metrics.jsonl"), "a")
@@ -947,7 +1107,7 @@ def main(argv=None):
 
     previous_handlers = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
     bad_steps = 0
-    last_saved = checkpoints[-1] if resumed else None
+    last_saved = checkpoint if resumed else None
     from tqdm import tqdm
     progress = tqdm(range(first_step, args.steps + 1), initial=first_step - 1, total=args.steps,
                     desc=args.method, dynamic_ncols=True)
@@ -1115,5 +1275,31 @@ def main(argv=None):
     print(f"done: {args.steps} steps, checkpoint in {last_saved}")
 
 
+# -----------------------------------------------------------------------------
+# The command line: expected failures as one paragraph, without a traceback
+
+def one_line(error, limit=500):
+    """A library's error message, which may span lines, as one short line."""
+    text = " ".join(str(error).split())
+    return text if len(text) <= limit else text[:limit] + " ..."
+
+
+def run_command(main, *args):
+    """Runs main the way the shell should see it (also eval.py's). Bad input and unfixable settings
+    (UserError), out of memory and Ctrl-C outside the step loop's own handler print one paragraph and
+    exit non-zero. Any other exception is a bug: it keeps its traceback."""
+    try:
+        return main(*args)
+    except UserError as e:
+        raise SystemExit(f"error: {e}") from None
+    except torch.cuda.OutOfMemoryError as e:
+        raise SystemExit(f"CUDA out of memory ({one_line(e, 200)}): lower the batch sizes (antisd.py: "
+                         f"--gen-batch-size, --micro-batch-size; eval.py: --batch-size) or --max-new-tokens.") from None
+    except KeyboardInterrupt:
+        print("interrupted: stopped at once, nothing more was saved (--resume continues from the newest "
+              "checkpoint, if there is one)", file=sys.stderr)
+        raise SystemExit(130) from None
+
+
 if __name__ == "__main__":
-    main()
+    run_command(main)

@@ -26,7 +26,7 @@ Design decisions:
      roughly 25-35 ms per step, and a batch runs until its longest response stops, i.e. usually
      --max-new-tokens steps. The defaults (aime24, aime25, amc23, minerva_math: 372 problems,
      n=4, 2048 new tokens) make 1,488 samples = 24 batches x ~1 min, about 20-30 minutes.
-  8. --limit K keeps the first K rows of each benchmark, in file order, for quick checks. A row whose
+  8. --limit K keeps the first K rows of each benchmark (0: all), in file order, for quick checks. A row whose
      gold answer antisd.clean_gold cannot parse is skipped with a warning (nothing could ever
      match it, so it would only count as a wrong answer); a benchmark with none left is an error.
 
@@ -100,7 +100,9 @@ def load_benchmark(name, data_dir=None, limit=None):
     From the hub by default, or from DATA_DIR/<name>.jsonl in that file's own schema.
     """
     if name not in BENCHMARKS:
-        raise ValueError(f"unknown benchmark {name!r}; known: {', '.join(BENCHMARKS)}")
+        raise antisd.UserError(f"unknown benchmark {name!r}; known: {', '.join(BENCHMARKS)}")
+    if limit is not None and limit < 1:
+        raise antisd.UserError(f"{name}: limit must be at least 1 (None: all problems), got {limit}")
     spec = BENCHMARKS[name]
     if data_dir is None:
         hub_id, config, split = spec["hub"]
@@ -108,29 +110,36 @@ def load_benchmark(name, data_dir=None, limit=None):
         try:
             rows = datasets.load_dataset(hub_id, config, split=split).to_list()
         except Exception as error:  # offline, renamed, gated: say which benchmark and what to do
-            raise RuntimeError(f"{name}: could not load the {source} ({error}); without the hub, "
-                               f"pass --data-dir DIR with a file {name}.jsonl") from error
+            raise antisd.UserError(f"{name}: could not load the {source} ({antisd.one_line(error)}); without "
+                                   f"the hub, pass --data-dir DIR with a file {name}.jsonl") from None
         problem_field, gold_field, gold_rule = spec["hub_fields"]
+        places = [f"row {index}" for index in range(len(rows))]
     else:
         source = os.path.join(data_dir, f"{name}.jsonl")
+        if not os.path.isdir(data_dir):
+            raise antisd.UserError(f"{name}: the data folder {data_dir} does not exist")
         if not os.path.isfile(source):
-            raise FileNotFoundError(f"{name}: benchmark file {source} does not exist")
-        rows = antisd.read_jsonl(source)
+            raise antisd.UserError(f"{name}: benchmark file {source} does not exist")
+        numbered = antisd.read_jsonl(source, with_line_numbers=True)
+        rows = [row for _, row in numbered]
+        places = [f"line {line_number}" for line_number, _ in numbered]  # errors name the file's own lines
         problem_field, gold_field, gold_rule = spec["local_fields"]
     if limit is not None:
         rows = rows[:limit]
     if not rows:
-        raise ValueError(f"{name}: {source} has no problems")
+        raise antisd.UserError(f"{name}: {source} has no problems")
 
     problems, unparsable = [], []
     for index, row in enumerate(rows):
         for field in (problem_field, gold_field):
             if field not in row:
-                raise ValueError(f"{name}: {source} row {index} has no field {field!r} "
+                raise antisd.UserError(f"{name}: {source} {places[index]} has no field {field!r} "
                                  f"(fields: {', '.join(sorted(row))})")
         problem = row[problem_field]
         if not isinstance(problem, str) or not problem.strip():
-            raise ValueError(f"{name}: {source} row {index}: field {problem_field!r} is not a problem text: {problem!r}")
+            raise antisd.UserError(f"{name}: {source} {places[index]}: field {problem_field!r} is not a problem "
+                                   f"text: {problem!r:.200}")
+        antisd.check_text_size(problem, problem_field, f"{name}: {source} {places[index]}")
         raw_gold = GOLD_RULES[gold_rule](row[gold_field])
         gold = None if raw_gold is None else antisd.clean_gold(raw_gold)
         if gold is None:  # nothing could ever be verified against it: leave it out, loudly
@@ -138,11 +147,11 @@ def load_benchmark(name, data_dir=None, limit=None):
             continue
         problems.append({"problem": problem, "answer": gold})
     if not problems:
-        raise ValueError(f"{name}: {source}: no row has a gold answer that can be parsed in field "
-                         f"{gold_field!r} (rule {gold_rule}); row 0 has {str(rows[0][gold_field])[-200:]!r}")
+        raise antisd.UserError(f"{name}: {source}: no row has a gold answer that can be parsed in field "
+                               f"{gold_field!r} (rule {gold_rule}); {places[0]} has {str(rows[0][gold_field])[-200:]!r}")
     if unparsable:
         print(f"warning: {name}: skipped {len(unparsable)} of {len(rows)} problems whose gold answer in field "
-              f"{gold_field!r} cannot be parsed (rows {unparsable[:10]})", file=sys.stderr)
+              f"{gold_field!r} cannot be parsed ({', '.join(places[i] for i in unparsable[:10])})", file=sys.stderr)
     return problems
 
 
@@ -271,14 +280,14 @@ def markdown_table(results):
 # -----------------------------------------------------------------------------
 # Command line
 
-if __name__ == "__main__":
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     # model and data
     parser.add_argument("--model", default="Qwen/Qwen3-1.7B", help="hub id, checkpoint dir saved by antisd.py, or 'tiny' (CPU, offline)")
     parser.add_argument("--benchmarks", default="aime24,aime25,amc23,minerva_math",  # competition sets + the paper's Minerva; ~20-30 min (estimate, docstring 7)
                         help=f"comma-separated, from: {', '.join(BENCHMARKS)}")
     parser.add_argument("--data-dir", default=None, help="read DIR/<name>.jsonl instead of the hub, in each benchmark's own schema")  # None: the hub
-    parser.add_argument("--limit", type=int, default=None, help="evaluate the first K problems of each benchmark")  # None: all
+    parser.add_argument("--limit", type=int, default=0, help="evaluate the first K problems of each benchmark")  # 0: all, as antisd.py --eval-limit
     parser.add_argument("--device", default=None, help="cuda, cuda:1, cpu")  # None: CUDA when available (antisd.pick_device)
     # sampling
     parser.add_argument("--n", type=int, default=4, help="samples per problem")  # the paper's avg@4 (Minerva); it uses 32 for AIME
@@ -291,12 +300,22 @@ if __name__ == "__main__":
     parser.add_argument("--seed", type=int, default=0)  # seeds sampling, so a rerun gives the same responses on the same machine
     # output
     parser.add_argument("--out-dir", default="eval_out", help="where results.json and samples.jsonl go (overwritten)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
-    if args.n < 1 or args.batch_size < 1:
-        parser.error("--n and --batch-size must be at least 1")
+    if args.n < 1 or args.batch_size < 1 or args.max_new_tokens < 1:
+        parser.error("--n, --batch-size and --max-new-tokens must be at least 1")
+    if args.limit < 0:
+        parser.error(f"--limit must be >= 0 (0: all problems), got {args.limit}")
+    if not (math.isfinite(args.temperature) and args.temperature > 0) or not 0 < args.top_p <= 1:  # NaN fails both
+        parser.error(f"--temperature must be a finite number > 0 and --top-p in (0, 1], got {args.temperature} and {args.top_p}")
     names = [name.strip() for name in args.benchmarks.split(",") if name.strip()]
-    benchmarks = {name: load_benchmark(name, args.data_dir, args.limit) for name in names}  # data errors before the model loads
+    if not names:
+        parser.error(f"--benchmarks names no benchmark; choose from: {', '.join(BENCHMARKS)}")
+    benchmarks = {name: load_benchmark(name, args.data_dir, args.limit or None) for name in names}  # data errors before the model loads
+    try:
+        os.makedirs(args.out_dir, exist_ok=True)  # before the model loads, not after the evaluation
+    except OSError as e:
+        raise antisd.UserError(f"--out-dir {args.out_dir}: cannot create it ({e.strerror})") from None
     device = antisd.pick_device(args.device, args.model)
     model, tokenizer = antisd.load_model(args.model, device)
 
@@ -312,7 +331,6 @@ if __name__ == "__main__":
     report = {"model": args.model, "settings": vars(args), "device": str(device),
               "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
               "versions": versions, "seconds": round(seconds, 1), **results}
-    os.makedirs(args.out_dir, exist_ok=True)
     with open(os.path.join(args.out_dir, "results.json"), "w") as f:
         json.dump(report, f, indent=2)
     with open(os.path.join(args.out_dir, "samples.jsonl"), "w") as f:
@@ -320,3 +338,7 @@ if __name__ == "__main__":
             f.write(json.dumps(sample) + "\n")
     print(markdown_table(results))
     print(f"{len(samples)} problems x {args.n} samples in {seconds:.0f} s; wrote {args.out_dir}/results.json and samples.jsonl")
+
+
+if __name__ == "__main__":
+    antisd.run_command(main)

@@ -1142,14 +1142,14 @@ def test_unparsable_gold_is_skipped_with_a_warning_not_scored_as_a_miss(tmp_path
 
 
 def test_missing_file_or_unreachable_hub_error_says_what_to_pass(tmp_path, monkeypatch):
-    with pytest.raises(FileNotFoundError, match=r"aime25.*aime25\.jsonl"):
+    with pytest.raises(antisd.UserError, match=r"aime25.*aime25\.jsonl"):
         evaluation.load_benchmark("aime25", data_dir=tmp_path)
 
     def offline(*args, **kwargs):  # what datasets raises with HF_DATASETS_OFFLINE=1 and nothing cached
         raise ConnectionError("Couldn't reach 'math-ai/aime25' on the Hub (OfflineModeIsEnabled)")
 
     monkeypatch.setattr(evaluation.datasets, "load_dataset", offline)
-    with pytest.raises(RuntimeError, match=r"aime25.*math-ai/aime25.*--data-dir"):
+    with pytest.raises(antisd.UserError, match=r"aime25.*math-ai/aime25.*--data-dir"):
         evaluation.load_benchmark("aime25")
     with pytest.raises(ValueError, match="unknown benchmark"):
         evaluation.load_benchmark("aime2025", data_dir=tmp_path)
@@ -1248,3 +1248,275 @@ def test_command_line_on_tiny_model_writes_results_and_one_sample_line_per_probl
     lines = (out_dir / "samples.jsonl").read_text().splitlines()
     assert len(lines) == 4
     assert all(len(json.loads(line)["responses"]) == 2 for line in lines)
+
+
+# -----------------------------------------------------------------------------
+# Failures that explain themselves and recover: one paragraph instead of a traceback, torn logs,
+# damaged checkpoints, changed data, non-finite settings, the checker worker's lifetime
+
+import re
+
+SMALL_RUN = ["--model", "tiny", "--gate-warmup", "1", "--device", "cpu", "--prompts-per-step", "2",
+             "--group-size", "2", "--micro-batch-size", "4", "--max-new-tokens", "8"]
+
+
+def failure_message(capsys, main, argv):
+    """What the command line shows for argv: (exit status, text), through the scripts' one wrapper."""
+    with pytest.raises(SystemExit) as raised:
+        antisd.run_command(main, argv)
+    code, err = raised.value.code, capsys.readouterr().err
+    return code, (code if isinstance(code, str) else err)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--dataset", "{tmp}/latin1.jsonl"], r"latin1\.jsonl, line 2: not UTF-8 text \(byte 0xe9"),
+    (["--dataset", "{tmp}/folder.jsonl"], r"folder\.jsonl: cannot read it \(Is a directory\)"),
+    (["--dataset", "{tmp}/empty.jsonl"], r"empty\.jsonl: the file holds no rows"),
+    (["--dataset", "{tmp}/list.jsonl"], r"list\.jsonl, line 1: expected a JSON object, got list"),
+    (["--out-dir", "{tmp}/a_file"], r"--out-dir .*a_file: cannot create it \(File exists\)"),
+    (["--out-dir", "{tmp}/a_file/run"], r"--out-dir .*a_file/run: cannot create it \(Not a directory\)"),
+    (["--device", "bogus"], r"--device 'bogus': expected cuda, cuda:N or cpu"),
+    (["--lr", "nan"], r"--lr must be a finite number, got nan"),
+    (["--lr=inf"], r"--lr must be a finite number, got inf"),
+    (["--grad-clip=nan"], r"--grad-clip must be a finite number, got nan"),
+    (["--temperature", "nan"], r"--temperature must be a finite number"),
+    (["--clip", "nan"], r"--clip must be a finite number"),
+    (["--lambda-max", "nan"], r"--lambda-max must be a finite number"),
+    (["--top-p=-inf"], r"--top-p must be a finite number"),
+])
+def test_bad_input_to_antisd_is_one_paragraph_without_a_traceback(tmp_path, capsys, argv, message):
+    (tmp_path / "latin1.jsonl").write_bytes(b'{"problem": "1+1?", "answer": "2"}\n{"problem": "caf\xe9", "answer": "1"}\n')
+    (tmp_path / "folder.jsonl").mkdir()
+    (tmp_path / "empty.jsonl").write_text("\n")
+    (tmp_path / "list.jsonl").write_text("[1, 2]\n")
+    (tmp_path / "a_file").write_text("")
+    argv = SMALL_RUN + ["--dataset", "arith", "--steps", "1", "--out-dir", str(tmp_path / "run")] + \
+        [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    code, text = failure_message(capsys, antisd.main, argv)
+    assert code != 0 and re.search(message, text), (code, text)
+    assert "Traceback" not in text and not (isinstance(code, str) and "\n" in code)   # one paragraph
+
+
+def test_cuda_device_without_a_gpu_is_refused_by_name(capsys):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    code, text = failure_message(capsys, antisd.main, SMALL_RUN + ["--dataset", "arith", "--device", "cuda:0"])
+    assert code.startswith("error: --device cuda:0: no CUDA GPU")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--benchmarks", "aime2024"], r"unknown benchmark 'aime2024'; known: math500"),
+    (["--data-dir", "{tmp}/nowhere"], r"aime24: the data folder .*nowhere does not exist"),
+    (["--benchmarks", "amc23"], r"amc23\.jsonl line 3 has no field 'problem'"),        # the file's own line number
+    (["--model", "{tmp}/no_such_checkpoint"], r"--model .*no_such_checkpoint: could not load it \(no such local folder"),
+    (["--temperature", "0"], r"--temperature must be a finite number > 0"),
+    (["--temperature", "nan"], r"--temperature must be a finite number > 0"),
+    (["--top-p", "0"], r"--top-p in \(0, 1\], got 0.7 and 0.0"),
+    (["--max-new-tokens", "0"], r"--max-new-tokens must be at least 1"),
+    (["--benchmarks", ""], r"--benchmarks names no benchmark"),
+    (["--limit", "-1"], r"--limit must be >= 0 \(0: all problems\), got -1"),
+    (["--out-dir", "{tmp}/aime24.jsonl"], r"--out-dir .*aime24\.jsonl: cannot create it"),
+])
+def test_bad_input_to_eval_is_one_paragraph_without_a_traceback(tmp_path, capsys, argv, message):
+    write_jsonl(tmp_path / "aime24.jsonl", [{"problem": "P", "answer": "1"}])
+    (tmp_path / "amc23.jsonl").write_text('{"problem": "P", "answer": 1}\n\n{"question": "P", "answer": 2}\n')
+    argv = ["--model", "tiny", "--device", "cpu", "--data-dir", str(tmp_path), "--benchmarks", "aime24",
+            "--out-dir", str(tmp_path / "out")] + [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    code, text = failure_message(capsys, evaluation.main, argv)
+    assert code != 0 and re.search(message, text), (code, text)
+    assert "Traceback" not in text
+
+
+def test_eval_limit_zero_means_all_and_no_negative_limit_drops_a_problem(tmp_path):
+    write_jsonl(tmp_path / "aime24.jsonl", [{"problem": f"P{i}", "answer": i} for i in range(3)])
+    assert len(evaluation.load_benchmark("aime24", data_dir=tmp_path, limit=None)) == 3
+    with pytest.raises(antisd.UserError, match="limit must be at least 1"):
+        evaluation.load_benchmark("aime24", data_dir=tmp_path, limit=-1)
+
+
+def test_scripts_run_their_main_through_the_one_wrapper(tmp_path, capsys, monkeypatch):
+    """The __main__ blocks themselves: an expected failure exits with the message only."""
+    import runpy
+    for script, argv in [("antisd.py", ["--model", "tiny", "--dataset", str(tmp_path / "missing.jsonl"), "--out-dir", str(tmp_path)]),
+                         ("eval.py", ["--data-dir", str(tmp_path), "--benchmarks", "aime24"])]:
+        monkeypatch.setattr(sys, "argv", [script] + argv)
+        with pytest.raises(SystemExit) as raised:
+            runpy.run_path(str(HERE / script), run_name="__main__")
+        assert isinstance(raised.value.code, str) and raised.value.code.startswith("error: "), raised.value.code
+
+
+def test_a_real_bug_keeps_its_traceback_and_ctrl_c_at_start_up_does_not(tmp_path, capsys, monkeypatch):
+    def bug(*args):
+        raise ZeroDivisionError("a bug")
+    monkeypatch.setattr(antisd, "load_problems", bug)
+    argv = SMALL_RUN + ["--dataset", "arith", "--out-dir", str(tmp_path)]
+    with pytest.raises(ZeroDivisionError):
+        antisd.run_command(antisd.main, argv)
+
+    def interrupted(*args):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(antisd, "load_problems", interrupted)
+    code, text = failure_message(capsys, antisd.main, argv)
+    assert code == 130 and text.startswith("interrupted: stopped at once")
+
+
+def test_oversized_problem_or_solution_is_refused_at_load_time_naming_row_and_field(tmp_path, capsys):
+    big = "x" * (antisd.MAX_TEXT_CHARS + 1)
+    fine = "y" * antisd.MAX_TEXT_CHARS
+    write_jsonl(tmp_path / "problem.jsonl", [{"problem": fine, "answer": "1"}, {"problem": big, "answer": "1"}])
+    write_jsonl(tmp_path / "solution.jsonl", [{"problem": "P", "solution": fine + big + "\\boxed{1}"}])
+    start = time.time()
+    with pytest.raises(antisd.UserError, match=r"problem\.jsonl, line 2: field 'problem' has 100,001 characters"):
+        antisd.load_problems(str(tmp_path / "problem.jsonl"), seed=0)
+    with pytest.raises(antisd.UserError, match=r"solution\.jsonl, line 1: field 'solution' has 200,010 characters"):
+        antisd.load_problems(str(tmp_path / "solution.jsonl"), seed=0)
+    write_jsonl(tmp_path / "math500.jsonl", [{"problem": big, "answer": "1"}])
+    with pytest.raises(antisd.UserError, match=r"math500\.jsonl line 1: field 'problem' has 100,001 characters"):
+        evaluation.load_benchmark("math500", data_dir=tmp_path)
+    assert time.time() - start < 5
+
+
+def test_torn_last_log_line_is_dropped_and_a_killed_rewrite_keeps_the_old_file(tmp_path, monkeypatch):
+    path = tmp_path / "metrics.jsonl"
+    whole = "".join(json.dumps({"step": step, "loss": 0.5}) + "\n" for step in (1, 2, 3))
+    path.write_text(whole + '{"step": 4, "lo')   # killed while writing step 4
+    real_replace = os.replace
+
+    def killed(src, dst):
+        raise KeyboardInterrupt("killed during the rewrite")
+    monkeypatch.setattr(os, "replace", killed)
+    with pytest.raises(KeyboardInterrupt):
+        antisd.keep_log_lines_up_to(str(path), 2)
+    assert path.read_text() == whole + '{"step": 4, "lo'          # the old file, whole
+    monkeypatch.setattr(os, "replace", real_replace)
+    antisd.keep_log_lines_up_to(str(path), 2)
+    assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 2]
+    assert path.read_text().endswith("\n") and not list(tmp_path.glob("*.tmp"))
+    path.write_text('{"step": 1}\n{"ste\n{"step": 2}\n')           # damage inside the file is not a torn end
+    with pytest.raises(antisd.UserError, match=r"metrics\.jsonl, line 2: not a log line"):
+        antisd.keep_log_lines_up_to(str(path), 2)
+
+
+def test_weights_made_non_finite_by_an_update_are_never_applied():
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(4, 4).to(torch.bfloat16)
+    layer.weight.data.fill_(1e4)
+    before = layer.weight.detach().clone()
+    optimizer = antisd.MasterAdamW(layer, lr=1e37)   # a finite lr that passes validation; 1e4 * lr * 0.01 overflows
+    layer(torch.ones(1, 4, dtype=torch.bfloat16)).sum().backward()
+    optimizer.clip_gradients(1.0)
+    with pytest.raises(antisd.UserError, match="infinite or NaN .* lower --lr"):
+        optimizer.step()
+    assert torch.equal(layer.weight, before)
+
+
+# a finished two-step run on a small local dataset, with a checkpoint after each step; tests copy it
+@pytest.fixture(scope="module")
+def two_step_run(tmp_path_factory):
+    base = tmp_path_factory.mktemp("two_step_run")
+    write_jsonl(base / "data.jsonl", [{"problem": f"What is {i} + {i}?", "answer": str(2 * i)} for i in range(8)])
+    cwd = os.getcwd()
+    os.chdir(base)   # relative paths: a copy of the folder is the same run
+    try:
+        antisd.main(SMALL_RUN + ["--dataset", "data.jsonl", "--steps", "2", "--save-every", "1", "--lr", "1e-3",
+                                 "--out-dir", "run"])
+    finally:
+        os.chdir(cwd)
+    return base
+
+
+def copy_of(run, tmp_path, monkeypatch):
+    import shutil
+    shutil.copytree(run, tmp_path / "copy")
+    monkeypatch.chdir(tmp_path / "copy")
+    return Path("run")
+
+
+def truncate(path):
+    path.write_bytes(path.read_bytes()[:path.stat().st_size // 2])
+
+
+@pytest.mark.parametrize("damage, named", [
+    (lambda c: truncate(c / "trainer_state.pt"), r"checkpoint-2/trainer_state\.pt cannot be read"),
+    (lambda c: truncate(c / "model.safetensors"), r"checkpoint-2/model\.safetensors cannot be read"),
+    (lambda c: (c / "model.safetensors").unlink(), r"checkpoint-2: model\.safetensors missing"),
+    (lambda c: (c / "config.json").unlink(), r"checkpoint-2: config\.json missing"),
+    (lambda c: (c / "tokenizer.json").unlink(), r"checkpoint-2: tokenizer\.json missing"),
+    (lambda c: truncate(c / "config.json"), r"checkpoint-2/config\.json cannot be read"),
+])
+def test_each_kind_of_damaged_checkpoint_is_named(two_step_run, tmp_path, monkeypatch, damage, named):
+    run = copy_of(two_step_run, tmp_path, monkeypatch)
+    damage(run / "checkpoint-2")
+    with pytest.raises(antisd.UserError, match=named):
+        antisd.load_checkpoint(str(run / "checkpoint-2"), torch.device("cpu"))
+    state, model, tokenizer = antisd.load_checkpoint(str(run / "checkpoint-1"), torch.device("cpu"))
+    assert state["step"] == 1 and tokenizer.padding_side == "left"
+
+
+def test_resume_falls_back_from_a_damaged_checkpoint_and_redoes_its_step_exactly(two_step_run, tmp_path,
+                                                                                 monkeypatch, capsys):
+    run = copy_of(two_step_run, tmp_path, monkeypatch)
+    logged = metrics_lines(run)
+    saved = weights(run / "checkpoint-2")
+    truncate(run / "checkpoint-2" / "trainer_state.pt")
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write('{"step": 3, "reward_me')                      # and a torn line from the kill
+    capsys.readouterr()
+    antisd.main(SMALL_RUN + ["--dataset", "data.jsonl", "--steps", "2", "--save-every", "1", "--lr", "1e-3",
+                             "--out-dir", "run", "--resume"])
+    out, err = capsys.readouterr()
+    assert "checkpoint run/checkpoint-2 is damaged: run/checkpoint-2/trainer_state.pt cannot be read" in err
+    assert "resumed from run/checkpoint-1: continuing at step 2" in out
+    assert metrics_lines(run) == logged                         # step 2 redone, bit for bit
+    again = weights(run / "checkpoint-2")
+    assert all(torch.equal(saved[k], again[k]) for k in saved)
+
+    for checkpoint in ("checkpoint-1", "checkpoint-2"):         # none whole: say which files
+        (run / checkpoint / "config.json").unlink()
+    code, text = failure_message(capsys, antisd.main, SMALL_RUN + ["--dataset", "data.jsonl", "--steps", "3",
+                                                                    "--lr", "1e-3", "--out-dir", "run", "--resume"])
+    assert re.search(r"no checkpoint is whole: run/checkpoint-2: config\.json missing; "
+                     r"run/checkpoint-1: config\.json missing", code), code
+
+
+def test_resume_on_an_edited_dataset_is_refused(two_step_run, tmp_path, monkeypatch):
+    run = copy_of(two_step_run, tmp_path, monkeypatch)
+    rows = antisd.read_jsonl("data.jsonl")
+    rows[5]["answer"] = "11"
+    write_jsonl(Path("data.jsonl"), rows)
+    with pytest.raises(SystemExit, match=r"different settings: the problems of --dataset \(fingerprint\) '\w+' -> '\w+'"):
+        antisd.main(SMALL_RUN + ["--dataset", "data.jsonl", "--steps", "3", "--lr", "1e-3", "--out-dir", "run", "--resume"])
+    assert antisd.list_checkpoints(run) == ["run/checkpoint-1", "run/checkpoint-2"]
+
+
+def test_killed_run_leaves_no_checker_worker_and_releases_its_output_pipe(tmp_path):
+    """kill -9 of the trainer: the answer-checking worker must exit too, and must not hold the
+    trainer's stdout, or `python antisd.py | tee log` would never return."""
+    import signal
+    write_jsonl(tmp_path / "data.jsonl", [{"problem": "1+1?", "answer": "2"}, {"problem": "2+2?", "answer": "4"}])
+    process = subprocess.Popen([sys.executable, str(HERE / "antisd.py"), *SMALL_RUN, "--dataset", str(tmp_path / "data.jsonl"),
+                                "--steps", "1000", "--out-dir", str(tmp_path / "run")], stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    children = Path(f"/proc/{process.pid}/task/{process.pid}/children")
+    if not children.exists():
+        process.kill()
+        pytest.skip("needs Linux /proc to find the worker")
+    for line in process.stdout:   # the worker has checked every gold of the dataset by then
+        if line.startswith(b"dataset "):
+            break
+    workers = [int(pid) for pid in children.read_text().split()]
+    assert workers, "the checker worker did not start"
+    os.kill(process.pid, signal.SIGKILL)
+    killed = time.time()
+    process.communicate(timeout=30)           # end of file on the pipe: no process holds it any more
+    pipe_seconds = time.time() - killed
+
+    def running(pid):
+        try:
+            return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
+        except FileNotFoundError:
+            return False
+    while any(running(pid) for pid in workers) and time.time() < killed + 10:
+        time.sleep(0.1)
+    assert not any(running(pid) for pid in workers), "the checker worker outlived its parent"
+    assert pipe_seconds < 10
