@@ -28,9 +28,11 @@ Design decisions:
   6. Defaults are a one-GPU run: Qwen3-1.7B in non-thinking mode, 16 problems x 8 rollouts per step,
      responses up to 1,536 tokens (the paper: 32 x 8 and 32K tokens on many GPUs, M9).
   7. The reward checker (math-verify) runs in a worker process killed after VERIFY_SECONDS: some
-     answers (9^9^9^9) hang it past its own time limit. A killed check scores 0.
+     answers (9^9^9^9) hang it past its own time limit. A killed check scores 0. The worker exits
+     with its parent, even after a kill -9.
   8. Checkpoints hold everything a run needs to continue bit for bit (optimizer, RNG states, data
-     cursor, gate state); --resume continues the newest one and refuses changed settings.
+     cursor, gate state); --resume continues the newest whole one and refuses changed settings or
+     data. Expected failures (bad input, out of memory) end with a one-paragraph message, no traceback.
 
 Where this file differs from the paper, and why:
   - batch and response length are smaller (one GPU; see 6 above); everything else is M9's settings.
@@ -615,6 +617,10 @@ def _detach_from_parent(parent_end):
     it would never see end-of-file, and with stdout/stderr a `| tee` would wait for it forever."""
     if parent_end is not None:  # None under spawn: the child never receives it
         parent_end.close()
+    # fork copies the parent's signal handlers too: Ctrl-C is for the parent (its last step still needs
+    # checks), and SIGTERM, which multiprocessing sends at exit before it waits, must end the worker
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     devnull = os.open(os.devnull, os.O_RDWR)
     for fd in (0, 1, 2):
         os.dup2(devnull, fd)
@@ -917,11 +923,11 @@ def finite_or_none(value):
 # Checkpoints: the model in Hugging Face format plus everything needed to continue exactly
 
 def list_checkpoints(out_dir):
-    """Complete checkpoints in out_dir, oldest first."""
+    """Checkpoints in out_dir, oldest first (a save in progress is a .tmp folder, never listed)."""
     found = []
     for name in os.listdir(out_dir) if os.path.isdir(out_dir) else []:
         match = re.fullmatch(r"checkpoint-(\d+)", name)
-        if match and os.path.exists(os.path.join(out_dir, name, "trainer_state.pt")):
+        if match:
             found.append((int(match.group(1)), os.path.join(out_dir, name)))
     return [path for _, path in sorted(found)]
 
@@ -947,7 +953,7 @@ def load_checkpoint(path, device):
     or cannot be read (a disk that filled up, a copy cut short, a file deleted by hand)."""
     weights = [name for name in ("model.safetensors", "model.safetensors.index.json")
                if os.path.exists(os.path.join(path, name))]
-    missing = [name for name in ("config.json", "tokenizer.json", "tokenizer_config.json")
+    missing = [name for name in ("trainer_state.pt", "config.json", "tokenizer.json", "tokenizer_config.json")
                if not os.path.exists(os.path.join(path, name))] + ([] if weights else ["model.safetensors"])
     if missing:
         raise UserError(f"{path}: {', '.join(missing)} missing")

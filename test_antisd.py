@@ -1359,6 +1359,12 @@ def test_a_real_bug_keeps_its_traceback_and_ctrl_c_at_start_up_does_not(tmp_path
     code, text = failure_message(capsys, antisd.main, argv)
     assert code == 130 and text.startswith("interrupted: stopped at once")
 
+    def out_of_memory(*args):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    monkeypatch.setattr(antisd, "load_problems", out_of_memory)
+    code, text = failure_message(capsys, antisd.main, argv)
+    assert code.startswith("CUDA out of memory (CUDA out of memory. Tried to allocate 2.00 GiB): lower the batch sizes")
+
 
 def test_oversized_problem_or_solution_is_refused_at_load_time_naming_row_and_field(tmp_path, capsys):
     big = "x" * (antisd.MAX_TEXT_CHARS + 1)
@@ -1442,6 +1448,7 @@ def truncate(path):
     (lambda c: (c / "model.safetensors").unlink(), r"checkpoint-2: model\.safetensors missing"),
     (lambda c: (c / "config.json").unlink(), r"checkpoint-2: config\.json missing"),
     (lambda c: (c / "tokenizer.json").unlink(), r"checkpoint-2: tokenizer\.json missing"),
+    (lambda c: (c / "trainer_state.pt").unlink(), r"checkpoint-2: trainer_state\.pt missing"),
     (lambda c: truncate(c / "config.json"), r"checkpoint-2/config\.json cannot be read"),
 ])
 def test_each_kind_of_damaged_checkpoint_is_named(two_step_run, tmp_path, monkeypatch, damage, named):
@@ -1489,6 +1496,29 @@ def test_resume_on_an_edited_dataset_is_refused(two_step_run, tmp_path, monkeypa
     assert antisd.list_checkpoints(run) == ["run/checkpoint-1", "run/checkpoint-2"]
 
 
+def test_checker_worker_survives_ctrl_c_and_ends_on_terminate_under_the_runs_signal_handlers():
+    """A worker (re)started in the step loop inherits its handlers: with them, Ctrl-C would score the
+    check in flight 0, and multiprocessing's terminate-then-join at exit would wait forever."""
+    import signal
+    previous = {signal.SIGINT: signal.signal(signal.SIGINT, signal.default_int_handler),   # KeyboardInterrupt
+                signal.SIGTERM: signal.signal(signal.SIGTERM, lambda *a: None)}               # finish the step
+    try:
+        process, connection = antisd._start_verifier()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    try:
+        os.kill(process.pid, signal.SIGINT)
+        connection.send(("verify", "2", "2"))
+        assert connection.poll(10) and connection.recv() is True
+        process.terminate()
+        process.join(5)
+        assert not process.is_alive(), "the worker ignored SIGTERM"
+    finally:
+        process.kill()
+        process.join()
+
+
 def test_killed_run_leaves_no_checker_worker_and_releases_its_output_pipe(tmp_path):
     """kill -9 of the trainer: the answer-checking worker must exit too, and must not hold the
     trainer's stdout, or `python antisd.py | tee log` would never return."""
@@ -1506,17 +1536,22 @@ def test_killed_run_leaves_no_checker_worker_and_releases_its_output_pipe(tmp_pa
             break
     workers = [int(pid) for pid in children.read_text().split()]
     assert workers, "the checker worker did not start"
-    os.kill(process.pid, signal.SIGKILL)
-    killed = time.time()
-    process.communicate(timeout=30)           # end of file on the pipe: no process holds it any more
-    pipe_seconds = time.time() - killed
 
     def running(pid):
         try:
             return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
         except FileNotFoundError:
             return False
-    while any(running(pid) for pid in workers) and time.time() < killed + 10:
-        time.sleep(0.1)
-    assert not any(running(pid) for pid in workers), "the checker worker outlived its parent"
-    assert pipe_seconds < 10
+    try:
+        os.kill(process.pid, signal.SIGKILL)
+        killed = time.time()
+        process.communicate(timeout=30)           # end of file on the pipe: no process holds it any more
+        pipe_seconds = time.time() - killed
+        while any(running(pid) for pid in workers) and time.time() < killed + 10:
+            time.sleep(0.1)
+        assert not any(running(pid) for pid in workers), "the checker worker outlived its parent"
+        assert pipe_seconds < 10
+    finally:   # a failing run must not leave the orphan behind either
+        for pid in workers:
+            if running(pid):
+                os.kill(pid, signal.SIGKILL)
