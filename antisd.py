@@ -966,11 +966,15 @@ def load_checkpoint(path, device):
         except Exception as e:  # any failure to read a checkpoint file means the file is damaged
             raise UserError(f"{what} cannot be read ({type(e).__name__}: {one_line(e)})") from None
 
+    def read_json(file):
+        with open(file, encoding="utf-8") as f:
+            return json.load(f)
+
     from safetensors import safe_open
     for name in sorted(os.listdir(path)):
         file = os.path.join(path, name)
         if name.endswith(".json"):
-            read(file, lambda: json.load(open(file, encoding="utf-8")))
+            read(file, lambda: read_json(file))
         elif name.endswith(".safetensors"):  # the header gives every tensor's bytes: a cut file fails here
             read(file, lambda: safe_open(file, "pt").keys())
     state = read(os.path.join(path, "trainer_state.pt"),
