@@ -1327,7 +1327,7 @@ def test_bad_input_to_eval_is_one_paragraph_without_a_traceback(tmp_path, capsys
     assert "Traceback" not in text
 
 
-def test_eval_limit_zero_means_all_and_no_negative_limit_drops_a_problem(tmp_path):
+def test_eval_negative_limit_is_refused_instead_of_dropping_the_last_problem(tmp_path):
     write_jsonl(tmp_path / "aime24.jsonl", [{"problem": f"P{i}", "answer": i} for i in range(3)])
     assert len(evaluation.load_benchmark("aime24", data_dir=tmp_path, limit=None)) == 3
     with pytest.raises(antisd.UserError, match="limit must be at least 1"):
