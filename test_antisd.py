@@ -814,7 +814,7 @@ METRIC_KEYS = ["reward_mean", "groups_with_signal", "response_length_mean", "res
                "truncation_rate", "u_mean", "u_std", "u_frac_negative", "u_p01", "u_p99", "sd_term_mean",
                "teacher_entropy_median", "student_entropy_median", "jsd_mean", "gate_signal", "lambda",
                "h_warm", "tau_down", "loss", "grad_norm", "clip_fraction", "seconds_generate",
-               "seconds_score", "seconds_update", "tokens_per_second", "peak_gpu_memory_gb"]
+               "seconds_score", "seconds_update", "generated_tokens_per_second", "peak_gpu_memory_gb"]
 
 
 @pytest.mark.parametrize("method", ["antisd", "sd", "grpo"])
@@ -856,7 +856,7 @@ def test_full_estimator_and_evaluation_during_training_run_end_to_end(tmp_path):
 # -----------------------------------------------------------------------------
 # Resuming and failures
 
-TIMING_KEYS = {"seconds_generate", "seconds_score", "seconds_update", "tokens_per_second"}
+TIMING_KEYS = {"seconds_generate", "seconds_score", "seconds_update", "generated_tokens_per_second"}
 TINY_RUN = ["--model", "tiny", "--dataset", "arith", "--gate-warmup", "1", "--device", "cpu"]
 
 
