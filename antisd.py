@@ -792,7 +792,8 @@ def policy_gradient(model, prompts, responses, advantages, mask, old_logp, pad_i
     """Accumulates into .grad the gradient of the batch's token-mean clipped surrogate, one
     micro-batch at a time. old_logp=None means ratio 1 (one update per batch, no scoring pass).
     With jsd_weight != 0 (--estimator full) the loss also has -jsd_weight * token-mean JSD over the
-    full vocabulary, the teacher re-scored under no_grad. Returns (loss, number of clipped tokens)."""
+    full vocabulary, the teacher re-scored under no_grad. Returns (loss, number of tokens where the
+    clip binds)."""
     total_tokens = int(mask.sum())
     loss_total, clipped_total = 0.0, 0
     for start in range(0, len(responses), micro_batch_size):
