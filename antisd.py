@@ -39,7 +39,9 @@ Where this file differs from the paper, and why:
   - --gate perplexity keeps the on/off gate of M6 with the official code's signal (teacher
     perplexity, reopening at 1.07x its warm-up value, M8) but not its continuous per-sequence lambda.
   - --estimator full (not in the paper) replaces the sampled-token term by the exact gradient of the
-    full-vocabulary JSD, at the cost of one more teacher forward per micro-batch.
+    full-vocabulary JSD, at the cost of one more teacher forward per micro-batch. It is refused for
+    --method sd, whose objective is the reverse KL (M3): kernels.py computes the JSD, and its exact
+    gradient would descend another objective than the +u of the token estimator.
 
 Run:  python antisd.py                                        # Qwen3-1.7B on MATH, one GPU
       python antisd.py --method grpo --out-dir runs/grpo      # the GRPO baseline, same code
@@ -59,7 +61,6 @@ import re
 import shlex
 import shutil
 import signal
-import statistics
 import sys
 import time
 
@@ -99,7 +100,7 @@ def get_args(argv=None):
     p.add_argument("--max-solution-tokens", type=int, default=1024, help="budget of the solution shown to the teacher (M7); the problem is never cut")
     # method
     p.add_argument("--method", default="antisd", choices=["antisd", "sd", "grpo"], help="per-token term: -phi(u) | +u | none")
-    p.add_argument("--estimator", default="token", choices=["token", "full"], help="token: the sampled-token term (the paper); full: exact full-vocabulary JSD gradient, one more teacher forward")
+    p.add_argument("--estimator", default="token", choices=["token", "full"], help="token: the sampled-token term (the paper); full (antisd only): exact full-vocabulary JSD gradient, one more teacher forward")
     p.add_argument("--divergence", default="jsd", choices=["jsd", "rkl"], help="antisd term: -phi(u) (JSD ascent, M4) or -u (reverse-KL ascent, M5 ablation)")
     p.add_argument("--compose", default="add", choices=["add", "mult"], help="A_seq + lam*a (M5) or A_seq*(1 + lam*a) (M5 ablation)")
     p.add_argument("--lambda-max", type=float, default=0.5, help="lambda_max (M5)")
@@ -139,8 +140,6 @@ def get_args(argv=None):
         p.set_defaults(prompts_per_step=4, max_new_tokens=48, gen_batch_size=32, micro_batch_size=8,
                        save_every=1000, eval_every=0)
     args = p.parse_args(argv)
-    if args.gate is None:
-        args.gate = "entropy" if args.method == "antisd" else "none"
     # argparse reads "nan" and "inf" as floats, and every comparison with NaN is False
     for key, value in vars(args).items():
         if isinstance(value, float) and not math.isfinite(value):
@@ -159,14 +158,29 @@ def get_args(argv=None):
         p.error(f"--group-size must be at least 2 (group advantages compare rollouts), got {args.group_size}")
     if n_rollouts % args.micro_batch_size:
         p.error(f"--prompts-per-step * --group-size = {n_rollouts} must be divisible by --micro-batch-size ({args.micro_batch_size})")
+    # a flag the chosen method never reads is refused: a run that silently ignores it would be mislabelled
+    if args.method == "grpo":
+        ignored = [f"--{name.replace('_', '-')}" for name in ("divergence", "compose", "lambda_max")
+                   if getattr(args, name) != p.get_default(name)]
+        ignored += ["--gate"] if args.gate not in (None, "none") else []
+        if ignored:
+            p.error(f"{', '.join(ignored)} {'has' if len(ignored) == 1 else 'have'} no effect with --method grpo (no per-token term)")
+    if args.method == "sd" and args.divergence != "jsd":
+        p.error("--divergence has no effect with --method sd: its term is always +u (M3)")
+    if args.gate is None:
+        args.gate = "entropy" if args.method == "antisd" else "none"
     if args.temperature <= 0 or not 0 < args.top_p <= 1:
         p.error(f"--temperature must be > 0 and --top-p in (0, 1], got {args.temperature} and {args.top_p}")
     if args.lr <= 0 or args.clip <= 0 or args.grad_clip <= 0 or args.lambda_max < 0:
         p.error("--lr, --clip and --grad-clip must be > 0 and --lambda-max >= 0")
     if args.gate != "none" and args.method != "grpo" and (args.gate_warmup < 1 or not 0 < args.tau_ratio <= 1):
         p.error(f"--gate-warmup must be >= 1 and --tau-ratio in (0, 1], got {args.gate_warmup} and {args.tau_ratio}")
-    if args.estimator == "full" and (args.method == "grpo" or args.divergence != "jsd" or args.compose != "add"):
-        p.error("--estimator full is the JSD gradient itself: it needs --method antisd or sd, --divergence jsd, --compose add")
+    if args.estimator == "full" and (args.method != "antisd" or args.divergence != "jsd" or args.compose != "add"):
+        p.error("--estimator full is the JSD gradient itself: it needs --method antisd, --divergence jsd, --compose add "
+                "(for --method sd it would descend the JSD, not the reverse KL of M3: use --estimator token)")
+    if args.estimator == "full" and args.ppo_epochs > 1:
+        p.error("--estimator full needs --ppo-epochs 1: the exact JSD term has no ratio or clip, and later epochs "
+                "would re-score the teacher with already-updated weights")
     if args.eval_every < 0 or args.eval_limit < 0:
         p.error("--eval-every and --eval-limit must be >= 0")
     if not (args.model == "tiny" or os.path.isdir(args.model) or re.fullmatch(r"[\w.-]+/[\w.-]+", args.model)):
@@ -497,8 +511,10 @@ def student_prompt_ids(tokenizer, problem, enable_thinking):
 
 
 def strip_thinking(text):
-    """A sibling's text without its <think>...</think> block (M7)."""
-    return re.sub(r"<think>.*?</think>", "", text, flags=re.DOTALL).strip()
+    """A sibling's text after its thinking block (M7). Everything up to the last </think> goes, with
+    or without a <think> opener: templates that put <think> in the prompt (Qwen3 *-Thinking-2507)
+    leave only the closing tag in the response."""
+    return text.rsplit("</think>", 1)[-1].strip()
 
 
 def truncate_to_tokens(tokenizer, text, budget):
@@ -748,6 +764,13 @@ def score(model, student_prompts, teacher_prompts, responses, pad_id, micro_batc
 # -----------------------------------------------------------------------------
 # 7. The entropy-triggered gate (M6)
 
+def median(values):
+    """The median of a tensor's elements; for an even count the mean of the two middle ones, as
+    statistics.median (torch.median returns the lower one). The gate's H and H_warm both use it."""
+    ordered = values.flatten().sort().values
+    n = ordered.numel()
+    return (float(ordered[(n - 1) // 2]) + float(ordered[n // 2])) / 2
+
 class EntropyGate:
     """Schmitt trigger on a per-step signal (the median teacher entropy, M6).
 
@@ -765,7 +788,7 @@ class EntropyGate:
         if len(self.history) < self.warmup:
             self.history.append(float(signal))
             if len(self.history) == self.warmup:
-                self.h_warm = statistics.median(self.history)
+                self.h_warm = median(torch.tensor(self.history, dtype=torch.float64))
                 self.tau_down = self.tau_ratio * self.h_warm
             return 0.0
         if self.on and signal < self.tau_down:
@@ -805,16 +828,55 @@ def token_advantages(seq_adv, u, lam, method, divergence, compose):
     return seq_adv[:, None] + lam * a, a          # [N, R] additive (M5)
 
 
+def gate_and_advantages(stats, mask, seq_adv, gate, args):
+    """Steps 5 and 6 of Algorithm 1: from one batch's scoring statistics to the gate and the
+    per-token advantages. stats: `score`'s [N, R] tensors (logp, t_logp, t_entropy; None or student
+    only for grpo); mask [N, R]: response tokens; seq_adv [N]; gate: an EntropyGate (updated here,
+    once per step) or None. Returns a dict:
+      u [N, R]                t - s_old on response tokens, 0 past each end (M1)
+      teacher_entropy_median  H over the batch's response tokens (M6); 0.0 without a teacher
+      gate_signal             H, or the teacher perplexity with --gate perplexity (M8); 0.0 without a teacher
+      gate_on                 the per-token term is on this step: after warm-up with g = 1, or no gate
+      lam                     lambda = g * lambda_max (M5); 0 during warm-up and for grpo
+      a [N, R]                the per-token term (-phi(u), +u or -u); None with --estimator full
+      advantages [N, R]       A_seq + lam * a (M5), or A_seq alone with --estimator full; 0 past each end
+      jsd_weight              lam with --estimator full (the loss ascends the exact JSD, M4), else 0"""
+    if args.method == "grpo":
+        u = torch.zeros(mask.shape, device=mask.device)                        # [N, R]
+        teacher_entropy_median, signal_value, lam, gate_on = 0.0, 0.0, 0.0, False
+    else:
+        u = (stats["t_logp"] - stats["logp"]) * mask                            # [N, R] PMI, M1
+        teacher_entropy_median = median(stats["t_entropy"][mask])               # H, M6
+        signal_value = (teacher_entropy_median if args.gate != "perplexity"
+                        else math.exp(-float(stats["t_logp"][mask].mean())))    # M8
+        if gate is None:
+            lam, gate_on = args.lambda_max, True
+        else:
+            warming_up = len(gate.history) < gate.warmup  # g starts at 1, but lambda is 0 until H_warm is set
+            lam = gate.update(signal_value)
+            gate_on = not warming_up and gate.on
+    if args.estimator == "full":  # the exact JSD gradient replaces the sampled-token term
+        advantages, a, jsd_weight = seq_adv[:, None].expand(mask.shape), None, lam
+    else:
+        advantages, a = token_advantages(seq_adv, u, lam, args.method, args.divergence, args.compose)
+        jsd_weight = 0.0
+    return {"u": u, "teacher_entropy_median": teacher_entropy_median, "gate_signal": signal_value,
+            "gate_on": gate_on, "lam": lam, "a": a, "advantages": advantages * mask, "jsd_weight": jsd_weight}
+
+
 # -----------------------------------------------------------------------------
 # 9. The update: PPO clipped surrogate, token-mean over the batch (M2)
 
 def policy_loss(new_logp, old_logp, advantages, mask, total_tokens, clip):
     """Sum over this micro-batch of the clipped surrogate, divided by the token count of the whole
-    batch: summed over micro-batches it is the batch token-mean."""
+    batch: summed over micro-batches it is the batch token-mean. Also the number of tokens where
+    the clip binds: min() picks the clipped term and it is smaller (r > 1 + clip with A > 0, or
+    r < 1 - clip with A < 0), so that the token contributes no gradient."""
     ratio = torch.exp(new_logp - old_logp)                                          # [mb, R]
-    surrogate = torch.minimum(ratio * advantages, ratio.clamp(1 - clip, 1 + clip) * advantages)
-    clipped = ((ratio - 1).abs() > clip) & mask
-    return -(surrogate * mask).sum() / total_tokens, clipped.sum()
+    unclipped, clipped = ratio * advantages, ratio.clamp(1 - clip, 1 + clip) * advantages
+    surrogate = torch.minimum(unclipped, clipped)
+    binding = (clipped < unclipped) & mask
+    return -(surrogate * mask).sum() / total_tokens, binding.sum()
 
 
 def policy_gradient(model, prompts, responses, advantages, mask, old_logp, pad_id, micro_batch_size,
@@ -822,7 +884,8 @@ def policy_gradient(model, prompts, responses, advantages, mask, old_logp, pad_i
     """Accumulates into .grad the gradient of the batch's token-mean clipped surrogate, one
     micro-batch at a time. old_logp=None means ratio 1 (one update per batch, no scoring pass).
     With jsd_weight != 0 (--estimator full) the loss also has -jsd_weight * token-mean JSD over the
-    full vocabulary, the teacher re-scored under no_grad. Returns (loss, number of clipped tokens)."""
+    full vocabulary, the teacher re-scored under no_grad. Returns (loss, number of tokens where the
+    clip binds)."""
     total_tokens = int(mask.sum())
     loss_total, clipped_total = 0.0, 0
     for start in range(0, len(responses), micro_batch_size):
@@ -1131,15 +1194,16 @@ def main(argv=None):
             # ---- 1. sample G rollouts per problem
             student_prompts = [student_prompt_ids(tokenizer, item["problem"], args.enable_thinking)
                                for item in batch for _ in range(args.group_size)]
+            generate_start = time.time()
             try:
                 samples = generate(model, tokenizer, student_prompts, args.max_new_tokens, args.temperature,
                                    args.top_p, args.gen_batch_size)
             except torch.cuda.OutOfMemoryError:
                 raise out_of_memory("generation", "--gen-batch-size", args.gen_batch_size) from None
+            generate_seconds = time.time() - generate_start
             responses = [ids for ids, _ in samples]
             truncated = [cut for _, cut in samples]
             texts = [decode_response(tokenizer, ids) for ids in responses]
-            generate_seconds = time.time() - step_start
 
             # ---- 2. rewards, and 3. group advantages
             golds = [item["answer"] for item in batch for _ in range(args.group_size)]
@@ -1173,44 +1237,33 @@ def main(argv=None):
             score_seconds = time.time() - score_start
 
             # ---- 5. gate and 6. per-token advantages
-            if teacher_needed:
-                u = (stats["t_logp"] - stats["logp"]) * mask                    # [N, R] PMI, M1
-                teacher_entropy_median = float(stats["t_entropy"][mask].median())   # H, M6
-                signal_value = (teacher_entropy_median if args.gate != "perplexity"
-                                else math.exp(-float(stats["t_logp"][mask].mean())))  # M8
-            else:
-                u, teacher_entropy_median, signal_value = torch.zeros(n_rollouts, width, device=device), 0.0, float("nan")
-            lam = 0.0 if args.method == "grpo" else (gate.update(signal_value) if gate else args.lambda_max)
-            if args.estimator == "full":  # the exact JSD gradient replaces the sampled-token term
-                advantages, a = seq_adv[:, None].expand(-1, width), torch.zeros_like(u)
-                jsd_weight = lam if args.method == "antisd" else -lam
-            else:
-                advantages, a = token_advantages(seq_adv, u, lam, args.method, args.divergence, args.compose)
-                jsd_weight = 0.0
-            advantages = advantages * mask                                       # [N, R]
+            step_terms = gate_and_advantages(stats, mask, seq_adv, gate, args)
+            u, lam = step_terms["u"], step_terms["lam"]                          # [N, R], scalar
 
-            # ---- 7. clipped policy-gradient step(s); a non-finite one is not applied
+            # ---- 7. clipped policy-gradient step(s); a non-finite epoch is not applied and ends the step
             update_start = time.time()
-            applied = True
+            losses, grad_norms, clipped_tokens, epochs_applied = [], [], 0, 0
             for epoch in range(args.ppo_epochs):
                 try:
-                    loss, clipped_tokens = policy_gradient(
-                        model, student_prompts, responses, advantages, mask,
+                    loss, clipped = policy_gradient(
+                        model, student_prompts, responses, step_terms["advantages"], mask,
                         None if stats is None else stats["logp"], pad_id, args.micro_batch_size,
-                        args.clip, args.temperature, teacher_prompts, jsd_weight)
+                        args.clip, args.temperature, teacher_prompts, step_terms["jsd_weight"])
                 except torch.cuda.OutOfMemoryError:
                     raise out_of_memory("the update", "--micro-batch-size", args.micro_batch_size) from None
                 grad_norm = optimizer.clip_gradients(args.grad_clip)
+                losses.append(loss)
+                grad_norms.append(grad_norm)
+                clipped_tokens += clipped
                 if not (math.isfinite(loss) and math.isfinite(grad_norm)):
                     optimizer.zero_grad()
-                    applied = False
                     break
                 optimizer.step()
+                epochs_applied += 1
             update_seconds = time.time() - update_start
-            bad_steps = 0 if applied else bad_steps + 1
+            bad_steps = 0 if epochs_applied == args.ppo_epochs else bad_steps + 1
 
             # ---- logging
-            step_seconds = time.time() - step_start
             rewards_grouped = torch.tensor(rewards).view(-1, args.group_size)
             u_valid = u[mask]
             u_p01, u_p99 = masked_quantiles(u, mask, [0.01, 0.99])
@@ -1226,23 +1279,24 @@ def main(argv=None):
                 "u_frac_negative": float((u_valid < 0).float().mean()),
                 "u_p01": u_p01,
                 "u_p99": u_p99,
-                "sd_term_mean": float(a[mask].mean()),
-                "teacher_entropy_median": teacher_entropy_median,
-                "student_entropy_median": float(stats["entropy"][mask].median()) if stats is not None else 0.0,
+                "sd_term_mean": float(step_terms["a"][mask].mean()) if step_terms["a"] is not None else None,
+                "teacher_entropy_median": step_terms["teacher_entropy_median"],
+                "student_entropy_median": median(stats["entropy"][mask]) if stats is not None else 0.0,
                 "jsd_mean": float(stats["jsd"][mask].mean()) if teacher_needed else 0.0,
-                "gate_signal": signal_value if math.isfinite(signal_value) else 0.0,
-                "gate_on": float(gate.on) if gate else 1.0,
+                "gate_signal": step_terms["gate_signal"],
+                "gate_on": float(step_terms["gate_on"]),
                 "lambda": lam,
                 "h_warm": gate.h_warm if gate and gate.h_warm is not None else 0.0,
                 "tau_down": gate.tau_down if gate and gate.tau_down is not None else 0.0,
-                "loss": loss,
-                "grad_norm": grad_norm,
-                "update_applied": applied,
-                "clip_fraction": clipped_tokens / total_tokens,
+                "loss": sum(losses) / len(losses),              # mean over the epochs run
+                "grad_norm": sum(grad_norms) / len(grad_norms),
+                "update_applied": epochs_applied > 0,
+                "epochs_applied": epochs_applied,
+                "clip_fraction": clipped_tokens / (total_tokens * len(losses)),
                 "seconds_generate": generate_seconds,
                 "seconds_score": score_seconds,
                 "seconds_update": update_seconds,
-                "tokens_per_second": total_tokens / step_seconds,
+                "generated_tokens_per_second": total_tokens / generate_seconds,
                 "peak_gpu_memory_gb": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else 0.0,
             }
             if eval_sets and step % args.eval_every == 0:

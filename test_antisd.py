@@ -814,7 +814,7 @@ METRIC_KEYS = ["reward_mean", "groups_with_signal", "response_length_mean", "res
                "truncation_rate", "u_mean", "u_std", "u_frac_negative", "u_p01", "u_p99", "sd_term_mean",
                "teacher_entropy_median", "student_entropy_median", "jsd_mean", "gate_signal", "lambda",
                "h_warm", "tau_down", "loss", "grad_norm", "clip_fraction", "seconds_generate",
-               "seconds_score", "seconds_update", "tokens_per_second", "peak_gpu_memory_gb"]
+               "seconds_score", "seconds_update", "generated_tokens_per_second", "peak_gpu_memory_gb"]
 
 
 @pytest.mark.parametrize("method", ["antisd", "sd", "grpo"])
@@ -856,7 +856,7 @@ def test_full_estimator_and_evaluation_during_training_run_end_to_end(tmp_path):
 # -----------------------------------------------------------------------------
 # Resuming and failures
 
-TIMING_KEYS = {"seconds_generate", "seconds_score", "seconds_update", "tokens_per_second"}
+TIMING_KEYS = {"seconds_generate", "seconds_score", "seconds_update", "generated_tokens_per_second"}
 TINY_RUN = ["--model", "tiny", "--dataset", "arith", "--gate-warmup", "1", "--device", "cpu"]
 
 
@@ -1555,3 +1555,194 @@ def test_killed_run_leaves_no_checker_worker_and_releases_its_output_pipe(tmp_pa
         for pid in workers:
             if running(pid):
                 os.kill(pid, signal.SIGKILL)
+
+
+# -----------------------------------------------------------------------------
+# The training step itself: gate, advantages and logged numbers mean what they say
+
+
+def step_args(*flags):
+    return antisd.get_args(["--model", "tiny", *flags])
+
+
+def hand_made_stats(t_entropy=(1.0, 2.0, 10.0, 3.0)):
+    """Two rollouts of 3 and 1 tokens. Values past each end are junk that must never count."""
+    mask = torch.tensor([[True, True, True], [True, False, False]])
+    logp = torch.tensor([[-1.0, -2.0, -0.5], [-3.0, -7.0, -7.0]])
+    t_logp = torch.tensor([[-0.5, -4.0, -0.5], [-1.0, 9.0, 9.0]])
+    h = torch.tensor([[t_entropy[0], t_entropy[1], t_entropy[2]], [t_entropy[3], 99.0, 99.0]])
+    student_entropy = torch.tensor([[5.0, 5.0, 5.0], [5.0, 0.0, 0.0]])
+    return {"logp": logp, "t_logp": t_logp, "t_entropy": h, "entropy": student_entropy}, mask
+
+
+def test_step_advantages_use_u_as_teacher_minus_student_log_prob():
+    stats, mask = hand_made_stats()
+    seq_adv = torch.tensor([1.0, -1.0])
+    # u = t - s on the 4 response tokens, by hand: 0.5, -2.0, 0.0 | 2.0
+    u_by_hand = {(0, 0): 0.5, (0, 1): -2.0, (0, 2): 0.0, (1, 0): 2.0}
+    terms = {"antisd": lambda u: -0.5 * (math.log1p(math.exp(u)) - math.log(2)),   # -phi(u), M4
+             "sd": lambda u: u}                                                        # +u, M3
+    for method, term in terms.items():
+        out = antisd.gate_and_advantages(stats, mask, seq_adv, None, step_args("--method", method, "--gate", "none"))
+        assert out["lam"] == 0.5 and out["gate_on"] and out["jsd_weight"] == 0.0
+        for (i, t), u in u_by_hand.items():
+            assert abs(float(out["u"][i, t]) - u) < 1e-6
+            assert abs(float(out["advantages"][i, t]) - (float(seq_adv[i]) + 0.5 * term(u))) < 1e-6, (method, i, t)
+        assert torch.all(out["u"][~mask] == 0) and torch.all(out["advantages"][~mask] == 0)
+    grpo = antisd.gate_and_advantages(None, mask, seq_adv, None, step_args("--method", "grpo"))
+    assert grpo["lam"] == 0.0 and not grpo["gate_on"]
+    assert torch.equal(grpo["advantages"], torch.tensor([[1.0, 1.0, 1.0], [-1.0, 0.0, 0.0]]))
+
+
+def test_gate_follows_the_teachers_median_entropy_and_is_off_during_warm_up():
+    args = step_args("--gate-warmup", "2")
+    gate = antisd.EntropyGate(args.gate_warmup, args.tau_ratio, args.lambda_max)
+    seq_adv = torch.zeros(2)
+    # teacher entropies 1, 2, 10, 3 on the response tokens (99 past the end): median (2 + 3) / 2 = 2.5;
+    # the student's entropy is 5 everywhere, so a gate reading it would never close
+    calm, mask = hand_made_stats()
+    collapsed, _ = hand_made_stats(t_entropy=(0.5, 1.0, 1.0, 2.0))        # median 1.0 < 0.93 * 2.5
+    logged = []
+    for stats in (calm, calm, calm, collapsed):
+        out = antisd.gate_and_advantages(stats, mask, seq_adv, gate, args)
+        logged.append((out["gate_signal"], out["teacher_entropy_median"], out["gate_on"], out["lam"]))
+    assert logged == [(2.5, 2.5, False, 0.0), (2.5, 2.5, False, 0.0), (2.5, 2.5, True, 0.5), (1.0, 1.0, False, 0.0)]
+    assert gate.h_warm == 2.5
+    # --gate perplexity: exp(-mean teacher log-prob of the sampled tokens), M8
+    out = antisd.gate_and_advantages(calm, mask, seq_adv, None, step_args("--gate", "perplexity"))
+    assert abs(out["gate_signal"] - math.exp((0.5 + 4.0 + 0.5 + 1.0) / 4)) < 1e-6
+
+
+def test_the_median_of_an_even_count_is_the_mean_of_the_two_middle_values():
+    assert antisd.median(torch.tensor([4.0, 1.0, 3.0, 2.0])) == 2.5
+    assert antisd.median(torch.tensor([[3.0], [1.0], [2.0]])) == 2.0
+    gate = antisd.EntropyGate(warmup=2, tau_ratio=0.5)
+    gate.update(1.0), gate.update(2.0)
+    assert gate.h_warm == 1.5 and gate.tau_down == 0.75
+
+
+def test_gate_closes_strictly_below_tau_down_and_reopens_at_h_warm():
+    gate = antisd.EntropyGate(warmup=1, tau_ratio=0.5, lambda_max=0.5)
+    assert gate.update(2.0) == 0.0 and gate.tau_down == 1.0    # exact in binary
+    assert [gate.update(h) for h in (1.0, 0.999, 1.999, 2.0)] == [0.5, 0.0, 0.0, 0.5]
+
+
+def test_full_estimator_ascends_the_jsd_with_weight_lambda():
+    stats, mask = hand_made_stats()
+    seq_adv = torch.tensor([1.0, -1.0])
+    out = antisd.gate_and_advantages(stats, mask, seq_adv, None, step_args("--estimator", "full", "--gate", "none"))
+    # policy_gradient's loss is surrogate - jsd_weight * JSD: a positive weight ascends the JSD (M4)
+    assert out["jsd_weight"] == 0.5 and out["a"] is None
+    assert torch.equal(out["advantages"], torch.tensor([[1.0, 1.0, 1.0], [-1.0, 0.0, 0.0]]))
+
+
+def test_clip_fraction_counts_only_tokens_where_the_clip_binds():
+    ratios = torch.tensor([[1.5, 1.5, 0.5, 0.5, 1.1]])
+    advantages = torch.tensor([[1.0, -1.0, 1.0, -1.0, 1.0]])
+    mask = torch.ones_like(advantages, dtype=torch.bool)
+    loss, binding = antisd.policy_loss(ratios.log(), torch.zeros_like(ratios), advantages, mask, 5, clip=0.2)
+    # min() keeps 1.2 * 1 (clipped), 1.5 * -1, 0.5 * 1, 0.8 * -1 (clipped), 1.1 * 1
+    assert int(binding) == 2
+    assert abs(loss.item() - -(1.2 - 1.5 + 0.5 - 0.8 + 1.1) / 5) < 1e-6
+
+
+def test_thinking_is_removed_from_a_sibling_even_without_an_opener():
+    # templates that open <think> in the prompt (Qwen3 *-Thinking-2507) leave only </think> in the response
+    assert antisd.strip_thinking("long secret reasoning\n</think>\n\nclean \\boxed{2}") == "clean \\boxed{2}"
+    assert antisd.strip_thinking("<think>a</think> b <think>c</think>\nd") == "d"
+    assert antisd.strip_thinking("no thinking \\boxed{2}") == "no thinking \\boxed{2}"
+    prompt = antisd.build_teacher_prompt("1+1?", 1, [1.0, 0.0], ["scratch work</think>\n\nso \\boxed{2}", "x"],
+                                         None, "2", random.Random(0))
+    assert "scratch work" not in prompt and "so \\boxed{2}" in prompt
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--method", "sd", "--estimator", "full"], "--estimator full .* needs --method antisd"),
+    (["--estimator", "full", "--ppo-epochs", "2"], "--estimator full needs --ppo-epochs 1"),
+    (["--method", "grpo", "--divergence", "rkl"], "--divergence has no effect with --method grpo"),
+    (["--method", "grpo", "--compose", "mult", "--lambda-max", "0.3"], "--compose, --lambda-max have no effect with --method grpo"),
+    (["--method", "grpo", "--gate", "entropy"], "--gate has no effect with --method grpo"),
+    (["--method", "sd", "--divergence", "rkl"], "--divergence has no effect with --method sd"),
+])
+def test_flags_without_effect_in_the_chosen_method_are_refused(capsys, argv, message):
+    import re
+    with pytest.raises(SystemExit):
+        step_args(*argv)
+    assert re.search(message, capsys.readouterr().err)
+    for accepted in (["--method", "grpo", "--gate", "none"], ["--method", "sd", "--compose", "mult"]):
+        step_args(*accepted)
+
+
+def test_a_box_inside_the_thinking_block_is_not_the_answer():
+    for response in ["<think>maybe \\boxed{2}</think>\n\nI am not sure.", "maybe \\boxed{2}\n</think>\n\nNo idea."]:
+        assert antisd.extract_boxed(response) is None
+        assert antisd.verify(response, "2") == 0.0
+    assert antisd.verify("<think>maybe \\boxed{3}</think> so \\boxed{2}", "2") == 1.0
+
+
+def test_a_finished_response_ends_with_its_stop_token(tiny):
+    model, tokenizer = tiny
+    stop_ids = set(antisd.stop_token_ids(model, tokenizer))
+    torch.manual_seed(0)
+    samples = antisd.generate(model, tokenizer, [antisd.student_prompt_ids(tokenizer, "1+1?", False)] * 64,
+                              max_new_tokens=24, temperature=1.0, top_p=1.0, batch_size=64)
+    assert any(not cut for _, cut in samples) and any(cut for _, cut in samples)
+    for ids, cut in samples:
+        assert not stop_ids & set(ids[:-1])
+        if cut:
+            assert len(ids) == 24 and ids[-1] not in stop_ids
+        else:
+            assert ids[-1] in stop_ids
+
+
+def small_run(tmp_path):
+    data = tmp_path / "problems.jsonl"
+    data.write_text("".join(json.dumps({"problem": f"What is {k}+{k}?", "answer": str(2 * k)}) + "\n" for k in range(4)))
+    return ["--model", "tiny", "--device", "cpu", "--dataset", str(data), "--prompts-per-step", "2", "--group-size", "4",
+            "--max-new-tokens", "8", "--gate-warmup", "1"]
+
+
+def test_resume_restores_the_sibling_choice_of_the_teacher_prompts(tmp_path, monkeypatch):
+    # the tiny model never earns reward by itself: half the rollouts are declared correct, so that the
+    # teacher's solution is a sibling drawn at random (M7), and that draw changes u, the loss and the weights
+    monkeypatch.setattr(antisd, "verify", lambda text, gold: float(sum(map(ord, text)) % 2))
+    prompts = []
+    real_build = antisd.build_teacher_prompt
+    monkeypatch.setattr(antisd, "build_teacher_prompt", lambda *a, **k: prompts.append(real_build(*a, **k)) or prompts[-1])
+    run = small_run(tmp_path) + ["--lr", "1e-3"]
+    antisd.main(run + ["--steps", "2", "--out-dir", str(tmp_path / "straight")])
+    straight_prompts, prompts[:] = prompts[8:], []
+    antisd.main(run + ["--steps", "1", "--out-dir", str(tmp_path / "resumed")])
+    prompts[:] = []
+    antisd.main(run + ["--steps", "2", "--out-dir", str(tmp_path / "resumed"), "--resume"])
+    assert any("Your answer is correct." in p for p in straight_prompts)
+    assert prompts == straight_prompts                                   # step 2 saw the same siblings
+    assert metrics_lines(tmp_path / "straight") == metrics_lines(tmp_path / "resumed")
+    for name in ("rollouts.jsonl",):
+        assert (tmp_path / "straight" / name).read_text() == (tmp_path / "resumed" / name).read_text()
+
+
+def test_ppo_epochs_log_the_mean_loss_all_clipped_tokens_and_partial_updates(tmp_path, monkeypatch):
+    # scripted per-epoch (loss, clipped tokens); the real gradient is still computed and applied
+    scripted = iter([(1.0, 3), (3.0, 5), (2.0, 1), (float("nan"), 2)])
+    real = antisd.policy_gradient
+    monkeypatch.setattr(antisd, "policy_gradient", lambda *a, **k: (real(*a, **k), next(scripted))[1])
+    out_dir = tmp_path / "run"
+    antisd.main(small_run(tmp_path) + ["--steps", "2", "--ppo-epochs", "2", "--out-dir", str(out_dir)])
+    first, second = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+    tokens = [line["response_length_mean"] * 8 for line in (first, second)]
+    assert first["loss"] == 2.0 and abs(first["clip_fraction"] - 8 / (2 * tokens[0])) < 1e-12
+    assert first["update_applied"] is True and first["epochs_applied"] == 2
+    assert second["loss"] is None and abs(second["clip_fraction"] - 3 / (2 * tokens[1])) < 1e-12
+    assert second["update_applied"] is True and second["epochs_applied"] == 1   # epoch 1 was applied
+    # throughput of generation: response tokens (stop tokens included) per second of generate()
+    for line, n in zip((first, second), tokens):
+        assert "tokens_per_second" not in line
+        assert abs(line["generated_tokens_per_second"] * line["seconds_generate"] - n) < 1e-6 * n
+    assert first["gate_on"] == 0.0 and first["lambda"] == 0.0 and second["gate_on"] == 1.0   # warm-up of 1
+
+
+def test_full_estimator_logs_no_per_token_term(tmp_path):
+    antisd.main(small_run(tmp_path) + ["--steps", "1", "--estimator", "full", "--out-dir", str(tmp_path / "run")])
+    line = json.loads((tmp_path / "run" / "metrics.jsonl").read_text())
+    assert line["sd_term_mean"] is None and line["jsd_mean"] > 0
