@@ -48,6 +48,7 @@ Run:  python antisd.py                                        # Qwen3-1.7B on MA
 
 import argparse
 import importlib
+import inspect
 import json
 import math
 import os
@@ -500,30 +501,34 @@ def left_pad(sequences, pad_id, device):
 # --generate-with compiled: transformers decodes from a static KV cache with its forward under
 # torch.compile (mode "reduce-overhead": CUDA graphs, so one token step is a few graph launches instead
 # of hundreds of Python-issued kernels). The prefill stays eager. It compiles again whenever a shape
-# changes, so every shape is fixed for the whole run: each call is padded to exactly batch_size rows,
-# and the cache is sized once, to STATIC_CACHE_BUCKET-rounded prompt width + max_new_tokens
-# (transformers keeps the largest size seen, so only a new record prompt width can recompile).
-# Weights are read by address at every call, so in-place optimizer updates need no recompilation.
+# changes, and CUDA graphs are recorded again whenever the cache moves in memory, so both are fixed
+# for the whole run: every call is padded to exactly batch_size rows and decodes into one cache,
+# allocated once (STATIC_CACHE_BUCKET-rounded prompt width + max_new_tokens) and emptied in place
+# before each call. Weights are read by address, so in-place optimizer steps need no recompilation.
 STATIC_CACHE_BUCKET = 512
 COMPILE_OPTIONS = {"mode": "reduce-overhead", "fullgraph": False, "dynamic": False}
 
 
-def static_generation_settings(config, prompt_width, max_new_tokens):
-    """Turns a GenerationConfig into the compiled, static-cache one (same sampling settings)."""
-    from transformers import CompileConfig
-    config.cache_implementation = "static"
-    config.max_cache_len = -(-prompt_width // STATIC_CACHE_BUCKET) * STATIC_CACHE_BUCKET + max_new_tokens
-    compile_config = CompileConfig(**COMPILE_OPTIONS)
-    compile_config._compile_all_devices = True  # transformers compiles on CUDA only unless told (CPU tests)
-    config.compile_config = compile_config
-    return config
+def reusable_static_cache(model, batch_size, prompt_width, max_new_tokens):
+    """The model's one static KV cache, emptied; a new one only for a new batch size or a longer
+    prompt than it holds (then the decode step compiles again)."""
+    from transformers import StaticCache
+    needed = prompt_width + max_new_tokens
+    cache, size = getattr(model, "_rollout_cache", (None, None))
+    if cache is None or size[0] != batch_size or size[1] < needed:
+        model._rollout_cache = None  # free the old one first
+        length = -(-prompt_width // STATIC_CACHE_BUCKET) * STATIC_CACHE_BUCKET + max_new_tokens
+        cache, size = StaticCache(config=model.config, max_cache_len=length), (batch_size, length)
+        model._rollout_cache = (cache, size)
+    cache.reset()
+    return cache
 
 
 @torch.no_grad()
 def generate(model, tokenizer, prompt_ids, max_new_tokens, temperature, top_p, batch_size, generate_with="eager"):
     """One sampled response per prompt: (token ids up to and including the stop token, truncated).
     Prompts are generated in length order to cut padding; results come back in input order."""
-    from transformers import GenerationConfig
+    from transformers import CompileConfig, GenerationConfig
     stop_ids = stop_token_ids(model, tokenizer)
     # every sampling setting is explicit: unset ones would be filled from the model's own
     # generation_config (Qwen3 ships top_k=20), and the rollouts would not come from pi_theta
@@ -532,7 +537,10 @@ def generate(model, tokenizer, prompt_ids, max_new_tokens, temperature, top_p, b
                               eos_token_id=stop_ids, pad_token_id=tokenizer.pad_token_id)
     compiled = generate_with == "compiled"
     if compiled:
-        config = static_generation_settings(config, max(len(p) for p in prompt_ids), max_new_tokens)
+        config.compile_config = CompileConfig(**COMPILE_OPTIONS)
+        config.compile_config._compile_all_devices = True  # transformers compiles on CUDA only unless told
+        # transformers 5.17 calls the cache argument past_key_values, later versions cache
+        cache_argument = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     was_training = model.training
     model.eval()  # in train mode with gradient checkpointing, transformers turns the KV cache off
     order = sorted(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]))
@@ -540,10 +548,12 @@ def generate(model, tokenizer, prompt_ids, max_new_tokens, temperature, top_p, b
     for start in range(0, len(order), batch_size):
         rows = order[start:start + batch_size]
         batch = [prompt_ids[i] for i in rows]
+        extra = {}
         if compiled:  # a short last batch would be a new shape: fill it with copies, dropped below
             batch += [batch[-1]] * (batch_size - len(batch))
+            extra[cache_argument] = reusable_static_cache(model, batch_size, max(map(len, batch)), max_new_tokens)
         input_ids, attention_mask = left_pad(batch, tokenizer.pad_token_id, model.device)
-        output = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config)
+        output = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config, **extra)
         for i, new_tokens in zip(rows, output[:, input_ids.shape[1]:].tolist()):
             stop = next((k for k, tok in enumerate(new_tokens) if tok in stop_ids), None)
             # the stop token stays in the response: the policy must learn when to stop
