@@ -53,6 +53,7 @@ Run:  python antisd.py                                        # Qwen3-1.7B on MA
 import argparse
 import hashlib
 import importlib
+import inspect
 import json
 import math
 import os
@@ -95,6 +96,7 @@ def get_args(argv=None):
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     # model and data
     p.add_argument("--model", default="Qwen/Qwen3-1.7B", help="hub id, local checkpoint dir, or 'tiny' (offline random model for CPU demos)")
+    p.add_argument("--init", default="pretrained", choices=["pretrained", "random"], help="random: --model's config.json and tokenizer with random weights, to time a real-shaped run (benchmarks only)")
     p.add_argument("--dataset", default="math", help="math | gsm8k | dapo | arith | path/to/file.jsonl")
     p.add_argument("--enable-thinking", action="store_true", help="Qwen3 thinking mode (off: answers stay short enough for one GPU)")
     p.add_argument("--max-solution-tokens", type=int, default=1024, help="budget of the solution shown to the teacher (M7); the problem is never cut")
@@ -114,6 +116,7 @@ def get_args(argv=None):
     p.add_argument("--temperature", type=float, default=1.0, help="training sampling temperature (M9)")
     p.add_argument("--top-p", type=float, default=1.0, help="training nucleus sampling (M9)")
     p.add_argument("--gen-batch-size", type=int, default=64, help="sequences generated at once; lower it on out-of-memory")
+    p.add_argument("--generate-with", default="eager", choices=["eager", "compiled"], help="compiled: static KV cache + torch.compile (CUDA graphs), compiled once per run; eager until measured faster")
     # optimisation
     p.add_argument("--steps", type=int, default=200, help="optimizer steps (M9)")
     p.add_argument("--lr", type=float, default=1e-6, help="AdamW learning rate (M9)")
@@ -185,6 +188,8 @@ def get_args(argv=None):
         p.error("--eval-every and --eval-limit must be >= 0")
     if not (args.model == "tiny" or os.path.isdir(args.model) or re.fullmatch(r"[\w.-]+/[\w.-]+", args.model)):
         p.error(f"--model {args.model!r}: expected 'tiny', a local checkpoint directory, or a hub id such as Qwen/Qwen3-1.7B")
+    if args.init == "random" and not os.path.exists(os.path.join(args.model, "config.json")):
+        p.error(f"--init random builds the model from <--model>/config.json, but {args.model!r} has none")
     return args
 
 
@@ -461,16 +466,27 @@ def pick_device(requested, model_name):
     return torch.device("cpu")
 
 
-def load_model(name, device):
-    """(model, tokenizer): bf16 weights on CUDA, float32 on CPU; left padding for generation."""
+def load_model(name, device, init="pretrained"):
+    """(model, tokenizer): bf16 weights on CUDA, float32 on CPU; left padding for generation.
+    init="random" builds the architecture from name/config.json with random weights (benchmarks)."""
     if name == "tiny":
         model, tokenizer = build_tiny()
     else:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
         try:
             tokenizer = AutoTokenizer.from_pretrained(name)
-            model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
+            if init == "random":
+                print("=" * 100 + f"\nRANDOM WEIGHTS (--init random): {name}/config.json with untrained weights. "
+                      f"For timing and memory only;\nrewards, entropies and every learning curve of this run "
+                      f"mean nothing.\n" + "=" * 100, flush=True)
+                with torch.device(device):  # initialised where they will live: 1.7B weights on a CPU take minutes
+                    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(name), dtype=dtype)
+                if os.path.exists(os.path.join(name, "generation_config.json")):  # its stop tokens (Qwen3: two)
+                    from transformers import GenerationConfig
+                    model.generation_config = GenerationConfig.from_pretrained(name)
+            else:
+                model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
         except (OSError, ValueError) as e:  # not on the hub (or offline), not a model folder
             where = "from its local folder" if os.path.isdir(name) else "no such local folder, nor from the hub"
             raise UserError(f"--model {name}: could not load it ({where}): {one_line(e)}") from None
@@ -558,25 +574,62 @@ def left_pad(sequences, pad_id, device):
     return input_ids.to(device), attention_mask.to(device)
 
 
+# --generate-with compiled: transformers decodes from a static KV cache with its forward under
+# torch.compile (mode "reduce-overhead": CUDA graphs, so one token step is a few graph launches instead
+# of hundreds of Python-issued kernels). The prefill stays eager. It compiles again whenever a shape
+# changes, and CUDA graphs are recorded again whenever the cache moves in memory, so both are fixed
+# for the whole run: every call is padded to exactly batch_size rows and decodes into one cache,
+# allocated once (STATIC_CACHE_BUCKET-rounded prompt width + max_new_tokens) and emptied in place
+# before each call. Weights are read by address, so in-place optimizer steps need no recompilation.
+STATIC_CACHE_BUCKET = 512
+COMPILE_OPTIONS = {"mode": "reduce-overhead", "fullgraph": False, "dynamic": False}
+
+
+def reusable_static_cache(model, batch_size, prompt_width, max_new_tokens):
+    """The model's one static KV cache, emptied; a new one only for a new batch size or a longer
+    prompt than it holds (then the decode step compiles again)."""
+    from transformers import StaticCache
+    needed = prompt_width + max_new_tokens
+    cache, size = getattr(model, "_rollout_cache", (None, None))
+    if cache is None or size[0] != batch_size or size[1] < needed:
+        model._rollout_cache = None  # free the old one first
+        length = -(-prompt_width // STATIC_CACHE_BUCKET) * STATIC_CACHE_BUCKET + max_new_tokens
+        cache, size = StaticCache(config=model.config, max_cache_len=length), (batch_size, length)
+        model._rollout_cache = (cache, size)
+    cache.reset()
+    return cache
+
+
 @torch.no_grad()
-def generate(model, tokenizer, prompt_ids, max_new_tokens, temperature, top_p, batch_size):
+def generate(model, tokenizer, prompt_ids, max_new_tokens, temperature, top_p, batch_size, generate_with="eager"):
     """One sampled response per prompt: (token ids up to and including the stop token, truncated).
     Prompts are generated in length order to cut padding; results come back in input order."""
-    from transformers import GenerationConfig
+    from transformers import CompileConfig, GenerationConfig
     stop_ids = stop_token_ids(model, tokenizer)
     # every sampling setting is explicit: unset ones would be filled from the model's own
     # generation_config (Qwen3 ships top_k=20), and the rollouts would not come from pi_theta
     config = GenerationConfig(do_sample=True, temperature=temperature, top_p=top_p, top_k=0,
                               min_p=0.0, repetition_penalty=1.0, max_new_tokens=max_new_tokens,
                               eos_token_id=stop_ids, pad_token_id=tokenizer.pad_token_id)
+    compiled = generate_with == "compiled"
+    if compiled:
+        config.compile_config = CompileConfig(**COMPILE_OPTIONS)
+        config.compile_config._compile_all_devices = True  # transformers compiles on CUDA only unless told
+        # transformers 5.17 calls the cache argument past_key_values, later versions cache
+        cache_argument = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     was_training = model.training
     model.eval()  # in train mode with gradient checkpointing, transformers turns the KV cache off
     order = sorted(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]))
     results = [None] * len(prompt_ids)
     for start in range(0, len(order), batch_size):
         rows = order[start:start + batch_size]
-        input_ids, attention_mask = left_pad([prompt_ids[i] for i in rows], tokenizer.pad_token_id, model.device)
-        output = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config)
+        batch = [prompt_ids[i] for i in rows]
+        extra = {}
+        if compiled:  # a short last batch would be a new shape: fill it with copies, dropped below
+            batch += [batch[-1]] * (batch_size - len(batch))
+            extra[cache_argument] = reusable_static_cache(model, batch_size, max(map(len, batch)), max_new_tokens)
+        input_ids, attention_mask = left_pad(batch, tokenizer.pad_token_id, model.device)
+        output = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config, **extra)
         for i, new_tokens in zip(rows, output[:, input_ids.shape[1]:].tolist()):
             stop = next((k for k, tok in enumerate(new_tokens) if tok in stop_ids), None)
             # the stop token stays in the response: the policy must learn when to stop
@@ -1088,6 +1141,15 @@ def keep_log_lines_up_to(path, step):
     os.replace(temporary, path)
 
 
+def phase_peak_memory_gb(device):
+    """Peak GPU memory since the last call (then resets the peak), so each phase reports its own."""
+    if device.type != "cuda":
+        return 0.0
+    peak = torch.cuda.max_memory_allocated() / 2**30
+    torch.cuda.reset_peak_memory_stats()
+    return peak
+
+
 def out_of_memory(phase, flag, value):
     return SystemExit(f"CUDA out of memory during {phase} with {flag} {value}: lower {flag} "
                       f"(e.g. {flag} {max(1, value // 2)}), or --max-new-tokens.")
@@ -1132,7 +1194,7 @@ def main(argv=None):
         if changed:
             raise SystemExit(f"refusing to resume {checkpoint} with different settings: " + "; ".join(changed))
     else:
-        model, tokenizer = load_model(args.model, device)
+        model, tokenizer = load_model(args.model, device, args.init)
     if device.type == "cuda":
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
@@ -1197,13 +1259,14 @@ def main(argv=None):
             generate_start = time.time()
             try:
                 samples = generate(model, tokenizer, student_prompts, args.max_new_tokens, args.temperature,
-                                   args.top_p, args.gen_batch_size)
+                                   args.top_p, args.gen_batch_size, args.generate_with)
             except torch.cuda.OutOfMemoryError:
                 raise out_of_memory("generation", "--gen-batch-size", args.gen_batch_size) from None
             generate_seconds = time.time() - generate_start
             responses = [ids for ids, _ in samples]
             truncated = [cut for _, cut in samples]
             texts = [decode_response(tokenizer, ids) for ids in responses]
+            generate_peak_gb = phase_peak_memory_gb(device)
 
             # ---- 2. rewards, and 3. group advantages
             golds = [item["answer"] for item in batch for _ in range(args.group_size)]
@@ -1235,6 +1298,7 @@ def main(argv=None):
                 except torch.cuda.OutOfMemoryError:
                     raise out_of_memory("scoring", "--micro-batch-size", args.micro_batch_size) from None
             score_seconds = time.time() - score_start
+            score_peak_gb = phase_peak_memory_gb(device)
 
             # ---- 5. gate and 6. per-token advantages
             step_terms = gate_and_advantages(stats, mask, seq_adv, gate, args)
@@ -1261,6 +1325,7 @@ def main(argv=None):
                 optimizer.step()
                 epochs_applied += 1
             update_seconds = time.time() - update_start
+            update_peak_gb = phase_peak_memory_gb(device)
             bad_steps = 0 if epochs_applied == args.ppo_epochs else bad_steps + 1
 
             # ---- logging
@@ -1297,7 +1362,10 @@ def main(argv=None):
                 "seconds_score": score_seconds,
                 "seconds_update": update_seconds,
                 "generated_tokens_per_second": total_tokens / generate_seconds,
-                "peak_gpu_memory_gb": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else 0.0,
+                "peak_gpu_memory_gb": max(generate_peak_gb, score_peak_gb, update_peak_gb),
+                "peak_gpu_memory_gb_generate": generate_peak_gb,
+                "peak_gpu_memory_gb_score": score_peak_gb,
+                "peak_gpu_memory_gb_update": update_peak_gb,
             }
             if eval_sets and step % args.eval_every == 0:
                 results, _ = evaluation.evaluate(model, tokenizer, eval_sets, args.eval_n, 0.7, 0.95,

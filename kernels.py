@@ -57,6 +57,7 @@ import contextlib
 import math
 import os
 import sys
+import time
 
 import torch
 
@@ -527,20 +528,34 @@ def _plain_reference(logits, targets, teacher_logits, beta, temperature):
     return tuple(stats[name] for name in names)
 
 
-def _benchmark(Ns=(8192, 16384), V=151_936, device="cuda"):
-    from triton.testing import do_bench
+def _time_ms(fn, device):
+    """Median milliseconds of fn: triton's do_bench on CUDA; on a CPU (the dry run) two plain calls."""
+    if device.type == "cuda":
+        from triton.testing import do_bench
+        return do_bench(fn, return_mode="median")
+    fn()
+    start = time.perf_counter()
+    fn()
+    return 1000 * (time.perf_counter() - start)
 
+
+def _benchmark(Ns=(8192, 16384), V=151_936, device="cuda", compile_backend="inductor"):
+    """Prints one row per (N, teacher, mode, implementation) as soon as it is measured, the goal's
+    row (with teacher, forward+backward) first. On a CPU (dry run: tiny sizes, TRITON_INTERPRET=1)
+    the timings mean nothing and memory is not measured; it only proves this code runs."""
+    device = torch.device(device)
+    on_gpu = device.type == "cuda"
     torch.manual_seed(0)
     dtype, beta, temperature = torch.bfloat16, 0.5, 1.0
-    compiled = torch.compile(_plain_reference, dynamic=False)
+    compiled = torch.compile(_plain_reference, dynamic=False, backend=compile_backend)
     impls = [
         ("triton fused", lambda l, y, t: tuple(token_stats_triton(l, y, t, beta, temperature).values())),
         ("torch eager (chunked reference)",
          lambda l, y, t: tuple(token_stats_torch(l, y, t, beta, temperature).values())),
         ("torch.compile (unchunked math)", lambda l, y, t: compiled(l, y, t, beta, temperature)),
     ]
-    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}, "
-          f"bf16 logits, V = {V}")
+    where = torch.cuda.get_device_name() if on_gpu else "CPU dry run (TRITON_INTERPRET=1; times mean nothing)"
+    print(f"{where}, torch {torch.__version__}, triton {triton.__version__}, bf16 logits, V = {V}")
     print("torch.compile row: the reference math on all rows at once (the chunked autograd.Function "
           "is not compiled)")
     print("GB/s counts the fused design's traffic for every row (bf16: fwd 2 or 8 bytes per entry, "
@@ -553,16 +568,16 @@ def _benchmark(Ns=(8192, 16384), V=151_936, device="cuda"):
         targets = torch.randint(0, V, (N,), device=device)
         upstream = [torch.randn(N, device=device) for _ in range(3)]
         copy_dst = torch.empty_like(logits)
-        copy_ms = do_bench(lambda: copy_dst.copy_(logits), return_mode="median")
+        copy_ms = _time_ms(lambda: copy_dst.copy_(logits), device)
         copy_gbs = 2 * logits.numel() * logits.element_size() / copy_ms / 1e6
         del copy_dst
         grad_bytes = logits.numel() * logits.element_size()
         print(f"\nN = {N}: device-to-device copy {copy_ms:.3f} ms, {copy_gbs:.0f} GB/s; "
               f"gradient tensor {grad_bytes / 2**30:.2f} GiB")
-        print(header)
-        for with_teacher in (False, True):
+        print(header, flush=True)
+        for with_teacher in (True, False):
             teacher = teacher_all if with_teacher else None
-            for mode in ("fwd", "fwd+bwd"):
+            for mode in ("fwd+bwd", "fwd"):
                 per_entry = (4 if with_teacher else 1) if mode == "fwd" else (7 if with_teacher else 3)
                 moved = per_entry * logits.numel() * logits.element_size()
                 for name, fn in impls:
@@ -577,26 +592,27 @@ def _benchmark(Ns=(8192, 16384), V=151_936, device="cuda"):
                             outs = fn(leaf, targets, teacher)
                             diff = [outs[0], outs[1]] + ([outs[4]] if with_teacher else [])
                             torch.autograd.grad(diff, leaf, upstream[:len(diff)])
+                    row = f"{N:>6} {'yes' if with_teacher else 'no':>7} {mode:>8}  {name:<32}"
                     try:
-                        ms = do_bench(step, return_mode="median")
-                        torch.cuda.synchronize()
-                        torch.cuda.empty_cache()
-                        base = torch.cuda.memory_allocated()
-                        torch.cuda.reset_peak_memory_stats()
-                        step()
-                        torch.cuda.synchronize()
-                        extra = torch.cuda.max_memory_allocated() - base
+                        ms = _time_ms(step, device)
+                        extra = 0
+                        if on_gpu:
+                            torch.cuda.synchronize()
+                            torch.cuda.empty_cache()
+                            base = torch.cuda.memory_allocated()
+                            torch.cuda.reset_peak_memory_stats()
+                            step()
+                            torch.cuda.synchronize()
+                            extra = torch.cuda.max_memory_allocated() - base
                         gbs = moved / ms / 1e6
-                        print(f"{N:>6} {'yes' if with_teacher else 'no':>7} {mode:>8}  {name:<32} "
-                              f"{ms:>9.3f} {gbs:>8.0f} {100 * gbs / copy_gbs:>6.1f}% "
-                              f"{extra / 2**30:>15.3f} {extra / grad_bytes:>7.2f}")
+                        print(f"{row} {ms:>9.3f} {gbs:>8.0f} {100 * gbs / copy_gbs:>6.1f}% "
+                              f"{extra / 2**30:>15.3f} {extra / grad_bytes:>7.2f}", flush=True)
                     except torch.OutOfMemoryError:
-                        print(f"{N:>6} {'yes' if with_teacher else 'no':>7} {mode:>8}  {name:<32} "
-                              f"{'out of memory':>9}")
+                        print(f"{row} {'out of memory':>9}", flush=True)
                     except Exception as exc:                     # report and keep measuring
-                        print(f"{N:>6} {'yes' if with_teacher else 'no':>7} {mode:>8}  {name:<32} "
-                              f"failed: {type(exc).__name__}: {str(exc)[:80]}")
-                    torch.cuda.empty_cache()
+                        print(f"{row} failed: {type(exc).__name__}: {str(exc)[:80]}", flush=True)
+                    if on_gpu:
+                        torch.cuda.empty_cache()
         del logits, teacher_all
 
 
@@ -631,7 +647,11 @@ def _sweep_launch_settings(N=8192, V=151_936):
 
 
 if __name__ == "__main__":
-    if not (torch.cuda.is_available() and HAS_TRITON) or INTERPRETED:
+    if "--dry-run" in sys.argv[1:]:  # CPU: the same benchmark code at tiny sizes (needs TRITON_INTERPRET=1)
+        if not INTERPRETED:
+            sys.exit("kernels.py --dry-run: set TRITON_INTERPRET=1 so that the Triton kernels run on the CPU")
+        _benchmark(Ns=(8,), V=256, device="cpu", compile_backend="eager")
+    elif not (torch.cuda.is_available() and HAS_TRITON) or INTERPRETED:
         print("kernels.py benchmark: needs a CUDA GPU with triton (and TRITON_INTERPRET unset); "
               "nothing to measure here.")
     elif "--sweep" in sys.argv[1:]:

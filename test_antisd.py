@@ -1746,3 +1746,82 @@ def test_full_estimator_logs_no_per_token_term(tmp_path):
     antisd.main(small_run(tmp_path) + ["--steps", "1", "--estimator", "full", "--out-dir", str(tmp_path / "run")])
     line = json.loads((tmp_path / "run" / "metrics.jsonl").read_text())
     assert line["sd_term_mean"] is None and line["jsd_mean"] > 0
+
+
+# -----------------------------------------------------------------------------
+# Compiled static-cache rollouts (--generate-with compiled) and --init random
+
+
+@pytest.fixture
+def counted_compilation(monkeypatch):
+    """Compiles with a backend that only counts graphs (inductor on a CPU takes minutes) and returns
+    the list it appends to: one entry per compiled graph."""
+    graphs = []
+
+    def counting_backend(graph_module, example_inputs):
+        graphs.append(graph_module)
+        return graph_module.forward
+
+    torch._dynamo.reset()
+    monkeypatch.setattr(antisd, "COMPILE_OPTIONS", {"backend": counting_backend, "mode": None,
+                                                    "fullgraph": False, "dynamic": False})
+    yield graphs
+    torch._dynamo.reset()
+
+
+def test_compiled_rollouts_equal_eager_ones_greedy_and_sampled_across_weight_updates_compiling_once(
+        counted_compilation):
+    """The compiled static-cache path must give exactly the tokens of transformers' eager
+    dynamic-cache path: greedy (top_p -> 0 keeps only the most likely token), also after an in-place
+    weight update (an optimizer step), with a padded last batch and new prompt widths; and sampled
+    (temperature, top-p: the same logits processors and random draws under one seed). The decode
+    step is compiled once for all of it."""
+    model, tokenizer = antisd.build_tiny(seed=3)
+    with torch.no_grad():  # sharper than the default init, so that greedy rollouts differ by prompt
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.3)
+    model.eval()
+    prompts = [antisd.student_prompt_ids(tokenizer, f"What is {7 * i} + {i * i}?" + " x" * i, False)
+               for i in range(5)]
+    other_widths = [antisd.student_prompt_ids(tokenizer, q, False) for q in ["1+1", "a much longer problem " * 6]]
+
+    def both(prompts, temperature=1.0, top_p=1e-6, seed=0):
+        runs = []
+        for generate_with in ("eager", "compiled"):
+            torch.manual_seed(seed)
+            runs.append(antisd.generate(model, tokenizer, prompts, 8, temperature, top_p, 2, generate_with))
+        return runs
+
+    eager, compiled = both(prompts)            # 5 prompts, batches of 2: the last one is padded
+    assert compiled == eager
+    assert len({tuple(ids) for ids, _ in eager}) > 1
+    with torch.no_grad():                      # an optimizer step: the same tensors, new values
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    eager_after, compiled_after = both(prompts)
+    assert eager_after != eager                # the update changed the rollouts...
+    assert compiled_after == eager_after       # ...and the compiled path saw it
+    eager_other, compiled_other = both(other_widths)   # other prompt widths, fewer prompts
+    assert compiled_other == eager_other
+    eager_sampled, compiled_sampled = both(prompts[:4], temperature=0.9, top_p=0.95, seed=11)
+    assert compiled_sampled == eager_sampled
+    assert eager_sampled != eager_after[:4]    # really sampled
+    assert len(counted_compilation) == 1, "the decode step was compiled again"
+
+
+def test_init_random_builds_the_checkpoint_shape_with_fresh_weights_and_its_stop_tokens(tmp_path, capsys):
+    model, tokenizer = antisd.build_tiny(seed=5)
+    model.generation_config.eos_token_id = [tokenizer.eos_token_id, tokenizer.pad_token_id]
+    model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    loaded, loaded_tokenizer = antisd.load_model(str(tmp_path), torch.device("cpu"), init="random")
+    assert "RANDOM WEIGHTS" in capsys.readouterr().out
+    assert loaded.config.to_dict()["num_hidden_layers"] == 2 and loaded.config.hidden_size == 64
+    saved = dict(model.named_parameters())
+    assert all(p.shape == saved[name].shape for name, p in loaded.named_parameters())
+    assert all(not torch.equal(p, saved[name]) for name, p in loaded.named_parameters() if p.dim() == 2)
+    assert antisd.stop_token_ids(loaded, loaded_tokenizer) == sorted(model.generation_config.eos_token_id)
+    (tmp_path / "config.json").unlink()
+    with pytest.raises(SystemExit):
+        antisd.get_args(["--model", str(tmp_path), "--init", "random"])
