@@ -3,7 +3,7 @@
 One step (Algorithm 1 of arXiv 2605.11609; "M<n>" below cites section n of METHOD.md, the summary
 of the paper's equations and settings that this file follows):
   1. sample G rollouts per problem from the student                                  (M1)
-  2. reward each rollout: is its last \\boxed{} equivalent to the gold answer?        (M1)
+  2. reward each rollout: is its final boxed answer equivalent to the gold (verify)? (M1)
   3. group advantages: z-score of the rewards within each group of G                 (M2)
   4. score every rollout twice with the same weights: as student (problem only) and as teacher
      (problem + a verified solution + feedback), keeping per-token log-probs, entropies, JSD (M1, M7)
@@ -546,7 +546,7 @@ def decode_response(tokenizer, ids):
 
 
 # -----------------------------------------------------------------------------
-# 4. Reward: 1 if the last \boxed{} is mathematically equivalent to the gold answer (M1)
+# 4. Reward: 1 if the final \boxed{} answer is mathematically equivalent to the gold answer (M1)
 
 # math-verify's own time limit (signal.alarm) cannot interrupt a long big-integer power such as
 # 9^9^9^9, and a stuck check would stall training: every check runs in a worker process that is
@@ -638,7 +638,8 @@ def normalise_math(text):
 def clean_answer(box):
     """The content of a final \\boxed{} ready for math-verify, or None if it is refused because one box
     could hold two answers: an unescaped $, a line break, document commands, a strike-out, an arrow or
-    a logical connective, or text between two formulas other than "and"/"or" (read as a list)."""
+    a logical connective, text between two formulas other than "and"/"or" (read as a list), a text
+    before a formula that is not its label, or a number inside a text."""
     box = normalise_math(box)
     while re.fullmatch(r"\\boxed\{(.*)\}", box) and all_boxed(box) == [box[7:-1]]:
         box = box[7:-1].strip()  # \boxed{\boxed{5}} is 5
@@ -658,6 +659,8 @@ def clean_answer(box):
             continue  # inside a subscript or an argument (\lambda_{\text{red}}): a label, not prose
         before, after = any(has_formula[:k + 1]), has_formula[k + 1]
         words = " ".join(text[text.index("{") + 1:-1].split()).strip(" .").lower()
+        if (before or after) and re.search(r"\d", words):
+            return None  # "5 \text{ (or 6)}": a number in the prose is a second answer
         if before and after:
             if words not in LIST_WORDS:
                 return None
@@ -691,7 +694,7 @@ def states_two_different_numbers(text, math_verify):
     the worker (it parses); a formula without a relation costs nothing."""
     if "\\begin" in text:
         return False
-    depth, sides, start = 0, [], 0
+    sides, start = [], 0
     for match in RELATION.finditer(text):  # split at relations outside braces
         depth_here = text.count("{", 0, match.start()) - text.count("}", 0, match.start())
         if depth_here == 0:
@@ -700,14 +703,14 @@ def states_two_different_numbers(text, math_verify):
     if not sides:
         return False
     sides.append(text[start:])
-    numbers_ = []
+    values = []  # each side's value if it is a number, else None
     for side in sides:
         parsed = math_verify.parse(f"${side}$", parsing_timeout=3) if side.strip() else []
         value = parsed[0] if parsed else None
         is_number = getattr(value, "is_number", False) and not getattr(value, "free_symbols", True)
-        numbers_.append(value if is_number else None)
+        values.append(value if is_number else None)
     return any(a is not None and b is not None and not math_verify.verify([a], [b], timeout_seconds=3)
-               for a, b in zip(numbers_, numbers_[1:]))
+               for a, b in zip(values, values[1:]))
 
 
 def verify(response, gold):
