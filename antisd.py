@@ -607,20 +607,33 @@ def _check_math(*request):
     return False
 
 
-# What a box may hold. math-verify reads a relation or an arrow as its right side and skips what it
-# cannot parse, so "6 \to 5", "\cancel{6} 5" or "6 \\ 5" would all be read as 5: one box, two answers.
-REFUSED_IN_ANSWER = re.compile(
-    r"(?<!\\)\$"                                                 # a '$' splits the box into two formulas
-    r"|\\\\|\\(?:cr|newline|hline)(?![a-zA-Z])"                  # a line break, outside a matrix
-    r"|\\(?:begin|end)\s*\{document\}|\\documentclass"           # a document around the answer
-    r"|\\(?:cancel|bcancel|xcancel|sout|not|boxed)(?![a-zA-Z])"  # struck out, or a box in the box
-    r"|\\(?:to|gets|mapsto|implies|impliedby|iff|therefore|because|lor|land|vee|wedge|neg|lnot"
-    r"|(?:long)?(?:left|right|leftright)arrow|(?:Long)?(?:Left|Right|Leftright)arrow)(?![a-zA-Z])")
-ENVIRONMENT = re.compile(r"\\begin\{(\w+\*?)\}.*?\\end\{\1\}")  # matrices, cases: line breaks are theirs
-TEXT = re.compile(r"(\\(?:text(?:bf|it|rm|sf|tt|normal|up)?|mbox|mathrm)\s*\{[^{}]*\})")
+# What a box may hold. math-verify reads an unknown relation or arrow as its right side and skips what
+# it cannot parse, so "6 \to 5", "\cancel{6} 5", "6 \\ 5" or "6 \tag{x} 5" would all be read as 5: one
+# box, two answers. So a box may use only the LaTeX commands that answers are written with.
+ANSWER_COMMANDS = set("""
+    frac dfrac tfrac cfrac sqrt binom dbinom tbinom left right big Big bigg Bigg bigl bigr Bigl Bigr
+    cdot times div pm mp circ degree prime infty partial nabla hbar ell AA mho angle triangle odot star ast
+    alpha beta gamma delta epsilon varepsilon zeta eta theta vartheta iota kappa lambda mu nu xi omicron pi
+    varpi rho varrho sigma varsigma tau upsilon phi varphi chi psi omega Gamma Delta Theta Lambda Xi Pi
+    Sigma Upsilon Phi Psi Omega sin cos tan cot sec csc arcsin arccos arctan sinh cosh tanh log ln lg exp
+    max min gcd lcm det deg lim sum prod int pmod
+    text textbf textit textrm textnormal textup textsf mbox mathrm mathbf mathit mathsf mathcal mathbb
+    boldsymbol bold emph operatorname overline underline bar hat vec dot ddot tilde widehat widetilde
+    overrightarrow emptyset varnothing setminus cup cap in notin subset subseteq supset supseteq le leq ge
+    geq lt gt neq ne leqslant geqslant approx equiv sim simeq cong propto mid parallel perp lfloor rfloor
+    lceil rceil langle rangle lvert rvert vert Vert quad qquad dots ldots cdots displaystyle limits
+    begin end""".split())
+MATRIX = re.compile(r"\\begin\{([pbBvV]?matrix|smallmatrix|array)\}.*?\\end\{\1\}")  # their \\ and & are theirs
+TEXT = re.compile(r"(\\(?:text(?:bf|it|rm|sf|normal|up)?|mbox|mathrm)\s*\{[^{}]*\})")
 LIST_WORDS = {"and", "or", ",", ", and", "and also"}  # "6 \text{ and } 8" is the list 6, 8
+REFUSED_IN_ANSWER = re.compile(
+    r"(?<!\\)\$"                                     # a '$' splits the box into two formulas
+    r"|\\\\|&|\\&|:=|=:"                             # a line break or a column outside a matrix
+    r"|\\operatorname\s*\{[^{}]*[^a-zA-Z{}][^{}]*\}"  # \operatorname{6}: a name is letters
+    r"|(?<![,+\-=])(?<![,+\-=] )\\[lc]?dots(?! ?[,+\-=])")  # "6 \dots 5"; "1, 2, \dots" is a list
 # relations whose two sides, both numbers, must be equal: "6 = 5" is not the answer 5
-RELATION = re.compile(r"(?<![<>!:\\])=(?!=)|\\(?:equiv|approx|sim|simeq|cong|in|ni|mid|cup|cap|setminus)(?![a-zA-Z])")
+RELATION = re.compile(r"(?<![<>!\\])=(?!=)|\\(?:equiv|approx|sim|simeq|cong|propto|in|mid|parallel|perp|cup|cap"
+                      r"|setminus|subset|subseteq|supset|supseteq)(?![a-zA-Z])")
 
 
 def normalise_math(text):
@@ -637,18 +650,18 @@ def normalise_math(text):
 
 def clean_answer(box):
     """The content of a final \\boxed{} ready for math-verify, or None if it is refused because one box
-    could hold two answers: an unescaped $, a line break, document commands, a strike-out, an arrow or
-    a logical connective, text between two formulas other than "and"/"or" (read as a list), a text
-    before a formula that is not its label, or a number inside a text."""
+    could hold two answers: an unescaped $, a line break or & outside a matrix, any LaTeX command but
+    those of ANSWER_COMMANDS (arrows, strike-outs, \\tag, \\color, documents, other environments), an
+    unpaired |, text between two formulas other than "and"/"or" (read as a list), a text before a
+    formula that is not its label, or a number inside a text."""
     box = normalise_math(box)
     while re.fullmatch(r"\\boxed\{(.*)\}", box) and all_boxed(box) == [box[7:-1]]:
         box = box[7:-1].strip()  # \boxed{\boxed{5}} is 5
-    outside_environments = box
-    while ENVIRONMENT.search(outside_environments):
-        outside_environments = ENVIRONMENT.sub(" ", outside_environments)
-    if (not box or REFUSED_IN_ANSWER.search(outside_environments)
-            or re.search(r"\\(?:begin|end)\b", outside_environments)):  # an unmatched \begin or \end
-        return None
+    outside = TEXT.sub(" ", MATRIX.sub(" ", box))  # what is not a matrix and not in a \text{}
+    commands = set(re.findall(r"\\([a-zA-Z]+)", outside))
+    if (not box or not commands <= ANSWER_COMMANDS or {"begin", "end"} & commands
+            or REFUSED_IN_ANSWER.search(outside) or (outside.count("|") + outside.count("\\vert")) % 2):
+        return None  # an unknown command, an environment other than a matrix, or an unpaired |
     # text between two formulas: a list word becomes a comma; anything else ("no wait") is refused
     pieces = TEXT.split(box)  # formula, text, formula, text, ..., formula
     formulas = [p.strip() for p in pieces[0::2]]
@@ -718,8 +731,9 @@ def verify(response, gold):
       1. the answer is what follows </think>; no answer while thinking is unfinished;
       2. every \\boxed{} there, read together as one list; a cut-off last box means no answer;
       3. a box is refused if it could hold two answers (clean_answer): an unescaped $, a line break
-         outside a matrix, document commands, strike-outs, arrows, or text between formulas other
-         than "and"/"or";
+         or & outside a matrix, a LaTeX command that answers are not written with (arrows,
+         strike-outs, \\tag, documents, environments other than matrices), an unpaired |, or text
+         between formulas other than "and"/"or";
       4. both sides are normalised (normalise_math): whitespace and newlines, thin spaces as
          thousands separators (10\\,000), \\mathrm{e} and \\mathrm{i} as e and i, % as \\%, \\$ dropped;
       5. x = 5 is the answer 5, but a relation between two different numbers (6 = 5) is wrong;

@@ -1292,15 +1292,18 @@ def test_gold_with_several_boxes_is_kept_whole():
     assert antisd.clean_gold("\\boxed{1} no, it is \\boxed{2}") is None  # prose between boxes: no reading
 
 
-# one box, two answers: every way we found that math-verify reads "<wrong> <sep> <right>" as the
-# right one (each of these scored 1 for gold 5 before), and two boxes that hedge
+# one box, two answers: ways we found that math-verify reads "<wrong> <sep> <right>" as the right one
+# (each of these scored 1 for gold 5 before these rules)
 @pytest.mark.parametrize("answer", [
     "6 \\to 5", "6 \\rightarrow 5", "6 \\Rightarrow 5", "6 \\implies 5", "6 \\iff 5", "6 \\mapsto 5",
     "6 \\longrightarrow 5", "6 \\Leftarrow 5", "6 \\lor 5", "6 \\vee 5", "6 \\land 5", "\\cancel{6} 5", "\\sout{6} 5",
     "\\not 6 5", "6 \\hline 5", "6 \\cr 5", "6 \\\\[2pt] 5", "6 \\newline 5", "6 ~ 5", "6 \\> 5", "6 \\hspace{1em} 5",
     "6 \\equiv 5", "6 \\sim 5", "6 \\mid 5", "6 \\in 5", "6 \\cup 5", "6 \\setminus 5", "\\boxed{6} 5", "\\boxed{5} 6",
     "6 \\text{ or } 5", "6 \\text{ no wait } 5", "5 \\text{ (or 6)}", "6 \\text{ (not 5)}", "6 % 5", "x = 5+5 = 5",
-    "6$ $5",
+    "6$ $5", "\\begin{cases} 6 \\\\ 5 \\end{cases}", "\\begin{aligned} 6 \\\\ 5 \\end{aligned}", "\\tag{6} 5", "\\label{6} 5",
+    "\\color{red}{6} 5", "\\textcolor{white}{6} 5", "6 \\dots 5", "6 \\vdots 5", "6 | 5", "\\left. 6 \\right| 5", "6 \\propto 5",
+    "6 \\subset 5", "6 \\ll 5", "6 := 5", "6 \\bmod 5", "\\operatorname{6} 5", "6 \\par 5", "6 \\linebreak 5", "6 \\enspace 5",
+    "6 & 5", "{6 \\atop 5}", "\\fbox{6} 5", "6 \\xrightarrow{x} 5",
 ])
 def test_one_box_holding_two_answers_earns_nothing(answer):
     assert antisd.verify("\\boxed{" + answer + "}", "5") == 0.0
