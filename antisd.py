@@ -677,7 +677,7 @@ def clean_answer(box):
         if before and after:
             if words not in LIST_WORDS:
                 return None
-            pieces[2 * k] = pieces[2 * k].rstrip().rstrip(",")  # "7, -2, \\text{ and } -5": one comma
+            pieces[2 * k] = pieces[2 * k].rstrip().rstrip(",")  # "7, -2, \text{ and } -5": one comma
             pieces[2 * k + 1] = ", "
         elif after and not formulas[k + 1].startswith(("=", ":", "\\in", "<", ">", "\\le", "\\ge")):
             return None  # a label before a formula ("answer: 2") leaves a second reading
