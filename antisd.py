@@ -3,7 +3,7 @@
 One step (Algorithm 1 of arXiv 2605.11609; "M<n>" below cites section n of METHOD.md, the summary
 of the paper's equations and settings that this file follows):
   1. sample G rollouts per problem from the student                                  (M1)
-  2. reward each rollout: is its last \\boxed{} equivalent to the gold answer?        (M1)
+  2. reward each rollout: is its final boxed answer equivalent to the gold (verify)? (M1)
   3. group advantages: z-score of the rewards within each group of G                 (M2)
   4. score every rollout twice with the same weights: as student (problem only) and as teacher
      (problem + a verified solution + feedback), keeping per-token log-probs, entropies, JSD (M1, M7)
@@ -56,6 +56,7 @@ import importlib
 import inspect
 import json
 import math
+import numbers
 import os
 import random
 import re
@@ -233,22 +234,56 @@ def last_boxed(text):
     return None
 
 
+def all_boxed(text, prose_between=False):
+    """Contents of every \\boxed{...} in text, in order. Unless prose_between, the text between two
+    boxes may only be a list separator (",", "and", "or", spacing, $ or \\( \\)), so
+    "\\boxed{1} and \\boxed{2}" is 1, 2 but "\\boxed{1} no, \\boxed{2}" is None. None also when a box
+    is cut off (unbalanced) and when there is no box."""
+    boxes, gaps, start, end = [], [], text.find("\\boxed{"), 0
+    while start != -1:
+        gaps.append(text[end:start])
+        depth, i = 0, start + len("\\boxed")
+        for j in range(i, len(text)):
+            depth += {"{": 1, "}": -1}.get(text[j], 0)
+            if depth == 0:
+                boxes.append(text[i + 1:j])
+                break
+        else:
+            return None
+        end = j + 1
+        start = text.find("\\boxed{", end)
+    for gap in gaps[1:] if not prose_between else []:
+        words = re.sub(r"\\[()\[\]]|\$|\\q?quad|\\text\s*\{|\\[,;!]|[\s,.;:{}~&]", " ", gap).split()
+        if not set(words) <= {"and", "or"}:
+            return None
+    return boxes or None
+
+
 def clean_gold(value):
-    """A gold answer of any of the usual types as a string math-verify can parse, or None."""
+    """A gold answer as a string math-verify can parse, or None. Only strings and real numbers are
+    golds: a dict, a bool or a NaN would otherwise become a string ("nan") that an answer can match."""
     if isinstance(value, list):  # OlympiadBench: a list of answers
         value = value[0] if value else None
-    if value is None or isinstance(value, bool):
+    if isinstance(value, bool) or not isinstance(value, (str, numbers.Real)):
         return None
-    if isinstance(value, float):
-        value = str(int(value)) if value.is_integer() else repr(value)  # AMC: 27.0
-    text = str(value).strip()
+    if isinstance(value, numbers.Integral):
+        value = str(int(value))
+    elif isinstance(value, numbers.Real):
+        if not math.isfinite(value):
+            return None
+        value = str(int(value)) if float(value).is_integer() else repr(float(value))  # AMC: 27.0
+    text = value.strip()
     if "####" in text:  # GSM8K: the answer follows '####'
         text = text.split("####")[-1].strip().replace(",", "")
-    if "\\boxed{" in text:
-        text = last_boxed(text) or ""
+    if "\\boxed{" in text:  # several boxes are one answer together: "\\boxed{1} and \\boxed{-2}" is 1, -2
+        boxes = all_boxed(text, prose_between=True) or []
+        if len(set(boxes)) > 1 and all_boxed(text) is None:
+            boxes = []  # different boxes with prose between ("\\boxed{1} no no \\boxed{2}"): no reading, dropped
+        text = ", ".join(dict.fromkeys(boxes))
     text = text.strip().rstrip(".").strip().strip("$").strip()  # OlympiadBench: "$(-\\infty, 0)$."
     # Minerva writes 4.5e33; math-verify would read it as 4.5
     text = re.sub(r"^(-?\d+(?:\.\d+)?)[eE]\+?(-?\d+)$", r"\1 \\times 10^{\2}", text)
+    text = normalise_math(re.sub(r"(?<!\\)\$", " ", text))  # "$21,16$ or $11$": inner '$' only delimit
     if not text or not _check_math("parse", text):
         return None
     return text
@@ -643,7 +678,7 @@ def decode_response(tokenizer, ids):
 
 
 # -----------------------------------------------------------------------------
-# 4. Reward: 1 if the last \boxed{} is mathematically equivalent to the gold answer (M1)
+# 4. Reward: 1 if the final \boxed{} answer is mathematically equivalent to the gold answer (M1)
 
 # math-verify's own time limit (signal.alarm) cannot interrupt a long big-integer power such as
 # 9^9^9^9, and a stuck check would stall training: every check runs in a worker process that is
@@ -674,7 +709,8 @@ def _verifier_loop(connection, parent_end, parent_pid):
             if request[0] == "parse":
                 result = bool(parsed[0])
             else:
-                result = all(parsed) and bool(math_verify.verify(parsed[0], parsed[1], timeout_seconds=3))
+                result = (all(parsed) and not states_two_different_numbers(request[2], math_verify)
+                          and bool(math_verify.verify(parsed[0], parsed[1], timeout_seconds=3)))
         except Exception:  # a checker crash on odd input means "no", never a crashed run
             result = False
         connection.send(result)
@@ -735,20 +771,142 @@ def _check_math(*request):
     return False
 
 
+# What a box may hold. math-verify reads an unknown relation or arrow as its right side and skips what
+# it cannot parse, so "6 \to 5", "\cancel{6} 5", "6 \\ 5" or "6 \tag{x} 5" would all be read as 5: one
+# box, two answers. So a box may use only the LaTeX commands that answers are written with.
+ANSWER_COMMANDS = set("""
+    frac dfrac tfrac cfrac sqrt binom dbinom tbinom left right big Big bigg Bigg bigl bigr Bigl Bigr
+    cdot times div pm mp circ degree prime infty partial nabla hbar ell AA mho angle triangle odot star ast
+    alpha beta gamma delta epsilon varepsilon zeta eta theta vartheta iota kappa lambda mu nu xi omicron pi
+    varpi rho varrho sigma varsigma tau upsilon phi varphi chi psi omega Gamma Delta Theta Lambda Xi Pi
+    Sigma Upsilon Phi Psi Omega sin cos tan cot sec csc arcsin arccos arctan sinh cosh tanh log ln lg exp
+    max min gcd lcm det deg lim sum prod int pmod
+    text textbf textit textrm textnormal textup textsf mbox mathrm mathbf mathit mathsf mathcal mathbb
+    boldsymbol bold emph operatorname overline underline bar hat vec dot ddot tilde widehat widetilde
+    overrightarrow emptyset varnothing setminus cup cap in notin subset subseteq supset supseteq le leq ge
+    geq lt gt neq ne leqslant geqslant approx equiv sim simeq cong propto mid parallel perp lfloor rfloor
+    lceil rceil langle rangle lvert rvert vert Vert quad qquad dots ldots cdots displaystyle limits
+    begin end""".split())
+MATRIX = re.compile(r"\\begin\{([pbBvV]?matrix|smallmatrix|array)\}.*?\\end\{\1\}")  # their \\ and & are theirs
+TEXT = re.compile(r"(\\(?:text(?:bf|it|rm|sf|normal|up)?|mbox|mathrm)\s*\{[^{}]*\})")
+LIST_WORDS = {"and", "or", ",", ", and", "and also"}  # "6 \text{ and } 8" is the list 6, 8
+REFUSED_IN_ANSWER = re.compile(
+    r"(?<!\\)\$"                                     # a '$' splits the box into two formulas
+    r"|\\\\|&|\\&|:=|=:"                             # a line break or a column outside a matrix
+    r"|\\operatorname\s*\{[^{}]*[^a-zA-Z{}][^{}]*\}"  # \operatorname{6}: a name is letters
+    r"|(?<![,+\-=])(?<![,+\-=] )\\[lc]?dots(?! ?[,+\-=])")  # "6 \dots 5"; "1, 2, \dots" is a list
+# relations whose two sides, both numbers, must be equal: "6 = 5" is not the answer 5
+RELATION = re.compile(r"(?<![<>!\\])=(?!=)|\\(?:equiv|approx|sim|simeq|cong|propto|in|mid|parallel|perp|cup|cap"
+                      r"|setminus|subset|subseteq|supset|supseteq)(?![a-zA-Z])")
+
+
+def normalise_math(text):
+    """What both golds and answers go through: whitespace, thousands separators, e and i, % and \\$."""
+    text = re.sub(r"\s+", " ", text).strip()  # a newline inside a box is layout, not a second answer
+    # thin spaces as thousands separators: 10\,000, 11,\!111, 1{,}000
+    text = re.sub(r"(?<=\d)(?:\{,\}|,\\!|\\,|\\!|\\ |\\;|~) ?(?=\d{3}(?!\d))", "", text)
+    text = re.sub(r"(?<![\d.])(\d{1,3}(?: \d{3})+)(?![\d.])", lambda m: m.group(1).replace(" ", ""), text)  # 1 000
+    text = re.sub(r"\\(?:mathrm|text)\s*\{\s*([ei])\s*\}", r"\1", text)  # Euler's e and i, not units
+    text = re.sub(r"(?<!\\)%", r"\\%", text)  # a bare % starts a LaTeX comment: it would hide the rest
+    text = text.replace("\\$", "")  # a dollar sign is a unit
+    text = re.sub(r"~|\\[>:;]|\\h?space\*?\{[^{}]*\}", " ", text)  # spacing commands are spaces
+    return text.strip()
+
+
+def clean_answer(box):
+    """The content of a final \\boxed{} ready for math-verify, or None if it is refused because one box
+    could hold two answers: an unescaped $, a line break or & outside a matrix, any LaTeX command but
+    those of ANSWER_COMMANDS (arrows, strike-outs, \\tag, \\color, documents, other environments), an
+    unpaired |, text between two formulas other than "and"/"or" (read as a list), a text before a
+    formula that is not its label, or a number inside a text."""
+    box = normalise_math(box)
+    while re.fullmatch(r"\\boxed\{(.*)\}", box) and all_boxed(box) == [box[7:-1]]:
+        box = box[7:-1].strip()  # \boxed{\boxed{5}} is 5
+    outside = TEXT.sub(" ", MATRIX.sub(" ", box))  # what is not a matrix and not in a \text{}
+    commands = set(re.findall(r"\\([a-zA-Z]+)", outside))
+    if (not box or not commands <= ANSWER_COMMANDS or {"begin", "end"} & commands
+            or REFUSED_IN_ANSWER.search(outside) or (outside.count("|") + outside.count("\\vert")) % 2):
+        return None  # an unknown command, an environment other than a matrix, or an unpaired |
+    # text between two formulas: a list word becomes a comma; anything else ("no wait") is refused
+    pieces = TEXT.split(box)  # formula, text, formula, text, ..., formula
+    formulas = [p.strip() for p in pieces[0::2]]
+    has_formula = [bool(re.sub(r"[\s,.;:]|\\quad|\\qquad", "", f)) and not f.startswith(("^", "_")) for f in formulas]
+    for k, text in enumerate(pieces[1::2]):
+        preceding = "".join(pieces[:2 * k + 1])
+        if preceding.count("{") > preceding.count("}"):
+            continue  # inside a subscript or an argument (\lambda_{\text{red}}): a label, not prose
+        before, after = any(has_formula[:k + 1]), has_formula[k + 1]
+        words = " ".join(text[text.index("{") + 1:-1].split()).strip(" .").lower()
+        if (before or after) and re.search(r"\d", words):
+            return None  # "5 \text{ (or 6)}": a number in the prose is a second answer
+        if before and after:
+            if words not in LIST_WORDS:
+                return None
+            pieces[2 * k] = pieces[2 * k].rstrip().rstrip(",")  # "7, -2, \text{ and } -5": one comma
+            pieces[2 * k + 1] = ", "
+        elif after and not formulas[k + 1].startswith(("=", ":", "\\in", "<", ">", "\\le", "\\ge")):
+            return None  # a label before a formula ("answer: 2") leaves a second reading
+    return re.sub(r"\s+", " ", "".join(pieces)).strip()
+
+
 def extract_boxed(response):
-    """The final answer: the last \\boxed{} after the thinking block; None while thinking is unfinished."""
+    """The final answer: every \\boxed{} after the thinking block, read together as one list, whatever
+    stands between them ("\\boxed{1} and \\boxed{2}" is 1, 2; a repeated box counts once). Boxes that
+    hedge ("\\boxed{5}, no wait, \\boxed{6}") are then a list that equals no single gold. None while
+    thinking is unfinished, when there is no box, when the last box is cut off, or when a box is
+    refused by clean_answer."""
     if "</think>" in response:
         response = response.rsplit("</think>", 1)[1]
     elif "<think>" in response:
         return None
-    return last_boxed(response)
+    boxes = all_boxed(response, prose_between=True)
+    if boxes is None:  # no box, or one cut off (an earlier, retracted box is not the answer)
+        return None
+    answers = [clean_answer(box) for box in boxes]
+    if None in answers:
+        return None
+    return ", ".join(dict.fromkeys(answers))
+
+
+def states_two_different_numbers(text, math_verify):
+    """True for "6 = 5" or "x = 5+5 = 7": a relation between two numbers that are not equal. Runs in
+    the worker (it parses); a formula without a relation costs nothing."""
+    if "\\begin" in text:
+        return False
+    sides, start = [], 0
+    for match in RELATION.finditer(text):  # split at relations outside braces
+        depth_here = text.count("{", 0, match.start()) - text.count("}", 0, match.start())
+        if depth_here == 0:
+            sides.append(text[start:match.start()])
+            start = match.end()
+    if not sides:
+        return False
+    sides.append(text[start:])
+    values = []  # each side's value if it is a number, else None
+    for side in sides:
+        parsed = math_verify.parse(f"${side}$", parsing_timeout=3) if side.strip() else []
+        value = parsed[0] if parsed else None
+        is_number = getattr(value, "is_number", False) and not getattr(value, "free_symbols", True)
+        values.append(value if is_number else None)
+    return any(a is not None and b is not None and not math_verify.verify([a], [b], timeout_seconds=3)
+               for a, b in zip(values, values[1:]))
 
 
 def verify(response, gold):
-    """1.0 if the response's final boxed answer equals the gold answer, else 0.0. A missing box or an
-    unparsable gold is 0, never 1."""
+    """1.0 if the response's final answer equals the gold answer, else 0.0. The rules, in order:
+      1. the answer is what follows </think>; no answer while thinking is unfinished;
+      2. every \\boxed{} there, read together as one list; a cut-off last box means no answer;
+      3. a box is refused if it could hold two answers (clean_answer): an unescaped $, a line break
+         or & outside a matrix, a LaTeX command that answers are not written with (arrows,
+         strike-outs, \\tag, documents, environments other than matrices), an unpaired |, or text
+         between formulas other than "and"/"or";
+      4. both sides are normalised (normalise_math): whitespace and newlines, thin spaces as
+         thousands separators (10\\,000), \\mathrm{e} and \\mathrm{i} as e and i, % as \\%, \\$ dropped;
+      5. x = 5 is the answer 5, but a relation between two different numbers (6 = 5) is wrong;
+      6. math-verify decides equivalence, in the worker, within VERIFY_SECONDS.
+    A missing or refused answer and an unparsable gold are 0, never 1."""
     answer = extract_boxed(response)
-    if answer is None or gold is None or not answer.strip() or len(answer) > MAX_ANSWER_CHARS:
+    if answer is None or gold is None or len(answer) > MAX_ANSWER_CHARS:
         return 0.0
     return float(_check_math("verify", gold, answer))
 

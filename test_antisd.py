@@ -1825,3 +1825,360 @@ def test_init_random_builds_the_checkpoint_shape_with_fresh_weights_and_its_stop
     (tmp_path / "config.json").unlink()
     with pytest.raises(SystemExit):
         antisd.get_args(["--model", str(tmp_path), "--init", "random"])
+
+
+# -----------------------------------------------------------------------------
+# The answer checker: hedged and malformed boxes, graded cases from other projects' suites
+
+# every example a user found: wrong answers the checker once paid for, right ones it refused
+# (response, gold as the dataset gives it, reward)
+REPORTED_CASES = [
+    ("\\boxed{\n3\\sqrt{13}\n}", "3", 0.0),                  # a newline inside the box hid part of it
+    ("\\boxed{\n(1, 2)\n}", "2", 0.0),
+    ("\\boxed{\n\\sqrt{2}\n}", "\\sqrt{2}", 1.0),
+    ("\\boxed{6$ $5}", "5", 0.0),                            # '$' splits the box
+    ("\\boxed{3 \\\\ 2}", "2", 0.0),                         # a line break splits it
+    ("\\boxed{3 \\end{document} 2}", "2", 0.0),
+    ("\\boxed{\\text{answer: } 2 \\text{ no wait } 3}", "2", 0.0),
+    ("\\boxed{6 = 5}", "5", 0.0),                            # an equation between two different numbers
+    ("So \\boxed{5} and then \\boxed{6", "5", 0.0),          # the last box is cut off
+    ("\\boxed{1}", "1 - \\frac{1}{\\mathrm{e}}", 0.0),       # \mathrm{e} is Euler's number, not a unit
+    ("\\boxed{3}", "3\\mathrm{e}", 0.0),
+    ("\\boxed{(2, 2)} and \\boxed{(6, 2)}", "(2, 2), (6, 2)", 1.0),  # several boxes, together the answer
+    ("\\boxed{10\\,000}", "10000", 1.0),                     # thin spaces as thousands separators
+    ("\\boxed{1\\,000}", "1000", 1.0),
+]
+
+
+@pytest.mark.parametrize("response, gold, reward", REPORTED_CASES)
+def test_reported_hedges_earn_nothing_and_reported_right_answers_earn_reward(response, gold, reward):
+    assert antisd.verify(response, antisd.clean_gold(gold)) == reward
+
+
+def test_gold_of_any_other_type_is_no_gold():
+    for gold in [{"a": 1}, float("nan"), float("inf"), True, object(), ("1",)]:
+        assert antisd.clean_gold(gold) is None, gold
+    assert antisd.verify("\\boxed{nan}", antisd.clean_gold(float("nan"))) == 0.0
+    assert antisd.clean_gold(10 ** 400) == "1" + "0" * 400     # a big int is still an exact gold
+
+
+def test_gold_with_several_boxes_is_kept_whole():
+    gold = antisd.clean_gold("Both: \\(\\boxed{1}\\) and \\(\\boxed{-2}\\).")
+    assert antisd.verify("\\boxed{-2, 1}", gold) == 1.0
+    assert antisd.verify("\\boxed{-2}", gold) == 0.0            # not only its last box
+    assert antisd.clean_gold("\\boxed{1} no, it is \\boxed{2}") is None  # prose between boxes: no reading
+
+
+# one box, two answers: ways we found that math-verify reads "<wrong> <sep> <right>" as the right one
+# (each of these scored 1 for gold 5 before these rules)
+@pytest.mark.parametrize("answer", [
+    "6 \\to 5", "6 \\rightarrow 5", "6 \\Rightarrow 5", "6 \\implies 5", "6 \\iff 5", "6 \\mapsto 5",
+    "6 \\longrightarrow 5", "6 \\Leftarrow 5", "6 \\lor 5", "6 \\vee 5", "6 \\land 5", "\\cancel{6} 5", "\\sout{6} 5",
+    "\\not 6 5", "6 \\hline 5", "6 \\cr 5", "6 \\\\[2pt] 5", "6 \\newline 5", "6 ~ 5", "6 \\> 5", "6 \\hspace{1em} 5",
+    "6 \\equiv 5", "6 \\sim 5", "6 \\mid 5", "6 \\in 5", "6 \\cup 5", "6 \\setminus 5", "\\boxed{6} 5", "\\boxed{5} 6",
+    "6 \\text{ or } 5", "6 \\text{ no wait } 5", "5 \\text{ (or 6)}", "6 \\text{ (not 5)}", "6 % 5", "x = 5+5 = 5",
+    "6$ $5", "\\begin{cases} 6 \\\\ 5 \\end{cases}", "\\begin{aligned} 6 \\\\ 5 \\end{aligned}", "\\tag{6} 5", "\\label{6} 5",
+    "\\color{red}{6} 5", "\\textcolor{white}{6} 5", "6 \\dots 5", "6 \\vdots 5", "6 | 5", "\\left. 6 \\right| 5", "6 \\propto 5",
+    "6 \\subset 5", "6 \\ll 5", "6 := 5", "6 \\bmod 5", "\\operatorname{6} 5", "6 \\par 5", "6 \\linebreak 5", "6 \\enspace 5",
+    "6 & 5", "{6 \\atop 5}", "\\fbox{6} 5", "6 \\xrightarrow{x} 5",
+])
+def test_one_box_holding_two_answers_earns_nothing(answer):
+    assert antisd.verify("\\boxed{" + answer + "}", "5") == 0.0
+    assert antisd.verify("\\boxed{" + answer + "}", "6") == 0.0
+
+
+@pytest.mark.parametrize("response", ["\\boxed{6} or \\boxed{5}", "\\boxed{6}. No wait: \\boxed{5}", "\\boxed{6}\\boxed{5}",
+                                      "\\boxed{5} and \\boxed{6}"])
+def test_several_boxes_are_one_answer_not_a_choice(response):
+    assert antisd.verify(response, "5") == 0.0
+    assert antisd.verify("\\boxed{5}, \\boxed{5}", "5") == 1.0  # a repeated box counts once
+
+
+# Equivalence cases, written by us from other graders' test suites; the rules were designed on these.
+# (gold, boxed answer, reward). Where our rule differs from the source's expectation, the line says why.
+TUNED_CASES = [
+    # hendrycks/math modeling/math_equivalence_test.py
+    ("\\tfrac{1}{2} + \\frac1{72}", "\\frac{1}{2} + 2/3", 0), ("10, 4, 2", "4, 12, 2", 0),
+    ("\\tfrac{1}{2} +\\! \\frac1{72}", "\\dfrac{1}{2} +\\frac{1}{72}", 1), ("10\\text{ units}", "10 ", 1),
+    ("10\\text{ units}", "100 ", 0), ("10", "\\$10", 1), ("\\left(x-2\\right)\\left(x+2\\right)", "(x-2)(x+2)", 1),
+    ("0.1", ".1", 1), ("10\\%", "10", 1), ("10\\sqrt{3} + \\sqrt4", "10\\sqrt3 + \\sqrt{4}", 1), ("\\frac34i", "\\frac{3}{4}i", 1),
+    ("\\tfrac83", "\\frac{8}{3}", 1), ("5x - 7y + 11z + 4 = 0", "x + y - z + 2 = 0", 0), ("1/2", "\\frac{1}{2}", 1),
+    # the order of a list: hendrycks says "10, 4, -2" != "4, 10, -2", MARIO_EVAL says "1, 2, 3" == "1, 3, 2". We
+    # follow MARIO_EVAL (math-verify reads a bare list as a set): MATH's "enter all solutions, separated by
+    # commas" answers are sets; an answer whose order matters is a tuple in parentheses, and tuples stay ordered
+    ("10, 4, -2", "4, 10, -2", 1), ("0.1, 4, 2", "4, .1, 2", 1), ("1, 2, 3", "1, 3, 2", 1), ("(1, 2, 3)", "(1, 3, 2)", 0),
+    # MARIO-Math-Reasoning/MARIO_EVAL math_evaluation/tests/test_is_equiv.py
+    ("\\{x, x - 1\\}", "\\{x - 1, x\\}", 1), ("11,\\! 111,\\! 111,\\! 100", "11111111100", 1), ("11111111100", "11,\\! 111,\\! 111,\\! 100", 1),
+    ("1\\frac12", "1.5", 1), ("2\\frac58", "2.625", 1), (".1, 4.0", "0.1, 4", 1), ("10\\%", "0.1", 1),
+    ("7, -2, \\text{ and } -5", "-5,-2,7", 1), ("-5,-2,7", "7, -2, \\text{ and } -5", 1), ("[1, 2, 3]", "(1, 3, 2)", 0),
+    ("[x, x + 1]", "[x + 1, x]", 0), ("\\tfrac23 +\\frac1{72}", "\\dfrac{2}{3} +\\frac{1}{72}", 1),
+    ("\\frac{\\sqrt{17}}{17}", "\\frac{\\sqrt{17}}{17}", 1), ("\\frac{\\sqrt{3}}{2}", "0.8660254037844386", 1),
+    ("10 \\text{cm}", "10", 1), ("10\\text{ cm}^2", "10", 1), ("10\\text{ cm}^{2}", "10", 1), ("10 square units", "10", 1),
+    ("(2x+3)(2x -1)(2x+1)", "(2x - 1)(2x + 1)(2x + 3)", 1),
+    ("\\begin{pmatrix} 1 & 1/2 \\\\ 1/3 & 4 \\end{pmatrix}", "\\begin{pmatrix} 1 & 0.5 \\\\ 1/3 & 4 \\end{pmatrix}", 1),
+    ("x \\in [0.5, \\infty)", "[1/2, \\infty)", 1), ("[-3,2]", "(-3,2)", 0), ("[1, 2)", "[x, y)", 0),
+    ("x = 1, y = 2, z = 3", "1, 2, 3", 1), ("f(x) = 2x + 3", "2x + 3", 1),
+    # ... where we refuse what MARIO_EVAL accepts: the exact value is asked for, so a 4-digit decimal of pi
+    # or of 1/432 is not it (math-verify compares to 6 digits); "1 1/2" is also a product; y = ... names
+    # another function than f(x) = ...; times of day and words outside \text{} are not parsed
+    ("40\\pi", "125.663", 0), ("\\frac13, \\sqrt3, \\pi", "1/3, 1.732, 3.1416", 0), ("2.314814814815 \\times 10^{-3}", "\\frac{1}{432}", 0),
+    ("1 1/2", "1.5", 0), ("f(x) = 2x + 3", "y = 2x + 3", 0), ("20:34", "20:34:00", 0), ("10 weeks", "10", 0),
+    # ... and accept what it refuses: units are dropped, so "10m" is 10 (see the known limits in README)
+    ("10m", "10", 1), ("10cm", "10", 1),
+    # NVIDIA/NeMo-Skills tests/test_math_equal.py, both orders as there
+    ("5", "5.0", 1), ("1/2", "0.5", 1), ("918\\frac{1}{2}", "918.5", 1), ("918.5", "918\\frac{1}{2}", 1),
+    ("x^2+2x+1", "x^2 + 2*x - (-1)", 1), ("y = x^2+2x+1", "2x+ 1+x^2", 1),
+    ("odd", "\\text{odd}", 1), ("\\text{odd}", "odd", 1), ("E", "\\mathrm{E}", 1), ("A", "\\textbf{A}", 1), ("f'", "f'", 1),
+    (".185", "0.185", 1), ("17\\text{ any text}", "17", 1), ("\\$10", "10", 1), ("10", "10\\%", 1), ("2.5", "\\frac{5}{2}", 1),
+    ("(r+5)(r+5)", "(r+5)^2", 1), ("\\begin{pmatrix}0&0&0\\\\0&1&0\\\\0&0&1\\end{pmatrix}",
+                                   "\\begin{bmatrix} 0 & 0 & 0 \\\\ 0 & 1 & 0 \\\\ 0 & 0 & 1 \\end{bmatrix}", 1),
+    ("5", "5.001", 0), ("x^2+2x+1", "x^3+2x+1", 0), ("odd", "\\text{oddd}", 0), ("E", "\\mathrm{E}*2", 0),
+    ("\\sqrt{67},-\\sqrt{85}", "\\sqrt{67}", 0), ("\\sqrt{67}", "\\sqrt{67},-\\sqrt{85}", 0),
+    # ... where we refuse what NeMo-Skills accepts: an approximation that is not equal, and a choice with prose
+    ("\\frac{\\sqrt{3}}{3}", "\\frac{\\sqrt{3}}{3} \\approx 0.577", 0), ("C", "C. x = 42", 0),
+]
+
+
+@pytest.mark.parametrize("gold, answer, reward", TUNED_CASES)
+def test_equivalence_cases_from_other_graders(gold, answer, reward):
+    assert antisd.verify("\\boxed{" + answer + "}", antisd.clean_gold(gold)) == reward
+
+
+# Held out: graded cases from huggingface/Math-Verify's own test suite (the 0.9.0 release, tests/*.py),
+# NOT used to design the rules above. Taken mechanically: cases with math-verify's default settings;
+# a prediction holding a \boxed{} is the response as written, any other prediction is boxed after its
+# outer $...$ is removed; left out are predictions of free prose or inline $...$ without a box (our
+# reward requires a box), golds of prose without a box, and anything over 200 characters.
+# (gold, response, expected by Math-Verify's tests)
+HELD_OUT_CASES = [
+    # test_all.py test_number_extraction
+    ('-5', '\\boxed{-5}', 1),
+    ('7425000', '\\boxed{7,425,000}', 1),
+    ('1000', '\\boxed{1 000}', 1),
+    ('1000', '\\boxed{1000.0}', 1),
+    ('1000.0', '\\boxed{1,000.0}', 1),
+    ('1000.99', '\\boxed{1000,99}', 1),
+    ('1,22', '\\boxed{1.22}', 1),
+    ('0.4', '\\boxed{.4}', 1),
+    ('1000.99', '\\boxed{1,000.99}', 1),
+    ('1000.99', '\\boxed{the number is not 10 which is 1,000.99€}', 1),
+    ('1000.99', '\\boxed{so the number is 10 which is 1,000.99m²}', 1),
+    ('1000.99', "\\boxed{not it's not 10 it's 1,000.99m²}", 1),
+    ('0,111', '\\boxed{0.111}', 1),
+    ('2', '\\boxed{AZYUK2A}', 0),
+    # test_all.py test_simple_fraction_notation
+    ('10/9', '\\boxed{\\frac{10}{9}}', 1),
+    ('-10/9', '\\boxed{-\\frac{10}{9}}', 1),
+    # test_all.py test_sets_handling
+    ('$[0,1)$', '\\boxed{[0,1)}', 1),
+    ('$[0,9)$', '\\boxed{[0,1)}', 0),
+    ('$(0,9)$', '\\boxed{[0,9)}', 0),
+    ('$1$', '\\boxed{-[0,1)}', 0),
+    # test_all.py test_latex_notation
+    ('$1/3$', '\\boxed{\\frac13}', 1),
+    ('$1$', '\\boxed{\\frac3{3}}', 1),
+    ('$\\sqrt{3}$', '\\boxed{\\sqrt3}', 1),
+    ('$1/3$', '\\boxed{\\cfrac{1}{3}}', 1),
+    ('$1/3$', '\\boxed{\\dfrac{1}{3}}', 1),
+    ('$1/3$', '\\boxed{\\tfrac{1}{3}}', 1),
+    ('$1/3$', '\\boxed{1/3}', 1),
+    ('$1/3$', '\\boxed{\\left( \\frac{1}{3} \\right)}', 1),
+    ('$1/3$', '$\\boxed{\\frac{1}{3}}$', 1),
+    ('$1/3$', '\\boxed{\\frac{1}{3} \\text{meters}}', 1),
+    ('$1/3$', '\\boxed{\\frac{1}{3} \\textbf{meters}}', 1),
+    ('$1/3$', '\\boxed{k = \\frac{1}{3}}', 1),
+    # test_all.py test_percent_notation
+    ('$28\\%$', '\\boxed{28 percent}', 1),
+    ('$28\\%$', '\\boxed{28 pct}', 1),
+    ('$28\\%$', '\\boxed{28 %}', 1),
+    ('$28\\%$', '$\\boxed{28}$ pct', 1),
+    ('$28\\%$', '$\\boxed{28 pct}', 1),
+    ('$28\\%$', '$\\boxed{28 percent}', 1),
+    ('$28\\%$', '$\\boxed{28 percentage}', 1),
+    ('$28\\%$', '\\boxed{28}', 1),
+    ('$0.28$', '\\boxed{28}', 0),
+    ('$28/100$', '\\boxed{28}', 0),
+    ('$28$', '\\boxed{28/100}', 0),
+    ('$\\frac{28}{100}$', '\\boxed{28}', 0),
+    ('$28*\\frac{1}{100}$', '\\boxed{28}', 0),
+    # test_all.py test_latex_notation_math
+    ('$2-2p$', 'Since $x<2$, it follows that $|x-2|=2-x$. If $2-x=p$, then $x=2-p$. Thus $x-p=\\boxed{2-2p}$.', 1),
+    ('\\boxed{\n\\begin{pmatrix} 0 & 3 \\\\ 0 & -1 \\end{pmatrix}\n}.\n\\end{align*}', '\\boxed{\n\\begin{pmatrix} 0 & 3 \\\\ 0 & -1 \\end{pmatrix}\n}.\n\\end{align*}', 1),
+    ('$\\frac{14}{3}$', '$f(-2)+f(-1)+f(0)=\\frac{3(-2)-2}{-2-2}+\\frac{3(-1)-2}{-1-2}+\\frac{3(0)-2}{0-2}=\\frac{-8}{-4}+\\frac{-5}{-3}+\\frac{-2}{-2}=2+\\frac{5}{3}+1=\\boxed{\\frac{14}{3}}$', 1),
+    ('$3\\sqrt{13}$', 'We use the distance formula:  \\begin{align*} \\sqrt{(2 - (-4))^2 + ((-6) - 3)^2} &= \\sqrt{6^2 + (-9)^2}\\\\ & = \\sqrt{36 + 81}\\\\ & = \\sqrt{117} = \\boxed{3\\sqrt{13}}. \\end{align*}', 1),
+    ('$2$', 'Of the two-digit perfect squares, only $4^2=16$ and $6^2=36$ end in $6$. Thus, there are $\\boxed{2}$ distinct possible values for $B$.', 1),
+    ('$90^\\circ$', 'Therefore, \\begin{align*} \\angle BAC &= \\angle BAD + \\angle DAC \\\\ &= 50^\\circ+40^\\circ \\\\ &= \\boxed{90^\\circ}. \\end{align*}', 1),
+    ('$(6,31,-1)$', 'Let $\\alpha$ be a root of $x^3 - 3x^2 + 4x - 1 = 0,$ so $\\alpha^3 = 3 \\alpha^2 - 4 \\alpha + 1.$ Then solving the system of equations, we find $(p,q,r) = \\boxed{(6,31,-1)}.$', 1),
+    ('$1 \\pm \\sqrt{19}$', 'This simplifies to $64y + 1920 = 0,$ so $y = -30.$ Then $x^2 - 2x - 48 = -30,$ or $x^2 - 2x - 18 = 0.$ By the quadratic formula, $x = \\boxed{1 \\pm \\sqrt{19}}.$', 1),
+    ('$3 \\pm 2 \\sqrt{2}$', 'This gives us $x^2 + 1 = 6x,$ or $x^2 - 6x + 1 = 0.$ By the quadratic formula, the roots are $x = \\boxed{3 \\pm 2 \\sqrt{2}}.$', 1),
+    ('$\\{1\\pm\\sqrt{5},-2\\}$', 'The roots of $P(x)$ are $-2$ and $1 \\pm \\sqrt{5}$, so the answer is $\\boxed{\\{1\\pm\\sqrt{5},-2\\}}.$', 1),
+    ('$2 \\sin b \\cos a$', 'By sum-to-product,\n\\[\\sin (a + b) - \\sin (a - b) = \\boxed{2 \\sin b \\cos a}.\\]', 1),
+    ('$125$ miles', 'The distance is $\\boxed{125\\textnormal{ miles}}.$', 1),
+    ('$[-1, -\\frac{1}{2}) \\cup (-\\frac{1}{2}, 0) \\cup (0, 1) \\cup (1, \\infty)$', 'The solution set is $\\boxed{[-1, -\\tfrac12) \\cup (-\\tfrac12, 0) \\cup (0, 1) \\cup (1, \\infty)}.$', 1),
+    ('$\\sqrt{2}+\\sqrt{5}$', 'The answer is $\\boxed{\\sqrt 2+\\sqrt 5}$', 1),
+    ('$\\frac{9}{4}\\pi$', 'Therefore $\\boxed{\\frac94\\pi}$.', 1),
+    ('x \\in \\boxed{\\{-1\\} \\cup [0,7)}.$', 'x \\in \\boxed{\\{-1\\} \\cup [0,7)}.$', 1),
+    # test_all.py test_relations_math
+    ('$x \\leq 5$', '\\boxed{5 \\geq x}', 1),
+    ('$x \\geq 5$', '\\boxed{5 \\leq x}', 1),
+    ('$x = 11$', '\\boxed{x = 5+5+1 = 7 =11}', 1),
+    ('$7 = 11a+c$', '\\boxed{11a+c}', 0),
+    ('$x = 1/3$', '\\boxed{x = 5+5+1 = 1/3 \\approx 11}', 1),
+    ('$11$', '\\boxed{x=11}', 1),
+    ('$11$', '\\boxed{x\\approx11}', 1),
+    ('$1/3$', '\\boxed{x=1/3\\approx1.3}', 1),
+    ('$x < 1$', '\\boxed{-x > -1}', 1),
+    ('$x < 1$', '\\boxed{x > -1}', 0),
+    ('$x <= 1$', '\\boxed{-x >= -1}', 1),
+    ('$a +3z = 0$', '\\boxed{0}', 0),
+    ('$1 = \\zzz = x = 0$', '\\boxed{0}', 1),
+    ('$2x + z = 1$', '\\boxed{1}', 0),
+    ('$a^2 + b = 0$', '\\boxed{0}', 0),
+    ('$k=1$', '\\boxed{1}', 1),
+    ('$1$', '\\boxed{k=1}', 1),
+    ('$z = 1 + 1 = 2$', '\\boxed{z = 3+3 = 2}', 1),
+    ('$2x+4y-3=0$', '\\boxed{y=-\\frac{1}{2}x+\\frac{3}{4}}', 1),
+    ('$x^2/4 + y^2/3 = 1$', '\\boxed{x^2/16 + y^2/12 = 1/4}', 1),
+    # test_all.py test_complex_math_expressions
+    ('$\\frac{1}{12}$', '\\boxed{0.0833333333333333}', 1),
+    ('$(1,\\frac{9}{2})$', '\\boxed{(1,4.5)}', 1),
+    ('$\\frac{x+2}{7}$', '\\boxed{\\frac{x}{7}+\\frac{2}{7}}', 1),
+    ('$\\tan^2(y)+1$', '\\boxed{\\sec^2(y)}', 1),
+    ('$\\begin{pmatrix}-\\\x0crac{7}{4}&-2\\\\4&\\frac{1}{4}\\\\\\end{pmatrix}$', '\\boxed{\\begin{pmatrix}-\\\x0crac{7}{4}&-2\\\\4&\\frac{1}{4}\\\\\\end{pmatrix}}', 1),
+    ('$34x+45y-20z+100=0$', '\\boxed{-34x-45y+20z-100=0}', 1),
+    ('$\\frac{\\sqrt{\\sqrt{11}+\\sqrt{194}}}{15+2\\sqrt{33}}$', '\\boxed{\\frac{\\sqrt{\\sqrt{11}+\\sqrt{194}}}{2\\sqrt{33}+15}}', 1),
+    ('$(a+5)(b+2)$', '\\boxed{(+5)(b+2)}', 0),
+    ('$2$', '\\boxed{\\frac{1+\\sqrt{5}}{2}}', 0),
+    ('$4$', '\\boxed{\\frac{34}{16}+\\frac{\\sqrt{1358}}{16}}', 0),
+    ('$1\\sqrt{19}$', '\\boxed{1}', 0),
+    ('$x+2n+1$', '\\boxed{x+1}', 0),
+    # test_all.py test_math_extraction_additional_cases
+    ('$(3,1)$', '\\boxed{{1,3}}', 0),
+    ('$(1,3)$', '\\boxed{{1,3}}', 1),
+    ('$[-4,0]$', 'Thus, the values of \\( k \\) for which the quadratic has real roots are: \\[ \\boxed{[-4, 0]} \\]', 1),
+    ('\\(\\boxed{\\text{C}}\\).', '$\\boxed{\\text{(C)}}.$', 1),
+    (' So the answer is: \\[ \\boxed{11111111100} \\]', 'is $\\boxed{11,\\! 111,\\! 111,\\! 100}$', 1),
+    (' So the answer is: \\[ \\boxed{32349} \\]', 'is $\\boxed{32,\\! 349}$', 1),
+    (' So the answer is: \\[ \\boxed{32349} \\]', 'is $\\boxed{32, 349}$', 0),
+    ('Thus, the domain of the function \\( f(x) \\) is: \\[ \\boxed{(2, 12) \\cup (12, 102)} \\]', 'Thus, the answer is $x \\in \\boxed{(2,12) \\cup (12,102)}$', 1),
+    ('$\\text{E}$', '\\boxed{E}', 1),
+    ('$\\boxed{1}\\boxed{2}$', '$\\boxed{1,2}$', 1),
+    # test_all.py test_set_rel_assymetry
+    ('$-2 \\\\le x \\\\le 7$', '\\boxed{x \\in [-2,7]}', 1),
+    ('$x \\in [-2,7]$', '\\boxed{-2 \\\\le x \\\\le 7}', 0),
+    # test_all.py test_sqrt_precision
+    ('$4$', '\\boxed{4\\sqrt{2}}', 0),
+    # test_all.py test_symbols
+    ('$\text{13}$', '\\boxed{13}', 0),
+    # test_boxed.py test_boxed
+    ('$\\\\boxed{35 cm} ++++++ \\\\boxed{4}$', '\\boxed{{35 cm,4}}', 1),
+    ('SoHi YES.\\n\\n could answer therefore\\\\boxed{840}.,but let me put this after explain.\\n\\n**Final Answer**\\n\\\\boxed{840}', '\\boxed{840}', 1),
+    # test_numina_cases.py test_numina_cases
+    ('$(37,3,3,13),(17,3,3,7),(3,37,3,13),(3,17,3,7),(3,3,2,3)$', '$\\boxed{(3, 37, 3, 13), (3, 17, 3, 7), (3, 3, 2, 3), (3,17,3,7), (17,3,3,7), (37,3,3,13)}$', 1),
+    ('$(p,q)=(3,2)$', '\\boxed{(3,2)}', 1),
+    ('$(0;0;0),(0;-2;0),(0;0;6),(0;-2;6),(4;0;0),(4;-2;0),(4;0;6),(4;-2;6)$', '\\boxed{(4, 0, 6), (4, -2, 6), (0, 0, 6), (0, -2, 6), (4, 0, 0), (4, -2, 0), (0, 0, 0), (0, -2, 0)}', 1),
+    ('$1\\leq|z|\\leq \\frac{3}{2}$', '\\boxed{z \\in \\left[-\\frac{3}{2}, -1\\right] \\cup \\left[1, \\frac{3}{2}\\right]}', 1),
+    ('$-12;-11;-10;-8;-7;-6$', '$\\boxed{\\{-12, -11, -10, -8, -7, -6\\}}$', 1),
+    ('$AB=4,CD=5$', '$\\boxed{4, 5}$', 1),
+    ('$(11,7)or(7,11)$', '$\\boxed{(7,11),\\ (11,7)}$', 1),
+    ('$S_{MBCN}:S=7:32$', '$\\boxed{7:32}$', 1),
+    ('$\\frac{NO}{BO}=\\frac{1}{\\sqrt{6}}$', '\\boxed{\\frac{1}{\\sqrt{6}}}', 1),
+    ('$p=5,q=2;p=7,q=2$', '\\boxed{(5,2),(7,2)}', 1),
+    ('$(p,q,r)=(3,2,7)$', '\\boxed{(3,2,7)}', 1),
+    ('$V_{1}:V_{2}=11:21$', '\\boxed{11:21}', 1),
+    ('$(2,1),(1,2),(-1,-20),(-20,-1)$', 'solutions are:\n\n\\[\n\\boxed{(1, 2)}, \\boxed{(2, 1)}, \\boxed{(-1, -20)}, \\boxed{(-20, -1)}\n\\]', 1),
+    ('\\(\\boxed{1}\\) and \\(\\boxed{-2}\\).', '$\\boxed{-2,1}$.', 1),
+    ('$\\text{odd}$', '\\boxed{odd}', 1),
+    ('$\\text{e}$', '\\boxed{e}', 1),
+    ('$\\text{E}$', '\\boxed{E}', 1),
+    ('$d$', '\\boxed{\\text{E}}', 0),
+    ('$1$ and $2$ and $3$', '$\\boxed{1,2,3}$', 1),
+    ('$(37,3,3),(17,3,3,7),(3,37,3,13),(3,17,3,7),(3,3,2,3)$', '$\\boxed{(3, 37, 3, 13), (3, 17, 3, 7), (3, 3, 2, 3), (3,17,3,7), (17,3,3,7), (37,3,3,13)}$', 0),
+    ('$(p,q)=(3,2)$', '$\\boxed{(3, 2)}$', 1),
+    ('\\boxed{x = -5,\\ p = \\frac{14}{3}} ', '$\\boxed{-5, \\frac{14}{3}}$', 1),
+    ('\\boxed{a=4,\\,-8,\\,-10}', '$\\boxed{-10,-8,4}$', 1),
+    ('\\\\boxed{W(n) = 1 \\\\text{ and } W(n) = -1', '\\boxed{W(x)=1orW(x)=-1}', 1),
+    ('$21,16$ or $11$', '\\boxed{21,16,11}', 1),
+    ('\\n\\n\\[ \\boxed{p = -1 \\text{ and } p = \\dfrac{15}{8}} \\]', '\\boxed{p=-1,p=\\frac{15}{8}}', 1),
+    ('$0<f(x)<1$', '\\boxed{(0,1)}', 1),
+    ('\\(\\boxed{6 \\text{ and } 8}\\)', '$\\boxed{6,8}$', 1),
+    ('$\\text{Even}$', '\\boxed{Even}', 1),
+    # test_open_thoughts.py test_open_thoughts
+    ('$$\\boxed{2}, \\boxed{3}, \\boxed{5}, \\boxed{7}, \\boxed{13}$$', '\\boxed{{2, 3, 5, 7, 13}}', 1),
+    ('$$f(y) = y$$', '\\boxed{f(y) = y}', 1),
+    ('$$-793 < a < 10$$', '\\boxed{(-793, 10)}', 1),
+    ('$$\\text{The midpoints form a regular hexagon}$$', '\\boxed{\\text{The midpoints form a regular hexagon}}', 1),
+    ('$$a_3 = 2, a_{37} = 19$$', '$$\\boxed{a_{37} = 19, \\quad a_3 = 2}$$', 1),
+    ('$$(2, 2), (1, 3), (3, 3)$$', '$$\\boxed{(2, 2), (1, 3), (3, 3)}$$', 1),
+    ('$$(1, +\\infty)$$', '\\boxed{(1, +\\infty)}', 1),
+    ('$$x = \\frac{1}{2}, x = \\frac{-1 \\pm \\sqrt{13}}{4}$$', '$$\\boxed{x = \\frac{1}{2}, x = \\frac{-1 \\pm \\sqrt{13}}{4}}$$', 1),
+    ('$$0.06 \\text{ yuan}$$', '$$\\boxed{0.06 \\text{ yuan}}$$', 1),
+    ('$$(5, 8), (8, 5)$$', '$$\\boxed{(x, y) = (5, 8) \\quad \\text{and} \\quad (8, 5)}$$', 1),
+    ('$$667$$', '$$\\boxed{667}$$', 1),
+    ('$$6 \\text{ and } 8$$', '$$\\boxed{6 \\text{ and } 8}$$', 1),
+    ('$$(2, 2), (6, 2)$$', '$$\\boxed{(2, 2)} \\quad \\text{and} \\quad \\boxed{(6, 2)}$$', 1),
+    ('$$(98, 2), (99, 503)$$', '$$\\boxed{(98, 2)} \\quad \\text{and} \\quad \\boxed{(99, 503)}$$', 1),
+    ('$$(3, 3), (1, 1)$$', '$$\\boxed{(3, 3)} \\text{ for part (a) and } \\boxed{(1, 1)}$$', 1),
+    ('$$k \\ge 2$$', '$$\\boxed{k \\ge 2}$$', 1),
+    ('$$k = 45, n = 2$$', '$$\\boxed{k = 45} \\quad \\text{and} \\quad \\boxed{n = 2}$$', 1),
+    ('$${1,2,3}$$', '\\boxed{1} and \\boxed{2} and \\boxed{3}', 1),
+    ('$${1,2,3}$$', '\\boxed{1},\\boxed{2},\\boxed{3}', 1),
+    ('$$|AB|=1$$', '\\boxed{1}', 1),
+    ('$$A:B=1$$', '\\boxed{1}', 1),
+    ('$$f(x)=1$$', '\\boxed{1}', 1),
+    ('$x_{1}=10^{\\frac{-5+\\sqrt{13}}{6}},\\quadx_{2}=10^{\\frac{-5-\\sqrt{13}}{6}}$', '$\\boxed{10^{\\frac{\\sqrt{13} - 5}{6}}} \\quad \\text{and} \\quad \\boxed{10^{-\\frac{5 + \\sqrt{13}}{6}}}$', 1),
+    ('$y_{1}=-2 x^{2}+4 x+3, y_{2}=3 x^{2}+12 x+10$', '\\($y_1 = \\boxed{-2(x - 1)^2 + 5} \\) and \\( y_2 = \\boxed{3(x + 2)^2 - 2} \\) ', 1),
+    ('\\boxed{1} papers and \\boxed{2} bins', '$\\boxed{1,2}$', 1),
+    ('\\boxed{1} no no no no no \\boxed{2}', '$\\boxed{1,2}$', 0),
+    # test_yujianll.py test_string_extraction
+    ('$n=1, 2, 3$', '\\boxed{n=1, 2, 3}', 1),
+    ('$n=2, 3, 4$', '\\boxed{n=1, 2, 3}', 0),
+    ('$D = (0, 1)$', '\\boxed{D = (0, 1)}', 1),
+    ('$D = (0, 1)$', '\\boxed{D = (0, 1.5)}', 0),
+    ('$F_n = \\sum_{k=0}^{n-1} F_k F_{n-k-1}$', '\\boxed{F_n = \\sum_{k=0}^{n-2} F_k F_{n-k-2}}', 0),
+    ('$F_n = \\sum_{k=0}^{n-1} F_k F_{n-k-1}$', '\\boxed{F_n = \\sum_{k=0}^{n-1} F_{n-k-1} F_k}', 1),
+    ('$19, 46, and 82$', '\\boxed{19, 46, \\text{ and } 82}', 1),
+    ('$19, 46, and 82$', '\\boxed{21, 36, and 82}', 0),
+    ('$1 - \\frac{1}{\\mathrm{e}}$', '\\boxed{1 - \\frac{1}{\\mathrm{e}}}', 1),
+    ('$1 - \\frac{1}{\\mathrm{e}}$', '\\boxed{1 + \\frac{1}{\\mathrm{e}}}', 1),
+    ('$\\pm 2021$', '\\boxed{2021}', 0),
+    ('$\\pm 2021$', '\\boxed{{-2021, 2021}}', 1),
+    ('$12:00$', '\\boxed{1:00}', 0),
+    ('$12:00$', '\\boxed{12:00}', 1),
+]
+
+
+# Where we overrule Math-Verify's expected outcome: each response states something false, and the rules
+# above refuse it on purpose (a relation between two different numbers is not an answer, and 1 + 1/e is
+# not 1 - 1/e). A human grader would mark these wrong.
+OVERRULED_HELD_OUT = {
+    ("$1 - \\frac{1}{\\mathrm{e}}$", "\\boxed{1 + \\frac{1}{\\mathrm{e}}}"): 0,   # the sign differs
+    ("$x = 11$", "\\boxed{x = 5+5+1 = 7 =11}"): 0,                                  # asserts 7 = 11
+    ("$x = 1/3$", "\\boxed{x = 5+5+1 = 1/3 \\approx 11}"): 0,                      # asserts 11 = 1/3
+    ("$1/3$", "\\boxed{x=1/3\\approx1.3}"): 0,                                      # 1/3 is not about 1.3
+    ("$z = 1 + 1 = 2$", "\\boxed{z = 3+3 = 2}"): 0,                                  # asserts 6 = 2
+}
+
+
+def test_held_out_grader_cases_no_wrong_answer_rewarded_and_most_agree():
+    """Measured when written (the rules above, frozen before this set was scored the last time): 168 of
+    178 agree with Math-Verify's labels (94.4%), 173 of 178 (97.2%) once the five labels above are
+    overruled; no false positive either way. Plain math-verify agrees on 175/178 of its own tests. The
+    other disagreements are refusals by rule: a decimal comma ("1,22" could be a list), prose between
+    different boxes in a gold, a box reading "W(x)=1orW(x)=-1"."""
+    assert all(key[:2] in {case[:2] for case in HELD_OUT_CASES} for key in OVERRULED_HELD_OUT)
+    rewards = [antisd.verify(response, antisd.clean_gold(gold)) for gold, response, _ in HELD_OUT_CASES]
+    expected = [OVERRULED_HELD_OUT.get((gold, response), label) for gold, response, label in HELD_OUT_CASES]
+    false_positives = [case for case, reward, want in zip(HELD_OUT_CASES, rewards, expected) if reward == 1.0 and want == 0]
+    assert not false_positives
+    agreement = sum(reward == want for reward, want in zip(rewards, expected)) / len(HELD_OUT_CASES)
+    assert agreement >= 0.95, agreement
+
+
+def test_a_check_costs_milliseconds_not_a_parse_per_rule():
+    antisd.verify("\\boxed{1}", "1")  # the worker is started
+    started = time.perf_counter()
+    for k in range(30):
+        assert antisd.verify(f"So $x = \\boxed{{\\frac{{{k}}}{{{k + 1}}}}}$.", f"{k}/{k + 1}") == 1.0
+    per_check = (time.perf_counter() - started) / 30
+    assert per_check < 0.05, per_check  # measured 10-12 ms on a loaded 2-core CPU, the same as before these rules
