@@ -284,7 +284,8 @@ def clean_gold(value):
     # Minerva writes 4.5e33; math-verify would read it as 4.5
     text = re.sub(r"^(-?\d+(?:\.\d+)?)[eE]\+?(-?\d+)$", r"\1 \\times 10^{\2}", text)
     text = normalise_math(re.sub(r"(?<!\\)\$", " ", text))  # "$21,16$ or $11$": inner '$' only delimit
-    if not text or not _check_math("parse", text):
+    # a plain number always parses: no round trip to the worker (arith and GSM8K golds are all numbers)
+    if not text or not (re.fullmatch(r"-?\d+(?:\.\d+)?", text) or _check_math("parse", text)):
         return None
     return text
 
