@@ -301,6 +301,7 @@ CURVES = [("reward (training batch)", [("reward_mean", "")]),
           ("response length, tokens", [("response_length_mean", "")])]
 TABLE_METRICS = ["reward_mean", "eval/mean/avg@", "response_length_mean", "u_mean", "jsd_mean",
                  "teacher_entropy_median", "lambda"]
+NOT_MEASURED_IF_ZERO = {"teacher_entropy_median", "student_entropy_median", "u_mean", "u_p01", "u_p99", "jsd_mean"}
 HIGHER_IS_BETTER = {"reward_mean", "eval/mean/avg@"}  # "best" is their highest value; other rows have none
 
 
@@ -313,12 +314,15 @@ def read_run(run_dir):
 
 
 def series(lines, key):
-    """(steps, values) of a metric, skipping steps that do not log it; a key ending in '@' matches any n."""
+    """(steps, values) of a metric, skipping steps that do not log it; a key ending in '@' matches any n.
+    A teacher statistic that is 0 at every step was never measured (GRPO scores no teacher): no series."""
     points = []
     for line in lines:
         name = next((k for k in line if k.startswith(key)), None) if key.endswith("@") else key
         if name in line and line[name] is not None:
             points.append((line["step"], line[name]))
+    if key in NOT_MEASURED_IF_ZERO and all(v == 0 for _, v in points):
+        return [], []
     return [s for s, _ in points], [v for _, v in points]
 
 
@@ -342,7 +346,7 @@ def compare_runs(run_dirs, out_dir):
     axes.flat[-1].axis("off")
     axes.flat[-1].legend(*axes.flat[0].get_legend_handles_labels(), loc="center", fontsize=11, title="run")
     figure.tight_layout()
-    figure.savefig(os.path.join(out_dir, "compare.png"), dpi=80)
+    figure.savefig(os.path.join(out_dir, "compare.png"), dpi=70)
     plt.close(figure)
 
     rows = ["| run | metric | first | best | last |", "|---|---|---|---|---|"]
