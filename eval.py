@@ -379,7 +379,8 @@ def show_tokens(run_dir, out_dir, steps_shown=6, scale=3.0):
     if not rollouts:
         raise ValueError(f"{path}: no rollout has per-token u ('tokens'); it was written by an older antisd.py")
     steps = sorted({r["step"] for r in rollouts})
-    chosen = sorted({steps[round(k * (len(steps) - 1) / max(1, steps_shown - 1))] for k in range(min(steps_shown, len(steps)))})
+    count = min(steps_shown, len(steps))  # the first, the last and evenly spaced steps between them
+    chosen = sorted({steps[round(k * (len(steps) - 1) / max(1, count - 1))] for k in range(count)})
     legend = "".join(f'<span style="background:{u_colour(u, scale)}">&nbsp;{u:+g}&nbsp;</span>'
                      for u in (-scale, -scale / 2, -scale / 4, 0, scale / 4, scale / 2, scale))
     parts = [f"<!doctype html><meta charset='utf-8'><title>tokens coloured by u: {html.escape(run_dir)}</title>",

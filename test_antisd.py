@@ -1343,7 +1343,8 @@ def test_rollouts_keep_every_token_with_its_u_and_tokens_html_colours_them(tmp_p
     rollouts = [json.loads(line) for line in (out / "rollouts.jsonl").read_text().splitlines()]
     _, tokenizer = antisd.build_tiny()
     for r in rollouts:
-        assert "".join(text for text, _ in r["tokens"]) == r["response"] + "<|im_end|>" * (not r["truncated"])
+        joined = "".join(text for text, _ in r["tokens"])  # a random model emits broken UTF-8: compare the rest
+        assert joined.replace("\ufffd", "") == (r["response"] + "<|im_end|>" * (not r["truncated"])).replace("\ufffd", "")
         us = [u for _, u in r["tokens"]]
         assert min(us) == pytest.approx(r["most_negative_u"][0][1], abs=1e-3) and max(us) == pytest.approx(r["most_positive_u"][0][1], abs=1e-3)
         assert any(u != 0 for u in us)  # sd scores a teacher
