@@ -47,7 +47,9 @@ Run:  python antisd.py                                        # Qwen3-1.7B on MA
       python antisd.py --method grpo --out-dir runs/grpo      # the GRPO baseline, same code
       python antisd.py --method sd --out-dir runs/sd          # default self-distillation
       python antisd.py --resume                               # continue runs/antisd after a stop
-      python antisd.py --model tiny --dataset arith --steps 3 # CPU, offline, seconds
+      python antisd.py --model tiny --method grpo            # CPU, offline, minutes: a small model trained on
+                                                              # arith (cached on first use), RL on held-out-checked arith
+      python antisd.py --model tiny-random --dataset arith --steps 3  # CPU, seconds: an untrained model, shapes only
 """
 
 import argparse
@@ -65,6 +67,7 @@ import shutil
 import signal
 import sys
 import time
+import zlib
 
 import torch
 import torch.nn.functional as F
@@ -92,11 +95,15 @@ def setting_name(key):
     return "the problems of --dataset (fingerprint)" if key == "dataset_fingerprint" else "--" + key.replace("_", "-")
 
 
+# the tiny model's RL defaults: minutes on a CPU; the README has the measured runs (lr 6e-4 already collapses it)
+TINY_PROMPTS_PER_STEP, TINY_STEPS, TINY_LR, TINY_EVAL_EVERY = 16, 40, 3e-4, 20
+
+
 def get_args(argv=None):
     p = argparse.ArgumentParser(description="AntiSD / self-distillation / GRPO on one GPU",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     # model and data
-    p.add_argument("--model", default="Qwen/Qwen3-1.7B", help="hub id, local checkpoint dir, or 'tiny' (offline random model for CPU demos)")
+    p.add_argument("--model", default="Qwen/Qwen3-1.7B", help="hub id, local checkpoint dir, 'tiny' (CPU demo: a small model trained on arith, cached) or 'tiny-random' (untrained, for tests)")
     p.add_argument("--init", default="pretrained", choices=["pretrained", "random"], help="random: --model's config.json and tokenizer with random weights, to time a real-shaped run (benchmarks only)")
     p.add_argument("--dataset", default="math", help="math | gsm8k | dapo | arith | path/to/file.jsonl")
     p.add_argument("--enable-thinking", action="store_true", help="Qwen3 thinking mode (off: answers stay short enough for one GPU)")
@@ -139,8 +146,13 @@ def get_args(argv=None):
     p.add_argument("--keep-checkpoints", type=int, default=2, help="keep the newest N checkpoints")
     p.add_argument("--resume", action="store_true", help="continue the run saved in --out-dir from its newest checkpoint")
     p.add_argument("--device", default=None, help="cuda | cpu (default: cuda if available)")
-    # --model tiny is a CPU demo: unless set explicitly, shrink the run to seconds
-    if p.parse_known_args(argv)[0].model == "tiny":
+    # the tiny models are CPU demos: unless set explicitly, shrink the run to minutes (tiny) or seconds
+    model_name = p.parse_known_args(argv)[0].model
+    if model_name == "tiny":  # measured to raise held-out arith accuracy on a 2-core CPU (README)
+        p.set_defaults(dataset="arith", prompts_per_step=TINY_PROMPTS_PER_STEP, max_new_tokens=64,
+                       gen_batch_size=128, micro_batch_size=64, steps=TINY_STEPS, lr=TINY_LR,
+                       save_every=1000, eval_every=TINY_EVAL_EVERY, eval_benchmarks="arith", eval_limit=200)
+    elif model_name == "tiny-random":  # shapes only: the tests
         p.set_defaults(prompts_per_step=4, max_new_tokens=48, gen_batch_size=32, micro_batch_size=8,
                        save_every=1000, eval_every=0)
     args = p.parse_args(argv)
@@ -187,8 +199,8 @@ def get_args(argv=None):
                 "would re-score the teacher with already-updated weights")
     if args.eval_every < 0 or args.eval_limit < 0:
         p.error("--eval-every and --eval-limit must be >= 0")
-    if not (args.model == "tiny" or os.path.isdir(args.model) or re.fullmatch(r"[\w.-]+/[\w.-]+", args.model)):
-        p.error(f"--model {args.model!r}: expected 'tiny', a local checkpoint directory, or a hub id such as Qwen/Qwen3-1.7B")
+    if not (args.model in ("tiny", "tiny-random") or os.path.isdir(args.model) or re.fullmatch(r"[\w.-]+/[\w.-]+", args.model)):
+        p.error(f"--model {args.model!r}: expected 'tiny', 'tiny-random', a local checkpoint directory, or a hub id such as Qwen/Qwen3-1.7B")
     if args.init == "random" and not os.path.exists(os.path.join(args.model, "config.json")):
         p.error(f"--init random builds the model from <--model>/config.json, but {args.model!r} has none")
     return args
@@ -290,24 +302,45 @@ def clean_gold(value):
     return text
 
 
-def make_arith_problems(count, seed):
-    """Small multi-step arithmetic word problems with worked solutions, offline and seeded."""
+ARITH_NAMES = ["Ana", "Ben", "Chen", "Dara", "Eli", "Fatima", "Goro", "Hana"]
+ARITH_THINGS = ["apples", "stamps", "marbles", "books", "coins", "shells"]
+
+
+def arith_is_held_out(numbers):
+    """One fifth of all number tuples (start, boxes, per_box, given), chosen by a hash, belongs to the
+    held-out benchmark (eval.py arith); training problems and the supervised start never use them."""
+    return zlib.crc32(",".join(map(str, numbers)).encode()) % 5 == 0
+
+
+def arith_solution(name, thing, numbers, slips=(False, False)):
+    """The worked solution, and its final answer. slips: (adds the boxes instead of multiplying,
+    adds the given-away ones instead of subtracting); each slip is computed correctly."""
+    start, boxes, per_box, given = numbers
+    bought = boxes + per_box if slips[0] else boxes * per_box
+    have = start + bought
+    answer = have + given if slips[1] else have - given
+    return (f"The boxes hold {boxes} {'+' if slips[0] else '*'} {per_box} = {bought} {thing}. "
+            f"{name} then has {start} + {bought} = {have}. "
+            f"After giving away {given}: {have} {'+' if slips[1] else '-'} {given} = {answer}. "
+            f"The answer is \\boxed{{{answer}}}."), answer
+
+
+def make_arith_problems(count, seed, held_out=False):
+    """Small multi-step arithmetic word problems with correct worked solutions, offline and seeded,
+    from the training side (or with held_out=True, the benchmark side) of arith_is_held_out."""
     rng = random.Random(seed)
-    names = ["Ana", "Ben", "Chen", "Dara", "Eli", "Fatima", "Goro", "Hana"]
-    things = ["apples", "stamps", "marbles", "books", "coins", "shells"]
     problems = []
-    for _ in range(count):
-        name, thing = rng.choice(names), rng.choice(things)
-        start, boxes, per_box, given = rng.randint(2, 30), rng.randint(2, 9), rng.randint(2, 12), rng.randint(1, 20)
-        bought = boxes * per_box
-        answer = start + bought - given
+    while len(problems) < count:
+        name, thing = rng.choice(ARITH_NAMES), rng.choice(ARITH_THINGS)
+        numbers = (rng.randint(1, 14), rng.randint(2, 4), rng.randint(2, 4), rng.randint(1, 9))  # small: a tiny model learns them
+        if arith_is_held_out(numbers) != held_out:
+            continue
+        start, boxes, per_box, given = numbers
         problem = (f"{name} has {start} {thing}. {name} buys {boxes} boxes with {per_box} {thing} each, "
                    f"then gives away {given}. How many {thing} does {name} have now?")
-        solution = (f"The boxes hold {boxes} * {per_box} = {bought} {thing}. "
-                    f"{name} then has {start} + {bought} = {start + bought}. "
-                    f"After giving away {given}: {start + bought} - {given} = {answer}. "
-                    f"The answer is \\boxed{{{answer}}}.")
-        problems.append({"problem": problem, "answer": str(answer), "solution": solution})
+        solution, answer = arith_solution(name, thing, numbers)
+        problems.append({"problem": problem, "answer": str(answer), "solution": solution,
+                         "name": name, "thing": thing, "numbers": numbers})
     return problems
 
 
@@ -496,7 +529,7 @@ def pick_device(requested, model_name):
         return device
     if torch.cuda.is_available():
         return torch.device("cuda")
-    if model_name != "tiny":
+    if model_name not in ("tiny", "tiny-random"):
         sys.exit(f"No CUDA GPU found: --model {model_name} needs one (pass --device cpu to force it).\n"
                  f"For a CPU demo run:  python antisd.py --model tiny --dataset arith --steps 3")
     return torch.device("cpu")
@@ -505,9 +538,12 @@ def pick_device(requested, model_name):
 def load_model(name, device, init="pretrained"):
     """(model, tokenizer): bf16 weights on CUDA, float32 on CPU; left padding for generation.
     init="random" builds the architecture from name/config.json with random weights (benchmarks)."""
-    if name == "tiny":
+    if name in ("tiny", "tiny-random"):
+        torch.set_num_threads(1)  # a model this small is overhead-bound: one thread beats two on a busy CPU
+    if name == "tiny-random":
         model, tokenizer = build_tiny()
     else:
+        name = tiny_arith_path() if name == "tiny" else name
         from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
         try:
@@ -1189,6 +1225,21 @@ def extreme_tokens(tokenizer, response_ids, u_row, count=5):
     return show(ranked[:count]), show(ranked[::-1][:count])
 
 
+def token_u_pairs(tokenizer, response_ids, u_row):
+    """[[token text, u], ...] for every response token: what eval.py --show colours (Fig. 2)."""
+    return [[tokenizer.decode([token]), round(value, 4)] for token, value in zip(response_ids, u_row.tolist())]
+
+
+def evaluate_in_loop(evaluation, model, tokenizer, eval_sets, args):
+    """eval.py's metrics on the held-out benchmarks at the paper's eval sampling (T=0.7, top-p 0.95, M9),
+    as {"eval/<benchmark>/<metric>": value}."""
+    results, _ = evaluation.evaluate(model, tokenizer, eval_sets, args.eval_n, 0.7, 0.95, args.max_new_tokens,
+                                     args.gen_batch_size, args.enable_thinking, args.seed)
+    return {f"eval/{name}/{key}": value
+            for name, metrics in {**results["benchmarks"], "mean": results["mean"]}.items()
+            for key, value in metrics.items()}
+
+
 def finite_or_none(value):
     """JSON has no NaN: a non-finite number is written as null."""
     return value if not isinstance(value, float) or math.isfinite(value) else None
@@ -1315,6 +1366,115 @@ def out_of_memory(phase, flag, value):
 
 
 # -----------------------------------------------------------------------------
+# The tiny arith model: a short supervised start, so that the CPU demo has a model RL can improve
+#
+# `--model tiny` is a 2-layer Qwen3 with a BPE tokenizer trained on the arith text (digits one per
+# token), fine-tuned on worked solutions and cached on disk. The headroom left for RL is in
+# correctness, not format: every solution is boxed, but a student-format solution makes each of two
+# slips (adding where it should multiply or subtract) with probability SLIP_RATE, so the model learns
+# to box nearly every answer and to slip on a fraction of them. Teacher-format examples show a correct
+# solution and continue with it, so the teacher (the same weights, M1) has learned to use its context.
+
+TINY_CACHE = os.environ.get("ANTISD_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "antisd"))
+TINY_ARITH_RECIPE = "tiny-arith-v1"  # the cache folder's name: change it whenever the recipe changes
+SLIP_RATE = 0.3                      # chance of each slip in a student-format solution
+
+
+def arith_tokenizer(problems):
+    """Byte-level BPE trained on arith text; digits stay one per token, so numbers are spelled out."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+    backend = Tokenizer(models.BPE())
+    # pieces: one digit (with its leading space), a word, a run of symbols, a run of whitespace
+    pieces = Regex(r" ?[0-9]| ?[A-Za-z]+| ?[^\sA-Za-z0-9]+|\s+")
+    backend.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(pieces, "isolated"),
+                                                     pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=512, show_progress=False,
+                                  special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    corpus = [build_teacher_prompt(p["problem"], 0, [1.0], [""], p["solution"], p["answer"], None)
+              + "user assistant" for p in problems]
+    backend.train_from_iterator(corpus, trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|im_end|>",
+                                        pad_token="<|endoftext|>", additional_special_tokens=["<|im_start|>"])
+    tokenizer.add_tokens(["<think>", "</think>"])
+    tokenizer.chat_template = TINY_CHAT_TEMPLATE
+    return tokenizer
+
+
+def supervised_examples(tokenizer, problems, rng):
+    """(prompt ids, response ids) pairs: each problem once as the student, with slips, and once as the
+    teacher, seeing the correct solution and feedback about an attempt, answering correctly."""
+    examples = []
+    for p in problems:
+        slips = (rng.random() < SLIP_RATE, rng.random() < SLIP_RATE)
+        sloppy, answer = arith_solution(p["name"], p["thing"], p["numbers"], slips)
+        feedback_reward = float(answer == int(p["answer"]))
+        teacher = build_teacher_prompt(p["problem"], 0, [feedback_reward], [sloppy], p["solution"], p["answer"], rng)
+        for prompt, response in [(student_prompt_ids(tokenizer, p["problem"], False), sloppy),
+                                 (render_prompt(tokenizer, teacher, False), p["solution"])]:
+            examples.append((prompt, tokenizer(response, add_special_tokens=False)["input_ids"]
+                             + [tokenizer.eos_token_id]))
+    return examples
+
+
+def train_tiny_arith(out_dir, steps=1200, batch_size=16, lr=3e-3, hidden_size=64, seed=0, log_every=100):
+    """The supervised start: next-token cross-entropy on the response tokens, AdamW with a linear
+    warm-up and a cosine decay. Saves a Hugging Face checkpoint that load_model reads like any other."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+    started = time.time()
+    rng = random.Random(seed)
+    problems = make_arith_problems(steps * batch_size // 2, seed=10_000 + seed)  # training side only
+    tokenizer = arith_tokenizer(problems)
+    examples = supervised_examples(tokenizer, problems, rng)  # student, teacher, student, teacher, ...
+    # each batch holds one format, so short student prompts are not padded to the teacher's length
+    batches = [examples[k::2][i:i + batch_size] for k in (0, 1) for i in range(0, len(examples) // 2, batch_size)]
+    rng.shuffle(batches)
+    config = Qwen3Config(vocab_size=64 * math.ceil(len(tokenizer) / 64), hidden_size=hidden_size,
+                         intermediate_size=2 * hidden_size, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, head_dim=hidden_size // 4, max_position_embeddings=1024,
+                         tie_word_embeddings=True, bos_token_id=None, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(seed)
+    model = Qwen3ForCausalLM(config)
+    model.generation_config.eos_token_id = [tokenizer.eos_token_id, tokenizer.pad_token_id]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    warmup = max(1, steps // 20)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min((s + 1) / warmup, 0.5 * (1 + math.cos(math.pi * s / steps))))
+    model.train()
+    for step in range(steps):
+        batch = batches[step]
+        logits, targets = response_logits(model, [p for p, _ in batch], [r for _, r in batch], tokenizer.pad_token_id)
+        loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        if log_every and (step + 1) % log_every == 0:
+            print(f"supervised start: step {step + 1}/{steps}, loss {loss.item():.3f}, {time.time() - started:.0f} s", flush=True)
+    temporary = f"{out_dir}.tmp{os.getpid()}"  # renamed when complete: a killed run leaves no half model
+    model.save_pretrained(temporary)
+    tokenizer.save_pretrained(temporary)
+    os.makedirs(os.path.dirname(out_dir) or ".", exist_ok=True)
+    if os.path.isdir(out_dir):  # another process finished first: keep theirs
+        shutil.rmtree(temporary)
+    else:
+        os.replace(temporary, out_dir)
+    return out_dir
+
+
+def tiny_arith_path():
+    """The cached tiny arith model, trained on first use (about 2 minutes on one CPU thread)."""
+    path = os.path.join(TINY_CACHE, TINY_ARITH_RECIPE)
+    if not os.path.isdir(path):
+        print(f"--model tiny: no cached model in {path}; training it (supervised start, set ANTISD_CACHE to move it)")
+        train_tiny_arith(path)
+    return path
+
+
+# -----------------------------------------------------------------------------
 # The training loop
 
 def main(argv=None):
@@ -1402,6 +1562,8 @@ def main(argv=None):
     previous_handlers = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
     bad_steps = 0
     last_saved = checkpoint if resumed else None
+    if eval_sets and first_step == 1:  # the starting model, so that the curves show the change
+        metrics_file.write(json.dumps({"step": 0, **evaluate_in_loop(evaluation, model, tokenizer, eval_sets, args)}) + "\n")
     from tqdm import tqdm
     progress = tqdm(range(first_step, args.steps + 1), initial=first_step - 1, total=args.steps,
                     desc=args.method, dynamic_ncols=True)
@@ -1527,11 +1689,7 @@ def main(argv=None):
                 "peak_gpu_memory_gb_update": update_peak_gb,
             }
             if eval_sets and step % args.eval_every == 0:
-                results, _ = evaluation.evaluate(model, tokenizer, eval_sets, args.eval_n, 0.7, 0.95,
-                                                 args.max_new_tokens, args.gen_batch_size, args.enable_thinking,
-                                                 args.seed)
-                for name, metrics in {**results["benchmarks"], "mean": results["mean"]}.items():
-                    record.update({f"eval/{name}/{key}": value for key, value in metrics.items()})
+                record.update(evaluate_in_loop(evaluation, model, tokenizer, eval_sets, args))
             metrics_file.write(json.dumps({k: finite_or_none(v) for k, v in record.items()}) + "\n")
             metrics_file.flush()
             for i in rng.sample(range(n_rollouts), k=min(2, n_rollouts)):
@@ -1539,7 +1697,8 @@ def main(argv=None):
                 rollouts_file.write(json.dumps({
                     "step": step, "problem": batch[i // args.group_size]["problem"], "gold": golds[i],
                     "response": texts[i], "reward": rewards[i], "truncated": truncated[i],
-                    "most_negative_u": most_negative, "most_positive_u": most_positive}) + "\n")
+                    "most_negative_u": most_negative, "most_positive_u": most_positive,
+                    "tokens": token_u_pairs(tokenizer, responses[i], u[i])}) + "\n")
             rollouts_file.flush()
             progress.set_postfix(reward=f"{record['reward_mean']:.3f}", lam=f"{lam:.2f}",
                                  H_T=f"{record['teacher_entropy_median']:.3f}")

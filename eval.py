@@ -37,7 +37,9 @@ responses), and a Markdown table on stdout.
 Run:  python eval.py                                    # Qwen/Qwen3-1.7B, default benchmarks, one GPU
       python eval.py --model runs/antisd/checkpoint-200 --benchmarks aime24,aime25,hmmt25 --n 32
       python eval.py --data-dir bench/ --benchmarks math500,gsm8k --limit 100   # local <name>.jsonl files
-      python eval.py --model tiny --device cpu --data-dir bench/ --limit 2 --n 2 --max-new-tokens 16  # CPU
+      python eval.py --model tiny --benchmarks arith --limit 200        # CPU: the tiny arith model, held out
+      python eval.py --compare runs/grpo runs/sd runs/antisd --out-dir figures  # compare.png, compare.md
+      python eval.py --show runs/antisd --out-dir figures                       # tokens.html, coloured by u
 """
 
 import argparse
@@ -94,13 +96,31 @@ BENCHMARKS = {
 }
 
 
+ARITH_BENCHMARK_SIZE = 500
+
+
+def arith_benchmark(count):
+    """The held-out arith problems, generated offline (no file, no hub). They never occur in training:
+    antisd.make_arith_problems draws training problems, and the tiny model's supervised start its
+    examples, only from number tuples that antisd.arith_is_held_out rejects, and these only from the
+    tuples it accepts. Duplicates are dropped, so every problem counts once."""
+    if count > ARITH_BENCHMARK_SIZE:
+        raise ValueError(f"arith: the benchmark has {ARITH_BENCHMARK_SIZE} problems, asked for {count}")
+    unique = {}
+    for item in antisd.make_arith_problems(4 * ARITH_BENCHMARK_SIZE, seed=-1, held_out=True):
+        unique.setdefault(item["problem"], {"problem": item["problem"], "answer": item["answer"]})
+    return list(unique.values())[:count]
+
+
 def load_benchmark(name, data_dir=None, limit=None):
     """The first `limit` problems of a benchmark as [{"problem": str, "answer": str}], gold cleaned.
 
     From the hub by default, or from DATA_DIR/<name>.jsonl in that file's own schema.
     """
+    if name == "arith":
+        return arith_benchmark(limit or ARITH_BENCHMARK_SIZE)
     if name not in BENCHMARKS:
-        raise antisd.UserError(f"unknown benchmark {name!r}; known: {', '.join(BENCHMARKS)}")
+        raise antisd.UserError(f"unknown benchmark {name!r}; known: {', '.join(BENCHMARKS)}, arith")
     if limit is not None and limit < 1:
         raise antisd.UserError(f"{name}: limit must be at least 1 (None: all problems), got {limit}")
     spec = BENCHMARKS[name]
@@ -278,14 +298,132 @@ def markdown_table(results):
 
 
 # -----------------------------------------------------------------------------
+# Reading training runs: curves side by side (--compare) and tokens coloured by u (--show)
+
+# the panels of compare.png: (title, [(metrics.jsonl key, label)]); "eval/mean/avg@" takes any n
+CURVES = [("reward (training batch)", [("reward_mean", "")]),
+          ("held-out accuracy (avg@n)", [("eval/mean/avg@", "")]),
+          ("lambda (solid) and gate on (dotted)", [("lambda", ""), ("gate_on", ":")]),
+          ("teacher (solid) / student (dashed) entropy, median", [("teacher_entropy_median", ""), ("student_entropy_median", "--")]),
+          ("u = teacher - student log-prob: mean, 1st/99th pct", [("u_mean", ""), ("u_p01", ":"), ("u_p99", ":")]),
+          ("JSD(student, teacher), token mean", [("jsd_mean", "")]),
+          ("response length, tokens", [("response_length_mean", "")])]
+TABLE_METRICS = ["reward_mean", "eval/mean/avg@", "response_length_mean", "u_mean", "jsd_mean",
+                 "teacher_entropy_median", "lambda"]
+NOT_MEASURED_IF_ZERO = {"teacher_entropy_median", "student_entropy_median", "u_mean", "u_p01", "u_p99", "jsd_mean"}
+HIGHER_IS_BETTER = {"reward_mean", "eval/mean/avg@"}  # "best" is their highest value; other rows have none
+
+
+def read_run(run_dir):
+    """metrics.jsonl of a run as a list of dicts, in step order."""
+    path = os.path.join(run_dir, "metrics.jsonl")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{run_dir}: no metrics.jsonl (is it an --out-dir of antisd.py?)")
+    return sorted(antisd.read_jsonl(path), key=lambda line: line["step"])
+
+
+def series(lines, key):
+    """(steps, values) of a metric, skipping steps that do not log it; a key ending in '@' matches any n.
+    A teacher statistic that is 0 at every step was never measured (GRPO scores no teacher): no series."""
+    points = []
+    for line in lines:
+        name = next((k for k in line if k.startswith(key)), None) if key.endswith("@") else key
+        if name in line and line[name] is not None:
+            points.append((line["step"], line[name]))
+    if key in NOT_MEASURED_IF_ZERO and all(v == 0 for _, v in points):
+        return [], []
+    return [s for s, _ in points], [v for _, v in points]
+
+
+def compare_runs(run_dirs, out_dir):
+    """compare.png (the curves of every run, one colour per run) and compare.md (first, best, last)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    runs = {os.path.basename(os.path.normpath(d)): read_run(d) for d in run_dirs}
+    os.makedirs(out_dir, exist_ok=True)
+    figure, axes = plt.subplots(2, 4, figsize=(16, 7.5))
+    for ax, (title, keys) in zip(axes.flat, CURVES):
+        for color, (name, lines) in zip(plt.rcParams["axes.prop_cycle"].by_key()["color"], runs.items()):
+            for key, style in keys:
+                steps, values = series(lines, key)
+                ax.plot(steps, values, style or "-", color=color, marker="o" if key.startswith("eval/") else None,
+                        markersize=3, label=name if key == keys[0][0] else None)
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("step", fontsize=9)
+        ax.grid(alpha=0.3)
+    axes.flat[-1].axis("off")
+    axes.flat[-1].legend(*axes.flat[0].get_legend_handles_labels(), loc="center", fontsize=11, title="run")
+    figure.tight_layout()
+    figure.savefig(os.path.join(out_dir, "compare.png"), dpi=70)
+    plt.close(figure)
+
+    rows = ["| run | metric | first | best | last |", "|---|---|---|---|---|"]
+    for name, lines in runs.items():
+        for key in TABLE_METRICS:
+            steps, values = series(lines, key)
+            if not values:
+                continue
+            best = f"{max(values):.4f} (step {steps[values.index(max(values))]})" if key in HIGHER_IS_BETTER else ""
+            label = next(k for k in lines[steps[0] - lines[0]["step"]] if k.startswith(key)) if key.endswith("@") else key
+            rows.append(f"| {name} | {label} | {values[0]:.4f} (step {steps[0]}) | {best} | {values[-1]:.4f} (step {steps[-1]}) |")
+    with open(os.path.join(out_dir, "compare.md"), "w") as f:
+        f.write("\n".join(rows) + "\n")
+
+
+def u_colour(u, scale):
+    """Blue for u < 0 (the teacher finds the token less likely: deliberation), red for u > 0."""
+    strength = min(abs(u) / scale, 1.0)
+    fade = int(255 * (1 - 0.85 * strength))
+    return f"rgb({fade},{fade},255)" if u < 0 else f"rgb(255,{fade},{fade})"
+
+
+def show_tokens(run_dir, out_dir, steps_shown=6, scale=3.0):
+    """tokens.html: the logged rollouts of a few steps across the run, every token coloured by its u."""
+    import html
+    path = os.path.join(run_dir, "rollouts.jsonl")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{run_dir}: no rollouts.jsonl (is it an --out-dir of antisd.py?)")
+    rollouts = [r for r in antisd.read_jsonl(path) if "tokens" in r]
+    if not rollouts:
+        raise ValueError(f"{path}: no rollout has per-token u ('tokens'); it was written by an older antisd.py")
+    steps = sorted({r["step"] for r in rollouts})
+    count = min(steps_shown, len(steps))  # the first, the last and evenly spaced steps between them
+    chosen = sorted({steps[round(k * (len(steps) - 1) / max(1, count - 1))] for k in range(count)})
+    legend = "".join(f'<span style="background:{u_colour(u, scale)}">&nbsp;{u:+g}&nbsp;</span>'
+                     for u in (-scale, -scale / 2, -scale / 4, 0, scale / 4, scale / 2, scale))
+    parts = [f"<!doctype html><meta charset='utf-8'><title>tokens coloured by u: {html.escape(run_dir)}</title>",
+             "<body style='font-family:sans-serif;max-width:60em'>",
+             f"<h1>{html.escape(run_dir)}: each response token coloured by u</h1>",
+             "<p>u = log p<sub>teacher</sub>(token) - log p<sub>student</sub>(token), the pointwise mutual information "
+             "between the token and the teacher's privileged context. Blue: u &lt; 0 (the teacher, seeing a correct "
+             "solution, finds the token less likely). Red: u &gt; 0 (the solution makes it more likely). "
+             f"Colour saturates at |u| = {scale:g}; hover a token for its value. GRPO runs do not score a teacher: u = 0.</p>",
+             f"<p>legend: {legend}</p>"]
+    for step in chosen:
+        parts.append(f"<h2>step {step}</h2>")
+        for r in (r for r in rollouts if r["step"] == step):
+            tokens = "".join(f'<span title="u = {u:+.3f}" style="background:{u_colour(u, scale)}">'
+                             f'{html.escape(text).replace(chr(10), "<br>")}</span>' for text, u in r["tokens"])
+            parts.append(f"<p><b>reward {r['reward']:g}</b>, gold {html.escape(str(r['gold']))}<br>"
+                         f"<i>{html.escape(r['problem'])}</i></p><p style='font-family:monospace;line-height:1.8'>{tokens}</p>")
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "tokens.html"), "w", encoding="utf-8") as f:
+        f.write("\n".join(parts) + "\n</body>\n")
+
+
+# -----------------------------------------------------------------------------
 # Command line
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    # reading training runs instead of evaluating a model
+    parser.add_argument("--compare", nargs="+", metavar="RUN_DIR", help="write OUT_DIR/compare.png and compare.md from these runs' metrics.jsonl")
+    parser.add_argument("--show", metavar="RUN_DIR", help="write OUT_DIR/tokens.html from this run's rollouts.jsonl")
     # model and data
-    parser.add_argument("--model", default="Qwen/Qwen3-1.7B", help="hub id, checkpoint dir saved by antisd.py, or 'tiny' (CPU, offline)")
+    parser.add_argument("--model", default="Qwen/Qwen3-1.7B", help="hub id, checkpoint dir saved by antisd.py, 'tiny' (the arith model) or 'tiny-random' (CPU, offline)")
     parser.add_argument("--benchmarks", default="aime24,aime25,amc23,minerva_math",  # competition sets + the paper's Minerva; ~20-30 min (estimate, docstring 7)
-                        help=f"comma-separated, from: {', '.join(BENCHMARKS)}")
+                        help=f"comma-separated, from: arith (generated, held out from --dataset arith), {', '.join(BENCHMARKS)}")
     parser.add_argument("--data-dir", default=None, help="read DIR/<name>.jsonl instead of the hub, in each benchmark's own schema")  # None: the hub
     parser.add_argument("--limit", type=int, default=0, help="evaluate the first K problems of each benchmark")  # 0: all, as antisd.py --eval-limit
     parser.add_argument("--device", default=None, help="cuda, cuda:1, cpu")  # None: CUDA when available (antisd.pick_device)
@@ -301,6 +439,14 @@ def main(argv=None):
     # output
     parser.add_argument("--out-dir", default="eval_out", help="where results.json and samples.jsonl go (overwritten)")
     args = parser.parse_args(argv)
+    if args.compare or args.show:
+        if args.compare:
+            compare_runs(args.compare, args.out_dir)
+            print(f"wrote {args.out_dir}/compare.png and compare.md")
+        if args.show:
+            show_tokens(args.show, args.out_dir)
+            print(f"wrote {args.out_dir}/tokens.html")
+        return
 
     if args.n < 1 or args.batch_size < 1 or args.max_new_tokens < 1:
         parser.error("--n, --batch-size and --max-new-tokens must be at least 1")

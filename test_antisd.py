@@ -18,6 +18,7 @@ import itertools
 import json
 import math
 import random
+import re
 import subprocess
 import sys
 import time
@@ -57,7 +58,7 @@ def token_stats_path(request, monkeypatch):
 
 @pytest.fixture(scope="module")
 def tiny():
-    model, tokenizer = antisd.load_model("tiny", torch.device("cpu"))
+    model, tokenizer = antisd.load_model("tiny-random", torch.device("cpu"))
     return model.eval(), tokenizer
 
 
@@ -820,7 +821,7 @@ METRIC_KEYS = ["reward_mean", "groups_with_signal", "response_length_mean", "res
 @pytest.mark.parametrize("method", ["antisd", "sd", "grpo"])
 def test_cpu_demo_runs_end_to_end_and_its_checkpoint_loads(method, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    antisd.main(["--model", "tiny", "--dataset", "arith", "--steps", "3", "--method", method,
+    antisd.main(["--model", "tiny-random", "--dataset", "arith", "--steps", "3", "--method", method,
                  "--gate-warmup", "2", "--out-dir", str(tmp_path)])
     lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [line["step"] for line in lines] == [1, 2, 3]
@@ -842,10 +843,12 @@ def test_full_estimator_and_evaluation_during_training_run_end_to_end(tmp_path):
     data_dir = tmp_path / "bench"
     data_dir.mkdir()
     (data_dir / "aime24.jsonl").write_text("".join(json.dumps({"id": i, "problem": f"What is {i}+{i}?", "answer": f"{2 * i:03d}"}) + "\n" for i in range(3)))
-    antisd.main(["--model", "tiny", "--dataset", "arith", "--steps", "2", "--estimator", "full", "--gate-warmup", "1",
+    antisd.main(["--model", "tiny-random", "--dataset", "arith", "--steps", "2", "--estimator", "full", "--gate-warmup", "1",
                  "--eval-every", "2", "--eval-benchmarks", "aime24", "--eval-n", "2", "--eval-limit", "2",
                  "--eval-data-dir", str(data_dir), "--out-dir", str(tmp_path / "run")])
     lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert lines[0]["step"] == 0 and 0.0 <= lines[0]["eval/aime24/avg@2"] <= 1.0  # the starting model
+    lines = lines[1:]
     assert not any(key.startswith("eval/") for key in lines[0])
     assert lines[1]["lambda"] == 0.5 and math.isfinite(lines[1]["loss"]) and lines[1]["grad_norm"] > 0
     for key in ["eval/aime24/avg@2", "eval/aime24/pass@2", "eval/aime24/maj@2", "eval/mean/avg@2"]:
@@ -857,7 +860,7 @@ def test_full_estimator_and_evaluation_during_training_run_end_to_end(tmp_path):
 # Resuming and failures
 
 TIMING_KEYS = {"seconds_generate", "seconds_score", "seconds_update", "generated_tokens_per_second"}
-TINY_RUN = ["--model", "tiny", "--dataset", "arith", "--gate-warmup", "1", "--device", "cpu"]
+TINY_RUN = ["--model", "tiny-random", "--dataset", "arith", "--gate-warmup", "1", "--device", "cpu"]
 
 
 def metrics_lines(out_dir):
@@ -969,7 +972,7 @@ def test_interrupted_run_saves_and_says_how_to_resume(tmp_path):
 
 @pytest.mark.parametrize("argv, message", [
     (["--dataset", "nope"], "expected one of math, gsm8k, dapo, arith, or a path"),
-    (["--model", "not a model"], "expected 'tiny', a local checkpoint directory, or a hub id"),
+    (["--model", "not a model"], "expected 'tiny', 'tiny-random', a local checkpoint directory, or a hub id"),
     (["--micro-batch-size", "5"], r"--prompts-per-step \* --group-size = 32 must be divisible by --micro-batch-size \(5\)"),
     (["--group-size", "1"], "--group-size must be at least 2"),
     (["--estimator", "full", "--method", "grpo"], "--estimator full is the JSD gradient itself"),
@@ -1204,7 +1207,7 @@ def test_a_misread_gold_does_not_accept_a_bare_number(name, row, written, wrong)
 # Sampling on the tiny model: in process and through the command line
 
 def test_evaluate_restores_training_mode_and_leaves_the_callers_rng_alone():
-    model, tokenizer = antisd.load_model("tiny", torch.device("cpu"))
+    model, tokenizer = antisd.load_model("tiny-random", torch.device("cpu"))
     benchmarks = {"toy": [{"problem": "1+1?", "answer": "2"}, {"problem": "2+2?", "answer": "4"}]}
     settings = dict(n=2, temperature=1.0, top_p=1.0, max_new_tokens=8, batch_size=3, enable_thinking=False, seed=7)
     model.train()
@@ -1227,7 +1230,7 @@ def test_command_line_on_tiny_model_writes_results_and_one_sample_line_per_probl
     write_jsonl(data_dir / "minerva_math.jsonl", [{"problem": f"Compute {i}.", "solution": f"\\boxed{{{i}e3}}",
                                                    "type": "t", "idx": i} for i in range(3)])
     out_dir = tmp_path / "out"
-    command = [sys.executable, str(HERE / "eval.py"), "--model", "tiny", "--device", "cpu",
+    command = [sys.executable, str(HERE / "eval.py"), "--model", "tiny-random", "--device", "cpu",
                "--data-dir", str(data_dir), "--benchmarks", "aime24,minerva_math", "--limit", "2", "--n", "2",
                "--max-new-tokens", "16", "--batch-size", "3", "--out-dir", str(out_dir)]
     done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300)
@@ -1235,7 +1238,7 @@ def test_command_line_on_tiny_model_writes_results_and_one_sample_line_per_probl
     assert "| mean |" in done.stdout
 
     results = json.loads((out_dir / "results.json").read_text())
-    assert results["model"] == "tiny" and results["settings"]["seed"] == 0
+    assert results["model"] == "tiny-random" and results["settings"]["seed"] == 0
     assert {"torch", "transformers", "datasets", "math-verify"} <= set(results["versions"])
     keys = ["problems", "avg@2", "pass@1", "pass@2", "maj@2", "no_box", "truncated", "mean_length"]
     for name in ["aime24", "minerva_math", "mean"]:
@@ -1256,7 +1259,7 @@ def test_command_line_on_tiny_model_writes_results_and_one_sample_line_per_probl
 
 import re
 
-SMALL_RUN = ["--model", "tiny", "--gate-warmup", "1", "--device", "cpu", "--prompts-per-step", "2",
+SMALL_RUN = ["--model", "tiny-random", "--gate-warmup", "1", "--device", "cpu", "--prompts-per-step", "2",
              "--group-size", "2", "--micro-batch-size", "4", "--max-new-tokens", "8"]
 
 
@@ -1320,7 +1323,7 @@ def test_cuda_device_without_a_gpu_is_refused_by_name(capsys):
 def test_bad_input_to_eval_is_one_paragraph_without_a_traceback(tmp_path, capsys, argv, message):
     write_jsonl(tmp_path / "aime24.jsonl", [{"problem": "P", "answer": "1"}])
     (tmp_path / "amc23.jsonl").write_text('{"problem": "P", "answer": 1}\n\n{"question": "P", "answer": 2}\n')
-    argv = ["--model", "tiny", "--device", "cpu", "--data-dir", str(tmp_path), "--benchmarks", "aime24",
+    argv = ["--model", "tiny-random", "--device", "cpu", "--data-dir", str(tmp_path), "--benchmarks", "aime24",
             "--out-dir", str(tmp_path / "out")] + [a.replace("{tmp}", str(tmp_path)) for a in argv]
     code, text = failure_message(capsys, evaluation.main, argv)
     assert code != 0 and re.search(message, text), (code, text)
@@ -1337,7 +1340,7 @@ def test_eval_negative_limit_is_refused_instead_of_dropping_the_last_problem(tmp
 def test_scripts_run_their_main_through_the_one_wrapper(tmp_path, capsys, monkeypatch):
     """The __main__ blocks themselves: an expected failure exits with the message only."""
     import runpy
-    for script, argv in [("antisd.py", ["--model", "tiny", "--dataset", str(tmp_path / "missing.jsonl"), "--out-dir", str(tmp_path)]),
+    for script, argv in [("antisd.py", ["--model", "tiny-random", "--dataset", str(tmp_path / "missing.jsonl"), "--out-dir", str(tmp_path)]),
                          ("eval.py", ["--data-dir", str(tmp_path), "--benchmarks", "aime24"])]:
         monkeypatch.setattr(sys, "argv", [script] + argv)
         with pytest.raises(SystemExit) as raised:
@@ -1523,7 +1526,8 @@ def test_killed_run_leaves_no_checker_worker_and_releases_its_output_pipe(tmp_pa
     """kill -9 of the trainer: the answer-checking worker must exit too, and must not hold the
     trainer's stdout, or `python antisd.py | tee log` would never return."""
     import signal
-    write_jsonl(tmp_path / "data.jsonl", [{"problem": "1+1?", "answer": "2"}, {"problem": "2+2?", "answer": "4"}])
+    # golds that are not plain numbers, so that loading them starts the worker
+    write_jsonl(tmp_path / "data.jsonl", [{"problem": "1+1?", "answer": "\\frac{4}{2}"}, {"problem": "2+2?", "answer": "\\frac{8}{2}"}])
     process = subprocess.Popen([sys.executable, str(HERE / "antisd.py"), *SMALL_RUN, "--dataset", str(tmp_path / "data.jsonl"),
                                 "--steps", "1000", "--out-dir", str(tmp_path / "run")], stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
@@ -1562,7 +1566,7 @@ def test_killed_run_leaves_no_checker_worker_and_releases_its_output_pipe(tmp_pa
 
 
 def step_args(*flags):
-    return antisd.get_args(["--model", "tiny", *flags])
+    return antisd.get_args(["--model", "tiny-random", *flags])
 
 
 def hand_made_stats(t_entropy=(1.0, 2.0, 10.0, 3.0)):
@@ -1698,7 +1702,7 @@ def test_a_finished_response_ends_with_its_stop_token(tiny):
 def small_run(tmp_path):
     data = tmp_path / "problems.jsonl"
     data.write_text("".join(json.dumps({"problem": f"What is {k}+{k}?", "answer": str(2 * k)}) + "\n" for k in range(4)))
-    return ["--model", "tiny", "--device", "cpu", "--dataset", str(data), "--prompts-per-step", "2", "--group-size", "4",
+    return ["--model", "tiny-random", "--device", "cpu", "--dataset", str(data), "--prompts-per-step", "2", "--group-size", "4",
             "--max-new-tokens", "8", "--gate-warmup", "1"]
 
 
@@ -2182,3 +2186,111 @@ def test_a_check_costs_milliseconds_not_a_parse_per_rule():
         assert antisd.verify(f"So $x = \\boxed{{\\frac{{{k}}}{{{k + 1}}}}}$.", f"{k}/{k + 1}") == 1.0
     per_check = (time.perf_counter() - started) / 30
     assert per_check < 0.05, per_check  # measured 10-12 ms on a loaded 2-core CPU, the same as before these rules
+
+
+# -----------------------------------------------------------------------------
+# Learning on a laptop: the tiny arith model, the held-out arith benchmark, curves and token views
+
+def arith_numbers(problem_text):
+    """(start, boxes, per_box, given), read back from the problem's words."""
+    return tuple(int(n) for n in re.findall(r"\d+", problem_text))
+
+
+def test_arith_benchmark_never_shares_a_problem_with_training():
+    benchmark = evaluation.load_benchmark("arith", limit=500)
+    assert len(benchmark) == 500 == len({item["problem"] for item in benchmark})
+    held_out = {arith_numbers(item["problem"]) for item in benchmark}
+    training = {arith_numbers(item["problem"]) for seed in (0, 1, 2) for item in antisd.make_arith_problems(2000, seed)}
+    supervised = {arith_numbers(item["problem"]) for item in antisd.make_arith_problems(9600, seed=10_000)}  # the default supervised start
+    assert held_out.isdisjoint(training) and held_out.isdisjoint(supervised)
+    assert all(antisd.arith_is_held_out(numbers) for numbers in held_out)
+    every_tuple = list(itertools.product(range(1, 15), range(2, 5), range(2, 5), range(1, 10)))
+    assert 0.18 < sum(map(antisd.arith_is_held_out, every_tuple)) / len(every_tuple) < 0.22  # a fifth is held out
+    start, boxes, per_box, given = arith_numbers(benchmark[0]["problem"])
+    assert int(benchmark[0]["answer"]) == start + boxes * per_box - given
+
+
+def test_slipped_solutions_compute_each_step_correctly_and_are_judged_wrong():
+    item = antisd.make_arith_problems(1, seed=4)[0]
+    start, boxes, per_box, given = item["numbers"]
+    for slips, expected in [((False, False), start + boxes * per_box - given), ((True, False), start + boxes + per_box - given),
+                            ((False, True), start + boxes * per_box + given), ((True, True), start + boxes + per_box + given)]:
+        text, answer = antisd.arith_solution(item["name"], item["thing"], item["numbers"], slips)
+        assert answer == expected and antisd.last_boxed(text) == str(expected)
+        assert antisd.verify(text, item["answer"]) == float(slips == (False, False))
+
+
+def test_supervised_start_lowers_the_response_loss_and_is_trained_only_once(tmp_path, monkeypatch):
+    import torch.nn.functional as F
+    calls, full_start = [], antisd.train_tiny_arith
+
+    def small_start(path):
+        calls.append(path)
+        return full_start(path, steps=30, batch_size=8, lr=1e-2, hidden_size=32, log_every=0)
+
+    monkeypatch.setattr(antisd, "TINY_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(antisd, "train_tiny_arith", small_start)
+    model, tokenizer = antisd.load_model("tiny", torch.device("cpu"))
+    antisd.load_model("tiny", torch.device("cpu"))  # the second load reads the cache
+    assert len(calls) == 1 and (tmp_path / "cache" / antisd.TINY_ARITH_RECIPE / "model.safetensors").exists()
+    assert tokenizer.tokenize(" 1234") == ["Ġ1", "2", "3", "4"]  # one digit per token
+    examples = antisd.supervised_examples(tokenizer, antisd.make_arith_problems(8, seed=99), random.Random(0))
+
+    def response_loss(m):
+        with torch.no_grad():
+            logits, targets = antisd.response_logits(m, [p for p, _ in examples], [r for _, r in examples], tokenizer.pad_token_id)
+        return float(F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100))
+
+    untrained = type(model)(model.config)
+    assert response_loss(model) < response_loss(untrained) - 1.0
+
+
+def test_compare_table_numbers_equal_metrics_jsonl_and_the_figure_is_written(tmp_path):
+    runs = []
+    for name, rewards in [("grpo", [0.1, 0.5, 0.3]), ("antisd", [0.2, 0.1, 0.4])]:
+        run = tmp_path / name
+        run.mkdir()
+        lines = [{"step": 0, "eval/arith/avg@4": 0.25, "eval/mean/avg@4": 0.25}]
+        for step, reward in enumerate(rewards, 1):
+            lines.append({"step": step, "reward_mean": reward, "response_length_mean": 40.0 + step, "u_mean": -0.1 * step,
+                          "u_p01": -2.0, "u_p99": 1.0, "jsd_mean": 0.01, "teacher_entropy_median": 0.5,
+                          "student_entropy_median": 0.6, "lambda": 0.5, "gate_on": 1.0})
+        lines[3]["eval/mean/avg@4"] = 0.5 if name == "grpo" else 0.125
+        write_jsonl(run / "metrics.jsonl", lines)
+        runs.append(str(run))
+    evaluation.compare_runs(runs, str(tmp_path / "out"))
+    assert (tmp_path / "out" / "compare.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    table = {}
+    for row in (tmp_path / "out" / "compare.md").read_text().splitlines()[2:]:
+        run, metric, first, best, last = [cell.strip() for cell in row.strip("|").split("|")]
+        table[run, metric] = (first, best, last)
+    assert table["grpo", "reward_mean"] == ("0.1000 (step 1)", "0.5000 (step 2)", "0.3000 (step 3)")
+    assert table["antisd", "reward_mean"] == ("0.2000 (step 1)", "0.4000 (step 3)", "0.4000 (step 3)")
+    assert table["grpo", "eval/mean/avg@4"] == ("0.2500 (step 0)", "0.5000 (step 3)", "0.5000 (step 3)")
+    assert table["antisd", "eval/mean/avg@4"] == ("0.2500 (step 0)", "0.2500 (step 0)", "0.1250 (step 3)")
+    assert table["antisd", "u_mean"] == ("-0.1000 (step 1)", "", "-0.3000 (step 3)")
+
+
+def test_rollouts_keep_every_token_with_its_u_and_tokens_html_colours_them(tmp_path):
+    out = tmp_path / "run"
+    antisd.main(["--model", "tiny-random", "--dataset", "arith", "--steps", "2", "--method", "sd", "--group-size", "2",
+                 "--prompts-per-step", "2", "--micro-batch-size", "4", "--max-new-tokens", "12", "--out-dir", str(out)])
+    rollouts = [json.loads(line) for line in (out / "rollouts.jsonl").read_text().splitlines()]
+    _, tokenizer = antisd.build_tiny()
+    for r in rollouts:
+        joined = "".join(text for text, _ in r["tokens"])  # a random model emits broken UTF-8: compare the rest
+        assert joined.replace("\ufffd", "") == (r["response"] + "<|im_end|>" * (not r["truncated"])).replace("\ufffd", "")
+        us = [u for _, u in r["tokens"]]
+        assert min(us) == pytest.approx(r["most_negative_u"][0][1], abs=1e-3) and max(us) == pytest.approx(r["most_positive_u"][0][1], abs=1e-3)
+        assert any(u != 0 for u in us)  # sd scores a teacher
+    evaluation.show_tokens(str(out), str(tmp_path / "view"))
+    page = (tmp_path / "view" / "tokens.html").read_text()
+    spans = re.findall(r'<span title="u = ([-+.\d]+)" style="background:rgb\((\d+),(\d+),(\d+)\)">', page)
+    assert len(spans) == sum(len(r["tokens"]) for r in rollouts)
+    for u, red, green, blue in spans:
+        u, red, blue = float(u), int(red), int(blue)
+        if abs(u) >= 0.01:  # blue for negative u, red for positive; a shade of white near 0
+            assert (blue == 255 and red < 255) if u < 0 else (red == 255 and blue < 255), (u, red, blue)
+        else:
+            assert min(red, blue) >= 250
+    assert "step 1" in page and "step 2" in page and "legend" in page
