@@ -731,10 +731,6 @@ def _verifier_loop(connection, parent_end, parent_pid):
     sides are read as $...$ math: inside \\boxed{} math-verify misreads some expressions."""
     _detach_from_parent(parent_end)
     import math_verify
-    # forked after main() set its Ctrl-C/SIGTERM handlers: without this the worker survives the
-    # terminate() that multiprocessing sends it at exit, and the run hangs after "done"
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's: it still needs answers
     connection.send("ready")
     while True:
         # exit with the parent, even after a kill -9: EOF once no one holds the parent's end,
