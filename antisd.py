@@ -20,7 +20,8 @@ Design decisions:
      and the logits for response positions are one slice (`logits_to_keep`); position ids come from
      the attention mask, so padding never shifts a token's position.
   3. Everything per-token over the vocabulary (log-probs, entropies, JSD) goes through
-     kernels.token_stats; only per-token scalars live between micro-batches.
+     kernels.lm_head_token_stats: the lm_head projection fused with the statistics, a chunk of rows
+     at a time, so no [tokens, V] logits exist; only per-token scalars live between micro-batches.
   4. The loss is a token-mean over the whole batch (sum over micro-batches / total tokens), so the
      gradient does not depend on --micro-batch-size.
   5. Weights are bf16 on the GPU but AdamW updates float32 master copies: a bf16 weight of size 1e-2
@@ -68,7 +69,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from kernels import IGNORE_INDEX, token_stats
+from kernels import IGNORE_INDEX, lm_head_token_stats
 
 # -----------------------------------------------------------------------------
 # 0. Configuration
@@ -785,12 +786,30 @@ def pack(prompts, responses, pad_id, device):
     return input_ids.to(device), attention_mask.to(device), position_ids.to(device), targets.to(device)
 
 
-def response_logits(model, prompts, responses, pad_id):
-    """Logits at the positions that predict each response token: [B, R+1, V], and targets [B, R+1]."""
+def response_hidden(model, prompts, responses, pad_id):
+    """Final hidden states (after the last norm) at the positions that predict each response token:
+    [B, R+1, H], and targets [B, R+1]. The [B, R+1, V] logits are never formed:
+    `response_token_stats` projects them through the lm_head chunk by chunk."""
     input_ids, attention_mask, position_ids, targets = pack(prompts, responses, pad_id, model.device)
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                   use_cache=False, logits_to_keep=targets.shape[1]).logits  # [B, R+1, V]
-    return logits, targets
+    hidden = model.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                         use_cache=False).last_hidden_state                   # [B, P+R, H]
+    return hidden[:, -targets.shape[1]:], targets                               # [B, R+1, H]
+
+
+def response_token_stats(model, prompts, responses, pad_id, temperature, teacher_prompts=None):
+    """Per response token of one micro-batch, [B, R] each: logp and entropy (differentiable), and with
+    teacher_prompts t_logp, t_entropy and jsd (the teacher's forward runs under no_grad, M1). The
+    lm_head projection is fused with kernels.token_stats per chunk of rows, so memory beyond the
+    hidden states is O(chunk x V) whatever the response length (design decision 3)."""
+    hidden, targets = response_hidden(model, prompts, responses, pad_id)
+    teacher_hidden = None
+    if teacher_prompts is not None:
+        with torch.no_grad():
+            teacher_hidden = response_hidden(model, teacher_prompts, responses, pad_id)[0].flatten(0, 1)
+    stats = lm_head_token_stats(hidden.flatten(0, 1), model.get_output_embeddings().weight, targets.flatten(),
+                                teacher_hidden, temperature=temperature)
+    r = targets.shape[1] - 1  # the extra last column predicts past the response
+    return {name: value.view(targets.shape)[:, :r] for name, value in stats.items()}
 
 
 @torch.no_grad()
@@ -802,15 +821,10 @@ def score(model, student_prompts, teacher_prompts, responses, pad_id, micro_batc
     out = {name: torch.zeros(len(responses), width, device=model.device) for name in names}
     for start in range(0, len(responses), micro_batch_size):
         rows = slice(start, start + micro_batch_size)
-        logits, targets = response_logits(model, student_prompts[rows], responses[rows], pad_id)
-        teacher_logits = None
-        if teacher_prompts is not None:
-            teacher_logits, _ = response_logits(model, teacher_prompts[rows], responses[rows], pad_id)
-            teacher_logits = teacher_logits.flatten(0, 1)
-        stats = token_stats(logits.flatten(0, 1), targets.flatten(), teacher_logits, temperature=temperature)
-        r = targets.shape[1] - 1
+        stats = response_token_stats(model, student_prompts[rows], responses[rows], pad_id, temperature,
+                                     None if teacher_prompts is None else teacher_prompts[rows])
         for name in names:
-            out[name][rows, :r] = stats[name].view(targets.shape)[:, :r]  # [mb, R]
+            out[name][rows, :stats[name].shape[1]] = stats[name]  # [mb, R]
     return out
 
 
@@ -943,18 +957,14 @@ def policy_gradient(model, prompts, responses, advantages, mask, old_logp, pad_i
     loss_total, clipped_total = 0.0, 0
     for start in range(0, len(responses), micro_batch_size):
         rows = slice(start, start + micro_batch_size)
-        logits, targets = response_logits(model, prompts[rows], responses[rows], pad_id)
-        teacher_logits = None
-        if jsd_weight:
-            with torch.no_grad():
-                teacher_logits = response_logits(model, teacher_prompts[rows], responses[rows], pad_id)[0].flatten(0, 1)
-        stats = token_stats(logits.flatten(0, 1), targets.flatten(), teacher_logits, temperature=temperature)
-        r = targets.shape[1] - 1
-        new_logp = stats["logp"].view(targets.shape)[:, :r]                              # [mb, R]
+        stats = response_token_stats(model, prompts[rows], responses[rows], pad_id, temperature,
+                                     teacher_prompts[rows] if jsd_weight else None)
+        new_logp = stats["logp"]                                                         # [mb, R]
+        r = new_logp.shape[1]
         old = new_logp.detach() if old_logp is None else old_logp[rows, :r]
         loss, clipped = policy_loss(new_logp, old, advantages[rows, :r], mask[rows, :r], total_tokens, clip)
         if jsd_weight:  # ascend (antisd, weight > 0) or descend (sd, weight < 0) the exact JSD
-            loss = loss - jsd_weight * (stats["jsd"].view(targets.shape)[:, :r] * mask[rows, :r]).sum() / total_tokens
+            loss = loss - jsd_weight * (stats["jsd"] * mask[rows, :r]).sum() / total_tokens
         loss.backward()
         loss_total += loss.item()
         clipped_total += int(clipped)

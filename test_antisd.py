@@ -1825,3 +1825,97 @@ def test_init_random_builds_the_checkpoint_shape_with_fresh_weights_and_its_stop
     (tmp_path / "config.json").unlink()
     with pytest.raises(SystemExit):
         antisd.get_args(["--model", str(tmp_path), "--init", "random"])
+
+
+# -----------------------------------------------------------------------------
+# Scale: logits projected from the hidden states chunk by chunk, and several processes (FSDP2)
+
+def float64_stats(logits, targets, teacher_logits, beta, temperature):
+    """The five statistics in float64 by their definitions, all rows at once."""
+    logp_all = torch.log_softmax(logits.double() / temperature, -1)
+    t_logp_all = torch.log_softmax(teacher_logits.double() / temperature, -1)
+    mix = beta * t_logp_all.exp() + (1 - beta) * logp_all.exp()
+    valid = targets != kernels.IGNORE_INDEX
+    pick = lambda table: table.gather(-1, targets.clamp(min=0)[:, None])[:, 0] * valid
+    kl = lambda lp: (lp.exp() * (lp - mix.log())).sum(-1)
+    return {"logp": pick(logp_all), "entropy": -(logp_all.exp() * logp_all).sum(-1) * valid,
+            "t_logp": pick(t_logp_all), "t_entropy": -(t_logp_all.exp() * t_logp_all).sum(-1) * valid,
+            "jsd": (beta * kl(t_logp_all) + (1 - beta) * kl(logp_all)) * valid}
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_chunked_lm_head_stats_equal_the_unchunked_path_and_float64_in_values_and_gradients(tied, token_stats_path):
+    N, H, V, beta, temperature = 13, 8, 50, 0.3, 0.7
+    g = torch.Generator().manual_seed(1)
+    weight = (torch.randn(V, H, generator=g)).requires_grad_()
+    extra = torch.randn(N, H, generator=g).requires_grad_()
+    ids = torch.randint(0, V, (N,), generator=g)
+    targets = torch.randint(0, V, (N,), generator=g)
+    targets[[2, 9]] = kernels.IGNORE_INDEX
+    teacher_hidden = torch.randn(N, H, generator=g)
+    upstream = {name: torch.randn(N, generator=g) for name in ("logp", "entropy", "jsd")}
+
+    def run(stats_of, dtype=torch.float32):
+        # tied: the hidden states depend on the weight too (an embedding lookup), as with tied embeddings
+        w, x = weight.to(dtype), extra.to(dtype)
+        hidden = x + w[ids] if tied else x
+        out = stats_of(hidden, w, teacher_hidden.to(dtype))
+        loss = sum((out[name].to(dtype) * up.to(dtype)).sum() for name, up in upstream.items())
+        grads = torch.autograd.grad(loss, [weight, extra])
+        return {k: v.detach().double() for k, v in out.items()}, [gr.double() for gr in grads]
+
+    chunked, chunked_grads = run(lambda h, w, t: kernels.lm_head_token_stats(h, w, targets, t, beta, temperature,
+                                                                            chunk_rows=4))
+    whole, whole_grads = run(lambda h, w, t: kernels.token_stats_torch(h @ w.T, targets, t @ w.T, beta, temperature))
+    # the teacher is a constant (M1): no gradient through its logits, although they use the same weight
+    exact, exact_grads = run(lambda h, w, t: float64_stats(h @ w.T, targets, t @ w.detach().T, beta, temperature),
+                             torch.float64)
+    for name in kernels.STAT_NAMES:
+        torch.testing.assert_close(chunked[name], whole[name], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(chunked[name], exact[name], rtol=1e-4, atol=1e-4)
+    for got, same_path, reference in zip(chunked_grads, whole_grads, exact_grads):
+        torch.testing.assert_close(got, same_path, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(got, reference, rtol=1e-4, atol=1e-4)
+    assert chunked["t_logp"][[2, 9]].abs().sum() == 0 and chunked["jsd"][[2, 9]].abs().sum() == 0
+
+
+def peak_rss_growth_mb(work):
+    """Peak resident memory of this process while `work` runs, above what it held before, in MB.
+    /proc/self/clear_refs resets the high-water mark (Linux); a fixed mmap threshold makes glibc
+    return every freed tensor of 64 KB or more to the system at once, so resident memory follows
+    the live tensors instead of what the heap happened to keep."""
+    import ctypes
+    libc = ctypes.CDLL("libc.so.6")
+    libc.mallopt(-3, 65536)                        # M_MMAP_THRESHOLD, fixed: no dynamic raise
+    read = lambda field: int(re.search(rf"{field}:\s+(\d+)", Path("/proc/self/status").read_text()).group(1))
+    libc.malloc_trim(0)
+    Path("/proc/self/clear_refs").write_text("5")
+    before = read("VmRSS")
+    work()
+    return (read("VmHWM") - before) / 1024
+
+
+def test_chunked_lm_head_memory_stays_flat_as_rows_grow_while_unchunked_memory_grows():
+    try:
+        peak_rss_growth_mb(lambda: None)
+    except OSError:
+        pytest.skip("needs Linux glibc and /proc/self/clear_refs to measure the peak resident memory")
+    H, V = 16, 4096
+    weight = torch.randn(V, H).requires_grad_()
+
+    def forward_backward(rows, chunk_rows):
+        hidden = torch.randn(rows, H).requires_grad_()
+        targets, teacher = torch.randint(0, V, (rows,)), torch.randn(rows, H)
+
+        def work():
+            out = kernels.lm_head_token_stats(hidden, weight, targets, teacher, chunk_rows=chunk_rows)
+            (out["logp"] + out["entropy"] + out["jsd"]).sum().backward()
+        return peak_rss_growth_mb(work)
+
+    forward_backward(64, 64)                      # first use: lazily initialised buffers
+    small, large = 128, 1024                      # one [large, V] float32 tensor is 16 MB
+    chunked = [forward_backward(rows, 64) for rows in (small, large)]
+    unchunked = [forward_backward(rows, rows) for rows in (small, large)]
+    assert chunked[1] <= 1.1 * chunked[0] + 1, (chunked, unchunked)
+    # unchunked, at least two [N, V] float32 tensors grow with N: 2 x (1024 - 128) x 4096 x 4 bytes = 28 MB
+    assert unchunked[1] - unchunked[0] >= 28, (chunked, unchunked)
