@@ -11,6 +11,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")   # before kernels.py is imported
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
+import argparse
 import functools
 import importlib
 import io
@@ -1919,3 +1920,86 @@ def test_chunked_lm_head_memory_stays_flat_as_rows_grow_while_unchunked_memory_g
     assert chunked[1] <= 1.1 * chunked[0] + 1, (chunked, unchunked)
     # unchunked, at least two [N, V] float32 tensors grow with N: 2 x (1024 - 128) x 4096 x 4 bytes = 28 MB
     assert unchunked[1] - unchunked[0] >= 28, (chunked, unchunked)
+
+
+TWO_RANKS = '''
+import argparse, json, os, sys
+import torch
+sys.path.insert(0, {here!r})
+import antisd
+
+out = {out!r}
+batch = torch.load(os.path.join(out, "batch.pt"))
+world = antisd.World(torch.device("cpu"))
+model, tokenizer = antisd.build_tiny(seed=0)
+model = antisd.shard_model(model, torch.device("cpu"), offload=False)
+optimizer = antisd.MasterAdamW(model, 1e-3, world)
+mine = world.rows(len(batch["responses"]))
+stats = antisd.score(model, batch["prompts"][mine], batch["teacher_prompts"][mine], batch["responses"][mine],
+                     tokenizer.pad_token_id, 1, 1.0)
+stats = {{name: world.gather(value) for name, value in stats.items()}}
+args = argparse.Namespace(**batch["args"])
+terms = antisd.gate_and_advantages(stats, batch["mask"], batch["seq_adv"], None, args)
+total_tokens = int(batch["mask"].sum())
+loss, clipped = antisd.policy_gradient(model, batch["prompts"][mine], batch["responses"][mine],
+                                       terms["advantages"][mine], batch["mask"][mine], stats["logp"][mine],
+                                       tokenizer.pad_token_id, 1, 0.2, 1.0, total_tokens=total_tokens)
+grad_norm = optimizer.clip_gradients(1e9)
+grads = {{name: torch.cat(world.gather([m.grad])) for (name, _), m in zip(model.named_parameters(), optimizer.master)}}
+if world.rank == 0:
+    torch.save({{"grads": grads, "gate_signal": terms["gate_signal"], "total_tokens": total_tokens,
+                "loss": world.sum(loss), "grad_norm": grad_norm}}, os.path.join(out, "two_ranks.pt"))
+else:
+    world.sum(loss)
+run = ["--model", "tiny", "--dataset", "arith", "--device", "cpu", "--prompts-per-step", "2", "--group-size", "2",
+       "--max-new-tokens", "6", "--micro-batch-size", "2", "--out-dir", os.path.join(out, "run")]
+antisd.main(run + ["--steps", "1"])
+antisd.main(run + ["--steps", "2", "--resume"])
+'''
+
+
+def test_two_processes_give_one_process_gradient_gate_signal_and_token_count_and_resume_their_run(tmp_path):
+    model, tokenizer = antisd.build_tiny(seed=0)
+    prompts, responses, _, mask = fixed_batch(tokenizer)
+    teacher_prompts = [prompt + tokenizer.encode(f"hint {k}: the answer is {k}") for k, prompt in enumerate(prompts)]
+    args = dict(method="antisd", gate="none", estimator="token", divergence="jsd", compose="add", lambda_max=0.5)
+    seq_adv = antisd.group_advantages([1.0, 0.0, 0.0, 1.0], 2)
+    torch.save({"prompts": prompts, "teacher_prompts": teacher_prompts, "responses": responses, "mask": mask,
+                "seq_adv": seq_adv, "args": args}, tmp_path / "batch.pt")
+    script = tmp_path / "two_ranks.py"
+    script.write_text(TWO_RANKS.format(here=str(HERE), out=str(tmp_path)))
+    launched = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                                 "--standalone", str(script)], cwd=tmp_path, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+    try:  # meanwhile, the same step in this one process
+        stats = antisd.score(model, prompts, teacher_prompts, responses, tokenizer.pad_token_id, 1, 1.0)
+        terms = antisd.gate_and_advantages(stats, mask, seq_adv, None, argparse.Namespace(**args))
+        loss, _ = antisd.policy_gradient(model, prompts, responses, terms["advantages"], mask, stats["logp"],
+                                         tokenizer.pad_token_id, 1, 0.2, 1.0)
+        one = {name: p.grad for name, p in model.named_parameters()}
+        output, _ = launched.communicate(timeout=300)
+    finally:
+        if launched.poll() is None:
+            launched.kill()
+    assert launched.returncode == 0, output[-3000:]
+    two = torch.load(tmp_path / "two_ranks.pt")
+    assert two["total_tokens"] == int(mask.sum())
+    assert two["gate_signal"] == pytest.approx(terms["gate_signal"], rel=1e-6)
+    assert two["loss"] == pytest.approx(loss, rel=1e-5, abs=1e-7)
+    assert set(two["grads"]) == set(one)
+    for name, grad in one.items():
+        torch.testing.assert_close(two["grads"][name], grad, rtol=1e-4, atol=1e-6, msg=name)
+    norm = math.sqrt(sum(float(g.double().pow(2).sum()) for g in one.values()))
+    assert two["grad_norm"] == pytest.approx(norm, rel=1e-4)
+    # the two-process run: one metrics line per step across a resume, a checkpoint from_pretrained loads
+    run = tmp_path / "run"
+    assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+    from transformers import AutoModelForCausalLM
+    loaded = AutoModelForCausalLM.from_pretrained(run / "checkpoint-2")
+    assert type(loaded).__name__ == "Qwen3ForCausalLM"
+    assert (run / "checkpoint-2" / "trainer_state-rank1.pt").exists()
+    with pytest.raises(antisd.UserError, match="written by 2 process"):
+        antisd.main(["--model", "tiny", "--dataset", "arith", "--device", "cpu", "--prompts-per-step", "2",
+                     "--group-size", "2", "--max-new-tokens", "6", "--micro-batch-size", "2", "--out-dir", str(run),
+                     "--steps", "3", "--resume"])
