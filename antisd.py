@@ -49,6 +49,8 @@ Run:  python antisd.py                                        # Qwen3-1.7B on MA
       python antisd.py --method sd --out-dir runs/sd          # default self-distillation
       python antisd.py --resume                               # continue runs/antisd after a stop
       python antisd.py --model tiny --dataset arith --steps 3 # CPU, offline, seconds
+      torchrun --nproc_per_node 8 antisd.py --eval-every 0    # FSDP2 over 8 GPUs (see World)
+      python antisd.py --offload --model Qwen/Qwen3-8B --eval-every 0  # FSDP2 CPU offload, one GPU
 """
 
 import argparse
@@ -1480,7 +1482,7 @@ def main(argv=None):
             my_responses = responses
             responses, truncated, texts, rewards = (world.gather(x) for x in (responses, truncated, texts, rewards))
             if stats is not None:
-                stats = {name: world.gather(value) for name, value in stats.items()}  # [N, R]
+                stats = {name: world.gather(value).to(device) for name, value in stats.items()}  # [N, R]
             golds = [item["answer"] for item in batch for _ in range(args.group_size)]
 
             # ---- 3. group advantages
