@@ -1915,9 +1915,10 @@ def test_chunked_lm_head_memory_stays_flat_as_rows_grow_while_unchunked_memory_g
 
     forward_backward(64, 64)                      # first use: lazily initialised buffers
     small, large = 128, 1024                      # one [large, V] float32 tensor is 16 MB
-    chunked = [forward_backward(rows, 64) for rows in (small, large)]
-    unchunked = [forward_backward(rows, rows) for rows in (small, large)]
-    assert chunked[1] <= 1.1 * chunked[0] + 1, (chunked, unchunked)
+    # the smaller of two measurements: a one-off allocation elsewhere in the process is not the path's
+    chunked = [min(forward_backward(rows, 64) for _ in range(2)) for rows in (small, large)]
+    unchunked = [min(forward_backward(rows, rows) for _ in range(2)) for rows in (small, large)]
+    assert chunked[1] <= 1.1 * chunked[0] + 4, (chunked, unchunked)
     # unchunked, at least two [N, V] float32 tensors grow with N: 2 x (1024 - 128) x 4096 x 4 bytes = 28 MB
     assert unchunked[1] - unchunked[0] >= 28, (chunked, unchunked)
 
