@@ -20,7 +20,8 @@ Design decisions:
      and the logits for response positions are one slice (`logits_to_keep`); position ids come from
      the attention mask, so padding never shifts a token's position.
   3. Everything per-token over the vocabulary (log-probs, entropies, JSD) goes through
-     kernels.token_stats; only per-token scalars live between micro-batches.
+     kernels.lm_head_token_stats: the lm_head projection fused with the statistics, a chunk of rows
+     at a time, so no [tokens, V] logits exist; only per-token scalars live between micro-batches.
   4. The loss is a token-mean over the whole batch (sum over micro-batches / total tokens), so the
      gradient does not depend on --micro-batch-size.
   5. Weights are bf16 on the GPU but AdamW updates float32 master copies: a bf16 weight of size 1e-2
@@ -50,6 +51,8 @@ Run:  python antisd.py                                        # Qwen3-1.7B on MA
       python antisd.py --model tiny --method grpo            # CPU, offline, minutes: a small model trained on
                                                               # arith (cached on first use), RL on held-out-checked arith
       python antisd.py --model tiny-random --dataset arith --steps 3  # CPU, seconds: an untrained model, shapes only
+      torchrun --nproc_per_node 8 antisd.py --eval-every 0    # FSDP2 over 8 GPUs (see World)
+      python antisd.py --offload --model Qwen/Qwen3-8B --eval-every 0  # FSDP2 CPU offload, one GPU
 """
 
 import argparse
@@ -72,7 +75,7 @@ import zlib
 import torch
 import torch.nn.functional as F
 
-from kernels import IGNORE_INDEX, token_stats
+from kernels import IGNORE_INDEX, lm_head_token_stats
 
 # -----------------------------------------------------------------------------
 # 0. Configuration
@@ -135,6 +138,7 @@ def get_args(argv=None):
     p.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm")
     p.add_argument("--max-bad-steps", type=int, default=3, help="stop after this many consecutive steps with a non-finite loss or gradient (they are not applied)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--offload", action="store_true", help="FSDP2 CPU offload of weights, gradients and optimizer state (CUDA): a 4B-8B model on one GPU, slower steps")
     # evaluation during training (eval.py)
     p.add_argument("--eval-every", type=int, default=50, help="evaluate every N steps; 0 = never")
     p.add_argument("--eval-benchmarks", default="math500", help="comma-separated eval.py benchmarks (held out from training data)")
@@ -674,7 +678,8 @@ def reusable_static_cache(model, batch_size, prompt_width, max_new_tokens):
 
 
 @torch.no_grad()
-def generate(model, tokenizer, prompt_ids, max_new_tokens, temperature, top_p, batch_size, generate_with="eager"):
+def generate(model, tokenizer, prompt_ids, max_new_tokens, temperature, top_p, batch_size, generate_with="eager",
+             synced_gpus=False):
     """One sampled response per prompt: (token ids up to and including the stop token, truncated).
     Prompts are generated in length order to cut padding; results come back in input order."""
     from transformers import CompileConfig, GenerationConfig
@@ -702,7 +707,9 @@ def generate(model, tokenizer, prompt_ids, max_new_tokens, temperature, top_p, b
             batch += [batch[-1]] * (batch_size - len(batch))
             extra[cache_argument] = reusable_static_cache(model, batch_size, max(map(len, batch)), max_new_tokens)
         input_ids, attention_mask = left_pad(batch, tokenizer.pad_token_id, model.device)
-        output = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config, **extra)
+        # synced_gpus (torchrun): a rank whose batch has finished keeps stepping with the others
+        output = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config,
+                                synced_gpus=synced_gpus, **extra)
         for i, new_tokens in zip(rows, output[:, input_ids.shape[1]:].tolist()):
             stop = next((k for k, tok in enumerate(new_tokens) if tok in stop_ids), None)
             # the stop token stays in the response: the policy must learn when to stop
@@ -981,12 +988,33 @@ def pack(prompts, responses, pad_id, device):
     return input_ids.to(device), attention_mask.to(device), position_ids.to(device), targets.to(device)
 
 
-def response_logits(model, prompts, responses, pad_id):
-    """Logits at the positions that predict each response token: [B, R+1, V], and targets [B, R+1]."""
+def response_hidden(model, prompts, responses, pad_id):
+    """Final hidden states (after the last norm) at the positions that predict each response token:
+    [B, R+1, H], and targets [B, R+1]. The [B, R+1, V] logits are never formed:
+    `response_token_stats` projects them through the lm_head chunk by chunk."""
     input_ids, attention_mask, position_ids, targets = pack(prompts, responses, pad_id, model.device)
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                   use_cache=False, logits_to_keep=targets.shape[1]).logits  # [B, R+1, V]
-    return logits, targets
+    # through the whole model's forward, not model.model's, so that FSDP2 (torchrun) gathers the root's
+    # weights; logits for no position (an empty index), the last hidden state is after the final norm
+    no_position = torch.zeros(0, dtype=torch.long, device=input_ids.device)
+    hidden = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False,
+                   logits_to_keep=no_position, output_hidden_states=True).hidden_states[-1]  # [B, P+R, H]
+    return hidden[:, -targets.shape[1]:], targets                                                # [B, R+1, H]
+
+
+def response_token_stats(model, prompts, responses, pad_id, temperature, teacher_prompts=None):
+    """Per response token of one micro-batch, [B, R] each: logp and entropy (differentiable), and with
+    teacher_prompts t_logp, t_entropy and jsd (the teacher's forward runs under no_grad, M1). The
+    lm_head projection is fused with kernels.token_stats per chunk of rows, so memory beyond the
+    hidden states is O(chunk x V) whatever the response length (design decision 3)."""
+    teacher_hidden = None
+    if teacher_prompts is not None:  # first: the student's forward is then the last before its backward
+        with torch.no_grad():
+            teacher_hidden = response_hidden(model, teacher_prompts, responses, pad_id)[0].flatten(0, 1)
+    hidden, targets = response_hidden(model, prompts, responses, pad_id)
+    stats = lm_head_token_stats(hidden.flatten(0, 1), model.get_output_embeddings().weight, targets.flatten(),
+                                teacher_hidden, temperature=temperature)
+    r = targets.shape[1] - 1  # the extra last column predicts past the response
+    return {name: value.view(targets.shape)[:, :r] for name, value in stats.items()}
 
 
 @torch.no_grad()
@@ -998,15 +1026,10 @@ def score(model, student_prompts, teacher_prompts, responses, pad_id, micro_batc
     out = {name: torch.zeros(len(responses), width, device=model.device) for name in names}
     for start in range(0, len(responses), micro_batch_size):
         rows = slice(start, start + micro_batch_size)
-        logits, targets = response_logits(model, student_prompts[rows], responses[rows], pad_id)
-        teacher_logits = None
-        if teacher_prompts is not None:
-            teacher_logits, _ = response_logits(model, teacher_prompts[rows], responses[rows], pad_id)
-            teacher_logits = teacher_logits.flatten(0, 1)
-        stats = token_stats(logits.flatten(0, 1), targets.flatten(), teacher_logits, temperature=temperature)
-        r = targets.shape[1] - 1
+        stats = response_token_stats(model, student_prompts[rows], responses[rows], pad_id, temperature,
+                                     None if teacher_prompts is None else teacher_prompts[rows])
         for name in names:
-            out[name][rows, :r] = stats[name].view(targets.shape)[:, :r]  # [mb, R]
+            out[name][rows, :stats[name].shape[1]] = stats[name]  # [mb, R]
     return out
 
 
@@ -1129,28 +1152,25 @@ def policy_loss(new_logp, old_logp, advantages, mask, total_tokens, clip):
 
 
 def policy_gradient(model, prompts, responses, advantages, mask, old_logp, pad_id, micro_batch_size,
-                    clip, temperature, teacher_prompts=None, jsd_weight=0.0):
+                    clip, temperature, teacher_prompts=None, jsd_weight=0.0, total_tokens=None):
     """Accumulates into .grad the gradient of the batch's token-mean clipped surrogate, one
     micro-batch at a time. old_logp=None means ratio 1 (one update per batch, no scoring pass).
     With jsd_weight != 0 (--estimator full) the loss also has -jsd_weight * token-mean JSD over the
     full vocabulary, the teacher re-scored under no_grad. Returns (loss, number of tokens where the
-    clip binds)."""
-    total_tokens = int(mask.sum())
+    clip binds). total_tokens: the token count of the whole batch, when these rows are one process's
+    share of it (torchrun); by default mask's."""
+    total_tokens = int(mask.sum()) if total_tokens is None else total_tokens
     loss_total, clipped_total = 0.0, 0
     for start in range(0, len(responses), micro_batch_size):
         rows = slice(start, start + micro_batch_size)
-        logits, targets = response_logits(model, prompts[rows], responses[rows], pad_id)
-        teacher_logits = None
-        if jsd_weight:
-            with torch.no_grad():
-                teacher_logits = response_logits(model, teacher_prompts[rows], responses[rows], pad_id)[0].flatten(0, 1)
-        stats = token_stats(logits.flatten(0, 1), targets.flatten(), teacher_logits, temperature=temperature)
-        r = targets.shape[1] - 1
-        new_logp = stats["logp"].view(targets.shape)[:, :r]                              # [mb, R]
+        stats = response_token_stats(model, prompts[rows], responses[rows], pad_id, temperature,
+                                     teacher_prompts[rows] if jsd_weight else None)
+        new_logp = stats["logp"]                                                         # [mb, R]
+        r = new_logp.shape[1]
         old = new_logp.detach() if old_logp is None else old_logp[rows, :r]
         loss, clipped = policy_loss(new_logp, old, advantages[rows, :r], mask[rows, :r], total_tokens, clip)
         if jsd_weight:  # ascend (antisd, weight > 0) or descend (sd, weight < 0) the exact JSD
-            loss = loss - jsd_weight * (stats["jsd"].view(targets.shape)[:, :r] * mask[rows, :r]).sum() / total_tokens
+            loss = loss - jsd_weight * (stats["jsd"] * mask[rows, :r]).sum() / total_tokens
         loss.backward()
         loss_total += loss.item()
         clipped_total += int(clipped)
@@ -1161,9 +1181,14 @@ class MasterAdamW:
     """AdamW on float32 master copies of low-precision weights (see design decision 5). Float32
     weights are updated directly."""
 
-    def __init__(self, model, lr):
+    def __init__(self, model, lr, world=None):
         self.params = [p for p in model.parameters() if p.requires_grad]
-        self.master = [p if p.dtype == torch.float32 else p.detach().float().clone() for p in self.params]
+        self.world = world
+        # FSDP2 (see World): the parameters are float32 shards, and each rank's shard is its master
+        self.sharded = hasattr(self.params[0], "to_local")
+        self.master = [p.to_local().detach() if self.sharded else p if p.dtype == torch.float32
+                       else p.detach().float().clone() for p in self.params]
+        self.copy_back = not self.sharded and any(m is not p for p, m in zip(self.params, self.master))
         # weight decay 0.01 as in verl, which the paper's code builds on (negligible at lr 1e-6)
         self.optimizer = torch.optim.AdamW(self.master, lr=lr, weight_decay=0.01)
 
@@ -1171,22 +1196,33 @@ class MasterAdamW:
         """Moves the gradients onto the master copies and clips them; returns the norm before clipping."""
         for p, m in zip(self.params, self.master):
             if m is not p:
-                m.grad = None if p.grad is None else p.grad.float()
+                # FSDP2 averages over ranks; each rank's loss already has the global token count: sum
+                m.grad = None if p.grad is None else (p.grad.to_local() * self.world.size if self.sharded else p.grad).float()
                 p.grad = None
-        return float(torch.nn.utils.clip_grad_norm_(self.master, max_norm))
+        if not self.sharded:
+            return float(torch.nn.utils.clip_grad_norm_(self.master, max_norm))
+        # the norm of the whole gradient: each rank holds a disjoint shard of every parameter
+        grads = [m.grad for m in self.master if m.grad is not None]
+        norm = math.sqrt(self.world.sum(sum(float(g.double().pow(2).sum()) for g in grads)))
+        for g in grads:  # the same factor as clip_grad_norm_
+            g.mul_(min(1.0, max_norm / (norm + 1e-6)))
+        return norm
 
     def step(self):
         self.optimizer.step()
         self.zero_grad()
         # a finite loss and gradient can still overflow the weights (an absurd --lr): stop here, so that
         # no later step, log line or checkpoint uses them (bf16 weights never even receive them)
-        if not torch.stack([m.isfinite().all() for m in self.master]).all():
+        finite = bool(torch.stack([m.isfinite().all() for m in self.master]).all())
+        if self.sharded:  # every rank must take the same branch
+            finite = self.world.sum(not finite) == 0
+        if not finite:
             raise UserError("the update made some weights infinite or NaN although the loss and gradient "
                             "were finite: the learning rate is too large for these weights. Nothing was "
                             "saved after the last checkpoint; lower --lr and resume or restart.")
         with torch.no_grad():
             for p, m in zip(self.params, self.master):
-                if m is not p:
+                if self.copy_back and m is not p:
                     p.copy_(m)
 
     def zero_grad(self):
@@ -1201,7 +1237,7 @@ class MasterAdamW:
         with torch.no_grad():
             for p, m, saved in zip(self.params, self.master, state["master"]):
                 m.copy_(saved)
-                if m is not p:
+                if self.copy_back and m is not p:
                     p.copy_(m)
         self.optimizer.load_state_dict(state["adamw"])
 
@@ -1259,28 +1295,43 @@ def list_checkpoints(out_dir):
     return [path for _, path in sorted(found)]
 
 
-def save_checkpoint(out_dir, step, model, tokenizer, trainer_state, keep):
+def save_checkpoint(out_dir, step, model, tokenizer, trainer_state, keep, world=None):
     """Written to a temporary folder, then renamed: a kill mid-save leaves the previous checkpoint
-    whole. Keeps the newest `keep`."""
+    whole. Keeps the newest `keep`. Under torchrun (see World) every rank calls it: the full weights
+    are gathered for rank 0, and each rank adds its own state (its optimizer shard, its RNG)."""
     final = os.path.join(out_dir, f"checkpoint-{step}")
     temporary = final + ".tmp"
-    shutil.rmtree(temporary, ignore_errors=True)
-    model.save_pretrained(temporary)
-    tokenizer.save_pretrained(temporary)
-    torch.save(trainer_state, os.path.join(temporary, "trainer_state.pt"))
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(temporary, final)
-    for old in list_checkpoints(out_dir)[:-keep]:
-        shutil.rmtree(old)
+    rank, sharded = (world.rank, world.sharded) if world else (0, False)
+    weights = full_state_dict(model, world.compute_dtype) if sharded else None
+    if rank == 0:
+        shutil.rmtree(temporary, ignore_errors=True)
+        model.save_pretrained(temporary, state_dict=weights)
+        if sharded:  # FSDP2 renamed the class FSDP<name>; the saved config names the model's own
+            model.config.architectures = [name.removeprefix("FSDP") for name in model.config.architectures]
+            model.config.save_pretrained(temporary)
+        tokenizer.save_pretrained(temporary)
+        torch.save(trainer_state, os.path.join(temporary, "trainer_state.pt"))
+    if sharded:
+        world.dist.barrier()
+        if rank > 0:
+            torch.save(trainer_state, os.path.join(temporary, f"trainer_state-rank{rank}.pt"))
+        world.dist.barrier()
+    if rank == 0:
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(temporary, final)
+        for old in list_checkpoints(out_dir)[:-keep]:
+            shutil.rmtree(old)
+    if sharded:
+        world.dist.barrier()
     return final
 
 
-def load_checkpoint(path, device):
+def load_checkpoint(path, device, state_file="trainer_state.pt"):
     """(trainer state, model, tokenizer) of a checkpoint; UserError naming the file that is missing
     or cannot be read (a disk that filled up, a copy cut short, a file deleted by hand)."""
     weights = [name for name in ("model.safetensors", "model.safetensors.index.json")
                if os.path.exists(os.path.join(path, name))]
-    missing = [name for name in ("trainer_state.pt", "config.json", "tokenizer.json", "tokenizer_config.json")
+    missing = [name for name in (state_file, "config.json", "tokenizer.json", "tokenizer_config.json")
                if not os.path.exists(os.path.join(path, name))] + ([] if weights else ["model.safetensors"])
     if missing:
         raise UserError(f"{path}: {', '.join(missing)} missing")
@@ -1304,19 +1355,18 @@ def load_checkpoint(path, device):
             read(file, lambda: read_json(file))
         elif name.endswith(".safetensors"):  # the header gives every tensor's bytes: a cut file fails here
             read(file, lambda: safe_open(file, "pt").keys())
-    state = read(os.path.join(path, "trainer_state.pt"),
-                 lambda: torch.load(os.path.join(path, "trainer_state.pt"), weights_only=False))
+    state = read(os.path.join(path, state_file), lambda: torch.load(os.path.join(path, state_file), weights_only=False))
     model, tokenizer = read(f"the model in {path}", lambda: load_model(path, device))
     return state, model, tokenizer
 
 
-def resume_from_newest_whole_checkpoint(checkpoints, device):
+def resume_from_newest_whole_checkpoint(checkpoints, device, state_file="trainer_state.pt"):
     """(path, trainer state, model, tokenizer) of the newest checkpoint that loads. A damaged one is
     reported and the one before it used: every saved step can be redone, so nothing is lost but time."""
     damaged = []
     for path in reversed(checkpoints):
         try:
-            return (path, *load_checkpoint(path, device))
+            return (path, *load_checkpoint(path, device, state_file))
         except UserError as e:
             damaged.append(str(e))
             print(f"checkpoint {path} is damaged: {e}; trying the one before it", file=sys.stderr)
@@ -1446,7 +1496,8 @@ def train_tiny_arith(out_dir, steps=1200, batch_size=16, lr=3e-3, hidden_size=64
     model.train()
     for step in range(steps):
         batch = batches[step]
-        logits, targets = response_logits(model, [p for p, _ in batch], [r for _, r in batch], tokenizer.pad_token_id)
+        hidden, targets = response_hidden(model, [p for p, _ in batch], [r for _, r in batch], tokenizer.pad_token_id)
+        logits = model.get_output_embeddings()(hidden)  # [B, R+1, V]: a tiny vocabulary, no need for chunks
         loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -1476,12 +1527,132 @@ def tiny_arith_path():
 
 
 # -----------------------------------------------------------------------------
+# Several processes: torchrun + FSDP2 (infrastructure; one process skips all of it)
+#
+# `torchrun --nproc_per_node N antisd.py ...` runs the same loop on N processes. Each takes its own
+# share of the step's problems (whole groups of G) and generates, rewards and scores them; then every
+# process receives the whole step's rollouts and statistics, so that the group advantages, the gate
+# and the logged metrics are computed from the global batch, identically everywhere. The update runs
+# on each process's own rows with the global token count, and FSDP2 sums the gradients. The weights
+# are sharded with FSDP2 (each decoder layer, then the root): the float32 shards are the master
+# weights (AdamW is elementwise, so each process updates its own shard), the forward and backward
+# compute in bf16 on CUDA. --offload keeps the shards, gradients and optimizer state in CPU memory.
+
+class World:
+    """This process's place among torchrun's processes. In one process (without --offload) rank 0
+    of 1, nothing sharded, and every method returns its input."""
+
+    def __init__(self, device, offload=False):
+        import torch.distributed as dist
+        self.dist = dist
+        self.size = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.sharded = self.size > 1 or offload
+        self.compute_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        if self.sharded and not dist.is_initialized():
+            backend = "nccl" if device.type == "cuda" else "gloo"
+            if self.size > 1:
+                dist.init_process_group(backend)
+            else:  # --offload in one process: a group of one, no rendezvous needed
+                dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+
+    def share(self, items):
+        """This rank's contiguous share of a step's items (problems: groups are never split)."""
+        if len(items) % self.size:
+            raise UserError(f"--prompts-per-step {len(items)} must be divisible by the number of processes ({self.size})")
+        per_rank = len(items) // self.size
+        return items[self.rank * per_rank:(self.rank + 1) * per_rank]
+
+    def rows(self, n_rollouts):
+        """This rank's rows of the whole step's rollouts."""
+        per_rank = n_rollouts // self.size
+        return slice(self.rank * per_rank, (self.rank + 1) * per_rank)
+
+    def gather(self, items):
+        """Every rank's list concatenated in rank order (a tensor: along dim 0, padded with zeros on
+        dim 1 to the widest). One process: items itself."""
+        if self.size == 1:
+            return items
+        if isinstance(items, torch.Tensor):
+            parts = self.gather([items.cpu()])
+            width = max(part.shape[1] for part in parts)
+            return torch.cat([F.pad(part, (0, width - part.shape[1])) for part in parts]).to(items.device)
+        parts = [None] * self.size
+        self.dist.all_gather_object(parts, items)
+        return [item for part in parts for item in part]
+
+    def sum(self, value):
+        """The sum of a number over all ranks."""
+        if self.size == 1:
+            return value
+        total = torch.tensor(float(value), dtype=torch.float64)
+        self.dist.all_reduce(total)
+        return float(total)
+
+
+def shard_model(model, device, offload):
+    """FSDP2: each decoder layer, then the root (embeddings, final norm, lm_head, tied or not).
+    Parameters are float32 shards (the master weights); on CUDA the forward and backward run in
+    bf16 and gradients are reduced in float32 (averaged over ranks: MasterAdamW turns that back into
+    the sum, since each rank's loss is already divided by the global token count)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+    mesh = init_device_mesh(device.type, (int(os.environ.get("WORLD_SIZE", "1")),))
+    compute_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # the unsharded path's dtype
+    settings = {"mesh": mesh, "mp_policy": MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)}
+    if offload:
+        settings["offload_policy"] = CPUOffloadPolicy()
+    model.to(torch.float32)
+    for layer in model.model.layers:
+        fully_shard(layer, **settings)
+    fully_shard(model, **settings)
+    return model
+
+
+class whole_weights_for_generation:
+    """Gathers every shard once for generation and reshards after; otherwise every generated token
+    would all-gather every layer again. Unsharded (one process): nothing to do. (The root's weights
+    stay gathered after its forward anyway: FSDP2 does that for the root.)"""
+
+    def __init__(self, model):
+        from torch.distributed.fsdp import FSDPModule
+        self.units = [m for m in model.modules() if isinstance(m, FSDPModule)]
+
+    def __enter__(self):
+        for unit in self.units:
+            unit.unshard()
+            if unit is not self.units[0]:
+                unit.set_reshard_after_forward(False, recurse=False)
+
+    def __exit__(self, *exc):
+        for unit in self.units[1:]:
+            unit.set_reshard_after_forward(True, recurse=False)
+        for unit in self.units:
+            unit.reshard()
+
+
+def full_state_dict(model, dtype):
+    """The whole model's weights on rank 0's CPU (every rank must call it), in `dtype`."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return {name: tensor.to(dtype) for name, tensor in state.items()}
+
+
+# -----------------------------------------------------------------------------
 # The training loop
 
 def main(argv=None):
     args = get_args(argv)
     n_rollouts = args.prompts_per_step * args.group_size
     device = pick_device(args.device, args.model)
+    world = World(device, args.offload)  # torchrun's processes; one process: rank 0 of 1
+    if world.sharded:
+        if args.offload and device.type != "cuda":
+            raise UserError("--offload moves FSDP2 shards from a CUDA GPU to CPU memory: it needs --device cuda")
+        for flag, value, plain in [("--eval-every", args.eval_every, 0), ("--generate-with", args.generate_with, "eager")]:
+            if value != plain:
+                raise UserError(f"{flag} {value} is not supported under torchrun or --offload: pass {flag} {plain} "
+                                f"(evaluate the saved checkpoints with eval.py)")
 
     # ---- resume, or start fresh (never silently over an existing run)
     checkpoints = list_checkpoints(args.out_dir)
@@ -1508,7 +1679,12 @@ def main(argv=None):
     stream = ProblemStream(len(problems), args.seed)
     resumed = None
     if args.resume:
-        checkpoint, resumed, model, tokenizer = resume_from_newest_whole_checkpoint(checkpoints, device)
+        checkpoint, resumed, model, tokenizer = resume_from_newest_whole_checkpoint(
+            checkpoints, device, f"trainer_state-rank{world.rank}.pt" if world.rank else "trainer_state.pt")
+        if resumed.get("world_size", 1) != world.size:
+            raise UserError(f"{checkpoint} was written by {resumed.get('world_size', 1)} process(es), each with its "
+                            f"own optimizer shard and random state; resume it with that many "
+                            f"(torchrun --nproc_per_node {resumed.get('world_size', 1)}), not {world.size}")
         changed = [f"{setting_name(key)} {resumed['args'].get(key)!r} -> {getattr(args, key)!r}"
                    for key in RUN_DEFINING if resumed["args"].get(key) != getattr(args, key)]
         if changed:
@@ -1517,14 +1693,16 @@ def main(argv=None):
         model, tokenizer = load_model(args.model, device, args.init)
     if device.type == "cuda":
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if world.sharded:
+        model = shard_model(model, device, args.offload)
     model.train()
-    optimizer = MasterAdamW(model, args.lr)
+    optimizer = MasterAdamW(model, args.lr, world)
     gate = None
     if args.method != "grpo" and args.gate != "none":
         gate = EntropyGate(args.gate_warmup, args.tau_ratio, args.lambda_max,
                            reopen_ratio=1.07 if args.gate == "perplexity" else 1.0)
-    rng = random.Random(args.seed)  # sibling choice and rollout logging
-    torch.manual_seed(args.seed)
+    rng = random.Random(args.seed + world.rank)  # sibling choice and rollout logging
+    torch.manual_seed(args.seed + world.rank)  # each rank samples its own rollouts
     first_step = 1
     if resumed:
         optimizer.load_state_dict(resumed["optimizer"])
@@ -1537,10 +1715,11 @@ def main(argv=None):
             torch.cuda.set_rng_state(resumed["cuda_rng"])
         first_step = resumed["step"] + 1
         print(f"resumed from {checkpoint}: continuing at step {first_step}")
-    for name in ("metrics.jsonl", "rollouts.jsonl"):
-        keep_log_lines_up_to(os.path.join(args.out_dir, name), first_step - 1)
-    metrics_file = open(os.path.join(args.out_dir, "metrics.jsonl"), "a")
-    rollouts_file = open(os.path.join(args.out_dir, "rollouts.jsonl"), "a")
+    if world.rank == 0:  # one rank writes the logs
+        for name in ("metrics.jsonl", "rollouts.jsonl"):
+            keep_log_lines_up_to(os.path.join(args.out_dir, name), first_step - 1)
+    metrics_file = open(os.path.join(args.out_dir, "metrics.jsonl") if world.rank == 0 else os.devnull, "a")
+    rollouts_file = open(os.path.join(args.out_dir, "rollouts.jsonl") if world.rank == 0 else os.devnull, "a")
     pad_id = tokenizer.pad_token_id
     teacher_needed = args.method != "grpo"
     scoring_needed = teacher_needed or args.ppo_epochs > 1
@@ -1549,7 +1728,8 @@ def main(argv=None):
         return {"step": step, "args": vars(args), "optimizer": optimizer.state_dict(),
                 "stream": stream.state_dict(), "gate": gate.state_dict() if gate else None,
                 "rng": rng.getstate(), "torch_rng": torch.get_rng_state(),
-                "cuda_rng": torch.cuda.get_rng_state() if device.type == "cuda" else None}
+                "cuda_rng": torch.cuda.get_rng_state() if device.type == "cuda" else None,
+                "world_size": world.size}
 
     # Ctrl-C / SIGTERM: finish the current step, save, exit; a second Ctrl-C stops at once
     stop_requested = []
@@ -1567,21 +1747,23 @@ def main(argv=None):
         metrics_file.write(json.dumps({"step": 0, **evaluate_in_loop(evaluation, model, tokenizer, eval_sets, args)}) + "\n")
     from tqdm import tqdm
     progress = tqdm(range(first_step, args.steps + 1), initial=first_step - 1, total=args.steps,
-                    desc=args.method, dynamic_ncols=True)
+                    desc=args.method, dynamic_ncols=True, disable=world.rank > 0)
     try:
         for step in progress:
             step_start = time.time()
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats()
             batch = [problems[i] for i in stream.next(args.prompts_per_step)]
+            my_problems = world.share(batch)  # torchrun: this rank's whole groups; one process: all
 
             # ---- 1. sample G rollouts per problem
             student_prompts = [student_prompt_ids(tokenizer, item["problem"], args.enable_thinking)
-                               for item in batch for _ in range(args.group_size)]
+                               for item in my_problems for _ in range(args.group_size)]
             generate_start = time.time()
             try:
-                samples = generate(model, tokenizer, student_prompts, args.max_new_tokens, args.temperature,
-                                   args.top_p, args.gen_batch_size, args.generate_with)
+                with whole_weights_for_generation(model):
+                    samples = generate(model, tokenizer, student_prompts, args.max_new_tokens, args.temperature,
+                                       args.top_p, args.gen_batch_size, args.generate_with, world.size > 1)
             except torch.cuda.OutOfMemoryError:
                 raise out_of_memory("generation", "--gen-batch-size", args.gen_batch_size) from None
             generate_seconds = time.time() - generate_start
@@ -1590,28 +1772,23 @@ def main(argv=None):
             texts = [decode_response(tokenizer, ids) for ids in responses]
             generate_peak_gb = phase_peak_memory_gb(device)
 
-            # ---- 2. rewards, and 3. group advantages
-            golds = [item["answer"] for item in batch for _ in range(args.group_size)]
+            # ---- 2. rewards (group advantages, 3, once every rank's rollouts are in, below)
+            golds = [item["answer"] for item in my_problems for _ in range(args.group_size)]
             rewards = [verify(text, gold) for text, gold in zip(texts, golds)]
-            seq_adv = group_advantages(rewards, args.group_size).to(device)  # [N]
 
             # ---- 4. score: student and teacher over the same sampled ids
             score_start = time.time()
             teacher_prompts = None
             if teacher_needed:
                 teacher_prompts = []
-                for i in range(n_rollouts):
+                for i in range(len(responses)):
                     first = i - i % args.group_size
                     group = slice(first, first + args.group_size)
-                    item = batch[i // args.group_size]
+                    item = my_problems[i // args.group_size]
                     message = build_teacher_prompt(item["problem"], i - first, rewards[group], texts[group],
                                                    item["solution"], item["answer"], rng, tokenizer,
                                                    args.max_solution_tokens)
                     teacher_prompts.append(render_prompt(tokenizer, message, args.enable_thinking))
-            lengths = torch.tensor([len(r) for r in responses], device=device)
-            width = int(lengths.max())
-            mask = torch.arange(width, device=device)[None, :] < lengths[:, None]  # [N, R]
-            total_tokens = int(mask.sum())
             stats = None  # grpo with one epoch: ratio 1, the old log-probs are the detached new ones
             if scoring_needed:
                 try:
@@ -1621,6 +1798,22 @@ def main(argv=None):
                     raise out_of_memory("scoring", "--micro-batch-size", args.micro_batch_size) from None
             score_seconds = time.time() - score_start
             score_peak_gb = phase_peak_memory_gb(device)
+
+            # ---- torchrun: every rank receives the whole step, so that steps 3, 5 and 6 and the logs use
+            # the global batch; each rank updates on its own rows (one process: all rows, nothing moves)
+            my_rows = world.rows(n_rollouts)
+            my_responses = responses
+            responses, truncated, texts, rewards = (world.gather(x) for x in (responses, truncated, texts, rewards))
+            if stats is not None:
+                stats = {name: world.gather(value).to(device) for name, value in stats.items()}  # [N, R]
+            golds = [item["answer"] for item in batch for _ in range(args.group_size)]
+
+            # ---- 3. group advantages
+            seq_adv = group_advantages(rewards, args.group_size).to(device)  # [N]
+            lengths = torch.tensor([len(r) for r in responses], device=device)
+            width = int(lengths.max())
+            mask = torch.arange(width, device=device)[None, :] < lengths[:, None]  # [N, R]
+            total_tokens = int(mask.sum())
 
             # ---- 5. gate and 6. per-token advantages
             step_terms = gate_and_advantages(stats, mask, seq_adv, gate, args)
@@ -1632,9 +1825,10 @@ def main(argv=None):
             for epoch in range(args.ppo_epochs):
                 try:
                     loss, clipped = policy_gradient(
-                        model, student_prompts, responses, step_terms["advantages"], mask,
-                        None if stats is None else stats["logp"], pad_id, args.micro_batch_size,
-                        args.clip, args.temperature, teacher_prompts, step_terms["jsd_weight"])
+                        model, student_prompts, my_responses, step_terms["advantages"][my_rows], mask[my_rows],
+                        None if stats is None else stats["logp"][my_rows], pad_id, args.micro_batch_size,
+                        args.clip, args.temperature, teacher_prompts, step_terms["jsd_weight"], total_tokens)
+                    loss, clipped = world.sum(loss), int(world.sum(clipped))  # global: every rank agrees
                 except torch.cuda.OutOfMemoryError:
                     raise out_of_memory("the update", "--micro-batch-size", args.micro_batch_size) from None
                 grad_norm = optimizer.clip_gradients(args.grad_clip)
@@ -1711,7 +1905,7 @@ def main(argv=None):
                                  f"lower --lr or inspect {args.out_dir}/rollouts.jsonl.")
             if step % args.save_every == 0 or step == args.steps or stop_requested:
                 last_saved = save_checkpoint(args.out_dir, step, model, tokenizer, trainer_state(step),
-                                             args.keep_checkpoints)
+                                             args.keep_checkpoints, world)
             if stop_requested and step < args.steps:
                 command = [a for a in (sys.argv[1:] if argv is None else argv) if a != "--resume"]
                 print(f"stopped after step {step}, saved {last_saved}. To continue:\n"

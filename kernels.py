@@ -509,6 +509,93 @@ def token_stats(logits, targets, teacher_logits=None, beta=0.5, temperature=1.0)
 
 
 # -----------------------------------------------------------------------------
+# The lm_head projection fused with token_stats, chunk by chunk of rows
+#
+# For one 32K-token response the logits alone are 32K x 151,936 entries: 10 GB in bf16, once for the
+# student, once for the teacher and once for their gradient. Here the logits of `chunk_rows` rows at
+# a time are projected from the final hidden states, reduced to the per-row statistics and dropped;
+# the backward projects each chunk again and turns its logit gradient into gradients for the hidden
+# states and the lm_head weight at once. Beyond the hidden states, memory is O(chunk_rows x V).
+
+LM_HEAD_CHUNK_ROWS = 1024   # 1024 x 151,936 bf16 logits: 0.3 GB per [chunk, V] tensor
+
+
+class _ChunkedLMHeadTokenStats(torch.autograd.Function):
+    """token_stats(hidden @ weight.T, ...) one chunk of rows at a time; the backward recomputes each
+    chunk's logits (activation checkpointing at chunk granularity)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, teacher_hidden, beta, temperature, chunk_rows):
+        names = STAT_NAMES if teacher_hidden is not None else STAT_NAMES[:2]
+        chunks = []
+        with torch.no_grad():
+            for i in range(0, hidden.shape[0], chunk_rows):
+                rows = slice(i, i + chunk_rows)
+                teacher_logits = None if teacher_hidden is None else teacher_hidden[rows] @ weight.T
+                chunks.append(token_stats(hidden[rows] @ weight.T, targets[rows], teacher_logits,
+                                          beta, temperature))      # [chunk, V] lives only here
+        outputs = [torch.cat([chunk[name] for chunk in chunks]) if chunks
+                   else hidden.new_zeros(0, dtype=torch.float32) for name in names]
+        ctx.save_for_backward(hidden, weight, targets, teacher_hidden)
+        ctx.settings = (beta, temperature, chunk_rows, names)
+        ctx.mark_non_differentiable(*[out for name, out in zip(names, outputs) if name.startswith("t_")])
+        return tuple(outputs)
+
+    @staticmethod
+    def backward(ctx, *grad_outputs):
+        hidden, weight, targets, teacher_hidden = ctx.saved_tensors
+        beta, temperature, chunk_rows, names = ctx.settings
+        # float32 accumulators: the weight's gradient is a sum over every chunk
+        grad_hidden = torch.zeros_like(hidden, dtype=torch.float32) if ctx.needs_input_grad[0] else None
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if ctx.needs_input_grad[1] else None
+        weight = weight.detach().requires_grad_()
+        for i in range(0, hidden.shape[0], chunk_rows):
+            rows = slice(i, i + chunk_rows)
+            with torch.no_grad():
+                teacher_logits = None if teacher_hidden is None else teacher_hidden[rows] @ weight.T
+            with torch.enable_grad():
+                chunk = hidden[rows].detach().requires_grad_()
+                stats = token_stats(chunk @ weight.T, targets[rows], teacher_logits, beta, temperature)
+                pairs = [(stats[name], grad[rows]) for name, grad in zip(names, grad_outputs)
+                         if grad is not None and not name.startswith("t_")]
+                if not pairs:
+                    continue
+                grad_chunk, grad_weight_chunk = torch.autograd.grad(
+                    [s for s, _ in pairs], [chunk, weight], [g for _, g in pairs], allow_unused=True)
+            if grad_hidden is not None and grad_chunk is not None:
+                grad_hidden[rows] = grad_chunk
+            if grad_weight is not None and grad_weight_chunk is not None:
+                grad_weight += grad_weight_chunk
+        return (None if grad_hidden is None else grad_hidden.to(hidden.dtype),
+                None if grad_weight is None else grad_weight.to(weight.dtype), None, None, None, None, None)
+
+
+def lm_head_token_stats(hidden, weight, targets, teacher_hidden=None, beta=0.5, temperature=1.0,
+                        chunk_rows=LM_HEAD_CHUNK_ROWS):
+    """token_stats(hidden @ weight.T, targets, teacher_hidden @ weight.T, ...) without ever holding
+    the [N, V] logits. hidden, teacher_hidden: [N, H] final hidden states (after the last norm);
+    weight: [V, H], the lm_head weight (tied to the embeddings or not: gradients reach whatever
+    parameter it is). Values and gradients (for hidden and weight) equal the unchunked path's; no
+    gradient flows into teacher_hidden. Each chunk goes through `token_stats`, so CUDA tensors use
+    the fused kernel."""
+    if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1] \
+            or targets.shape != hidden.shape[:1]:
+        raise ValueError(f"lm_head_token_stats: hidden must be [N, H], weight [V, H] and targets [N], got "
+                         f"{tuple(hidden.shape)}, {tuple(weight.shape)} and {tuple(targets.shape)}")
+    if teacher_hidden is not None:
+        if teacher_hidden.shape != hidden.shape:
+            raise ValueError(f"lm_head_token_stats: teacher_hidden {tuple(teacher_hidden.shape)} "
+                             f"!= hidden {tuple(hidden.shape)}")
+        teacher_hidden = teacher_hidden.detach()
+    if chunk_rows < 1:
+        raise ValueError(f"lm_head_token_stats: chunk_rows must be at least 1, got {chunk_rows}")
+    outputs = _ChunkedLMHeadTokenStats.apply(hidden, weight, targets, teacher_hidden, float(beta),
+                                             float(temperature), int(chunk_rows))
+    names = STAT_NAMES if teacher_hidden is not None else STAT_NAMES[:2]
+    return dict(zip(names, outputs))
+
+
+# -----------------------------------------------------------------------------
 # Benchmark: python kernels.py (needs a CUDA GPU)
 #
 # Bytes counted, per vocabulary entry, e = element size of the logits (2 for bf16):

@@ -11,6 +11,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")   # before kernels.py is imported
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
+import argparse
 import functools
 import importlib
 import io
@@ -2236,10 +2237,13 @@ def test_supervised_start_lowers_the_response_loss_and_is_trained_only_once(tmp_
     assert tokenizer.tokenize(" 1234") == ["Ġ1", "2", "3", "4"]  # one digit per token
     examples = antisd.supervised_examples(tokenizer, antisd.make_arith_problems(8, seed=99), random.Random(0))
 
-    def response_loss(m):
+    def response_loss(m):  # one example at a time, no padding: mean cross-entropy of the response tokens
+        losses = []
         with torch.no_grad():
-            logits, targets = antisd.response_logits(m, [p for p, _ in examples], [r for _, r in examples], tokenizer.pad_token_id)
-        return float(F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100))
+            for prompt, response in examples:
+                logits = m(torch.tensor([prompt + response])).logits[0, len(prompt) - 1:-1]  # [R, V]
+                losses.append(F.cross_entropy(logits, torch.tensor(response)))
+        return float(torch.stack(losses).mean())
 
     untrained = type(model)(model.config)
     assert response_loss(model) < response_loss(untrained) - 1.0
@@ -2294,3 +2298,181 @@ def test_rollouts_keep_every_token_with_its_u_and_tokens_html_colours_them(tmp_p
         else:
             assert min(red, blue) >= 250
     assert "step 1" in page and "step 2" in page and "legend" in page
+
+
+# -----------------------------------------------------------------------------
+# Scale: logits projected from the hidden states chunk by chunk, and several processes (FSDP2)
+
+def float64_stats(logits, targets, teacher_logits, beta, temperature):
+    """The five statistics in float64 by their definitions, all rows at once."""
+    logp_all = torch.log_softmax(logits.double() / temperature, -1)
+    t_logp_all = torch.log_softmax(teacher_logits.double() / temperature, -1)
+    mix = beta * t_logp_all.exp() + (1 - beta) * logp_all.exp()
+    valid = targets != kernels.IGNORE_INDEX
+    pick = lambda table: table.gather(-1, targets.clamp(min=0)[:, None])[:, 0] * valid
+    kl = lambda lp: (lp.exp() * (lp - mix.log())).sum(-1)
+    return {"logp": pick(logp_all), "entropy": -(logp_all.exp() * logp_all).sum(-1) * valid,
+            "t_logp": pick(t_logp_all), "t_entropy": -(t_logp_all.exp() * t_logp_all).sum(-1) * valid,
+            "jsd": (beta * kl(t_logp_all) + (1 - beta) * kl(logp_all)) * valid}
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_chunked_lm_head_stats_equal_the_unchunked_path_and_float64_in_values_and_gradients(tied, token_stats_path):
+    N, H, V, beta, temperature = 13, 8, 50, 0.3, 0.7
+    g = torch.Generator().manual_seed(1)
+    weight = (torch.randn(V, H, generator=g)).requires_grad_()
+    extra = torch.randn(N, H, generator=g).requires_grad_()
+    ids = torch.randint(0, V, (N,), generator=g)
+    targets = torch.randint(0, V, (N,), generator=g)
+    targets[[2, 9]] = kernels.IGNORE_INDEX
+    teacher_hidden = torch.randn(N, H, generator=g)
+    upstream = {name: torch.randn(N, generator=g) for name in ("logp", "entropy", "jsd")}
+
+    def run(stats_of, dtype=torch.float32):
+        # tied: the hidden states depend on the weight too (an embedding lookup), as with tied embeddings
+        w, x = weight.to(dtype), extra.to(dtype)
+        hidden = x + w[ids] if tied else x
+        out = stats_of(hidden, w, teacher_hidden.to(dtype))
+        loss = sum((out[name].to(dtype) * up.to(dtype)).sum() for name, up in upstream.items())
+        grads = torch.autograd.grad(loss, [weight, extra])
+        return {k: v.detach().double() for k, v in out.items()}, [gr.double() for gr in grads]
+
+    chunked, chunked_grads = run(lambda h, w, t: kernels.lm_head_token_stats(h, w, targets, t, beta, temperature,
+                                                                            chunk_rows=4))
+    whole, whole_grads = run(lambda h, w, t: kernels.token_stats_torch(h @ w.T, targets, t @ w.T, beta, temperature))
+    # the teacher is a constant (M1): no gradient through its logits, although they use the same weight
+    exact, exact_grads = run(lambda h, w, t: float64_stats(h @ w.T, targets, t @ w.detach().T, beta, temperature),
+                             torch.float64)
+    for name in kernels.STAT_NAMES:
+        torch.testing.assert_close(chunked[name], whole[name], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(chunked[name], exact[name], rtol=1e-4, atol=1e-4)
+    for got, same_path, reference in zip(chunked_grads, whole_grads, exact_grads):
+        torch.testing.assert_close(got, same_path, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(got, reference, rtol=1e-4, atol=1e-4)
+    assert chunked["t_logp"][[2, 9]].abs().sum() == 0 and chunked["jsd"][[2, 9]].abs().sum() == 0
+
+
+def peak_rss_growth_mb(work):
+    """Peak resident memory of this process while `work` runs, above what it held before, in MB.
+    /proc/self/clear_refs resets the high-water mark (Linux); a fixed mmap threshold makes glibc
+    return every freed tensor of 64 KB or more to the system at once, so resident memory follows
+    the live tensors instead of what the heap happened to keep."""
+    import ctypes
+    libc = ctypes.CDLL("libc.so.6")
+    libc.mallopt(-3, 65536)                        # M_MMAP_THRESHOLD, fixed: no dynamic raise
+    read = lambda field: int(re.search(rf"{field}:\s+(\d+)", Path("/proc/self/status").read_text()).group(1))
+    libc.malloc_trim(0)
+    Path("/proc/self/clear_refs").write_text("5")
+    before = read("VmRSS")
+    work()
+    return (read("VmHWM") - before) / 1024
+
+
+def test_chunked_lm_head_memory_stays_flat_as_rows_grow_while_unchunked_memory_grows():
+    try:
+        peak_rss_growth_mb(lambda: None)
+    except OSError:
+        pytest.skip("needs Linux glibc and /proc/self/clear_refs to measure the peak resident memory")
+    H, V = 16, 4096
+    weight = torch.randn(V, H).requires_grad_()
+
+    def forward_backward(rows, chunk_rows):
+        hidden = torch.randn(rows, H).requires_grad_()
+        targets, teacher = torch.randint(0, V, (rows,)), torch.randn(rows, H)
+
+        def work():
+            out = kernels.lm_head_token_stats(hidden, weight, targets, teacher, chunk_rows=chunk_rows)
+            (out["logp"] + out["entropy"] + out["jsd"]).sum().backward()
+        return peak_rss_growth_mb(work)
+
+    forward_backward(64, 64)                      # first use: lazily initialised buffers
+    small, large = 128, 1024                      # one [large, V] float32 tensor is 16 MB
+    # the smaller of two measurements: a one-off allocation elsewhere in the process is not the path's
+    chunked = [min(forward_backward(rows, 64) for _ in range(2)) for rows in (small, large)]
+    unchunked = [min(forward_backward(rows, rows) for _ in range(2)) for rows in (small, large)]
+    assert chunked[1] <= 1.1 * chunked[0] + 4, (chunked, unchunked)
+    # unchunked, at least two [N, V] float32 tensors grow with N: 2 x (1024 - 128) x 4096 x 4 bytes = 28 MB
+    assert unchunked[1] - unchunked[0] >= 28, (chunked, unchunked)
+
+
+TWO_RANKS = '''
+import argparse, json, os, sys
+import torch
+sys.path.insert(0, {here!r})
+import antisd
+
+out = {out!r}
+batch = torch.load(os.path.join(out, "batch.pt"))
+world = antisd.World(torch.device("cpu"))
+model, tokenizer = antisd.build_tiny(seed=0)
+model = antisd.shard_model(model, torch.device("cpu"), offload=False)
+optimizer = antisd.MasterAdamW(model, 1e-3, world)
+mine = world.rows(len(batch["responses"]))
+stats = antisd.score(model, batch["prompts"][mine], batch["teacher_prompts"][mine], batch["responses"][mine],
+                     tokenizer.pad_token_id, 1, 1.0)
+stats = {{name: world.gather(value) for name, value in stats.items()}}
+args = argparse.Namespace(**batch["args"])
+terms = antisd.gate_and_advantages(stats, batch["mask"], batch["seq_adv"], None, args)
+total_tokens = int(batch["mask"].sum())
+loss, clipped = antisd.policy_gradient(model, batch["prompts"][mine], batch["responses"][mine],
+                                       terms["advantages"][mine], batch["mask"][mine], stats["logp"][mine],
+                                       tokenizer.pad_token_id, 1, 0.2, 1.0, total_tokens=total_tokens)
+grad_norm = optimizer.clip_gradients(1e9)
+grads = {{name: torch.cat(world.gather([m.grad])) for (name, _), m in zip(model.named_parameters(), optimizer.master)}}
+if world.rank == 0:
+    torch.save({{"grads": grads, "gate_signal": terms["gate_signal"], "total_tokens": total_tokens,
+                "loss": world.sum(loss), "grad_norm": grad_norm}}, os.path.join(out, "two_ranks.pt"))
+else:
+    world.sum(loss)
+run = ["--model", "tiny", "--dataset", "arith", "--device", "cpu", "--prompts-per-step", "2", "--group-size", "2",
+       "--max-new-tokens", "6", "--micro-batch-size", "2", "--out-dir", os.path.join(out, "run")]
+antisd.main(run + ["--steps", "1"])
+antisd.main(run + ["--steps", "2", "--resume"])
+'''
+
+
+def test_two_processes_give_one_process_gradient_gate_signal_and_token_count_and_resume_their_run(tmp_path):
+    model, tokenizer = antisd.build_tiny(seed=0)
+    prompts, responses, _, mask = fixed_batch(tokenizer)
+    teacher_prompts = [prompt + tokenizer.encode(f"hint {k}: the answer is {k}") for k, prompt in enumerate(prompts)]
+    args = dict(method="antisd", gate="none", estimator="token", divergence="jsd", compose="add", lambda_max=0.5)
+    seq_adv = antisd.group_advantages([1.0, 0.0, 0.0, 1.0], 2)
+    torch.save({"prompts": prompts, "teacher_prompts": teacher_prompts, "responses": responses, "mask": mask,
+                "seq_adv": seq_adv, "args": args}, tmp_path / "batch.pt")
+    script = tmp_path / "two_ranks.py"
+    script.write_text(TWO_RANKS.format(here=str(HERE), out=str(tmp_path)))
+    launched = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                                 "--standalone", str(script)], cwd=tmp_path, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+    try:  # meanwhile, the same step in this one process
+        stats = antisd.score(model, prompts, teacher_prompts, responses, tokenizer.pad_token_id, 1, 1.0)
+        terms = antisd.gate_and_advantages(stats, mask, seq_adv, None, argparse.Namespace(**args))
+        loss, _ = antisd.policy_gradient(model, prompts, responses, terms["advantages"], mask, stats["logp"],
+                                         tokenizer.pad_token_id, 1, 0.2, 1.0)
+        one = {name: p.grad for name, p in model.named_parameters()}
+        output, _ = launched.communicate(timeout=300)
+    finally:
+        if launched.poll() is None:
+            launched.kill()
+    assert launched.returncode == 0, output[-3000:]
+    two = torch.load(tmp_path / "two_ranks.pt")
+    assert two["total_tokens"] == int(mask.sum())
+    assert two["gate_signal"] == pytest.approx(terms["gate_signal"], rel=1e-6)
+    assert two["loss"] == pytest.approx(loss, rel=1e-5, abs=1e-7)
+    assert set(two["grads"]) == set(one)
+    for name, grad in one.items():
+        torch.testing.assert_close(two["grads"][name], grad, rtol=1e-4, atol=1e-6, msg=name)
+    norm = math.sqrt(sum(float(g.double().pow(2).sum()) for g in one.values()))
+    assert two["grad_norm"] == pytest.approx(norm, rel=1e-4)
+    # the two-process run: one metrics line per step across a resume, a checkpoint from_pretrained loads
+    run = tmp_path / "run"
+    assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+    from transformers import AutoModelForCausalLM
+    loaded = AutoModelForCausalLM.from_pretrained(run / "checkpoint-2")
+    assert type(loaded).__name__ == "Qwen3ForCausalLM"
+    assert (run / "checkpoint-2" / "trainer_state-rank1.pt").exists()
+    with pytest.raises(antisd.UserError, match="written by 2 process"):
+        antisd.main(["--model", "tiny", "--dataset", "arith", "--device", "cpu", "--prompts-per-step", "2",
+                     "--group-size", "2", "--max-new-tokens", "6", "--micro-batch-size", "2", "--out-dir", str(run),
+                     "--steps", "3", "--resume"])
