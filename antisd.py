@@ -156,7 +156,9 @@ def get_args(argv=None):
     if model_name == "tiny":  # measured to raise held-out arith accuracy on a 2-core CPU (README)
         p.set_defaults(dataset="arith", prompts_per_step=TINY_PROMPTS_PER_STEP, max_new_tokens=64,
                        gen_batch_size=128, micro_batch_size=64, steps=TINY_STEPS, lr=TINY_LR,
-                       save_every=1000, eval_every=TINY_EVAL_EVERY, eval_benchmarks="arith", eval_limit=200)
+                       save_every=1000, eval_benchmarks="arith", eval_limit=200,
+                       # in-loop evaluation runs in one process only (torchrun: evaluate the checkpoints)
+                       eval_every=TINY_EVAL_EVERY if os.environ.get("WORLD_SIZE", "1") == "1" else 0)
     elif model_name == "tiny-random":  # shapes only: the tests
         p.set_defaults(prompts_per_step=4, max_new_tokens=48, gen_batch_size=32, micro_batch_size=8,
                        save_every=1000, eval_every=0)
@@ -1520,6 +1522,9 @@ def train_tiny_arith(out_dir, steps=1200, batch_size=16, lr=3e-3, hidden_size=64
 def tiny_arith_path():
     """The cached tiny arith model, trained on first use (about 2 minutes on one CPU thread)."""
     path = os.path.join(TINY_CACHE, TINY_ARITH_RECIPE)
+    if not os.path.isdir(path) and os.environ.get("WORLD_SIZE", "1") != "1":  # every rank would train its own
+        raise UserError(f"--model tiny: no cached model in {path}; build it once in one process first "
+                        f"(python eval.py --model tiny --benchmarks arith), then start torchrun")
     if not os.path.isdir(path):
         print(f"--model tiny: no cached model in {path}; training it (supervised start, set ANTISD_CACHE to move it)")
         train_tiny_arith(path)

@@ -2424,7 +2424,7 @@ if world.rank == 0:
                 "loss": world.sum(loss), "grad_norm": grad_norm}}, os.path.join(out, "two_ranks.pt"))
 else:
     world.sum(loss)
-run = ["--model", "tiny", "--dataset", "arith", "--device", "cpu", "--prompts-per-step", "2", "--group-size", "2",
+run = ["--model", "tiny-random", "--dataset", "arith", "--device", "cpu", "--prompts-per-step", "2", "--group-size", "2",
        "--max-new-tokens", "6", "--micro-batch-size", "2", "--out-dir", os.path.join(out, "run")]
 antisd.main(run + ["--steps", "1"])
 antisd.main(run + ["--steps", "2", "--resume"])
@@ -2473,6 +2473,6 @@ def test_two_processes_give_one_process_gradient_gate_signal_and_token_count_and
     assert type(loaded).__name__ == "Qwen3ForCausalLM"
     assert (run / "checkpoint-2" / "trainer_state-rank1.pt").exists()
     with pytest.raises(antisd.UserError, match="written by 2 process"):
-        antisd.main(["--model", "tiny", "--dataset", "arith", "--device", "cpu", "--prompts-per-step", "2",
+        antisd.main(["--model", "tiny-random", "--dataset", "arith", "--device", "cpu", "--prompts-per-step", "2",
                      "--group-size", "2", "--max-new-tokens", "6", "--micro-batch-size", "2", "--out-dir", str(run),
                      "--steps", "3", "--resume"])
