@@ -1045,6 +1045,7 @@ def median(values):
     n = ordered.numel()
     return (float(ordered[(n - 1) // 2]) + float(ordered[n // 2])) / 2
 
+
 class EntropyGate:
     """Schmitt trigger on a per-step signal (the median teacher entropy, M6).
 
@@ -1755,7 +1756,6 @@ def main(argv=None):
                     desc=args.method, dynamic_ncols=True, disable=world.rank > 0)
     try:
         for step in progress:
-            step_start = time.time()
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats()
             batch = [problems[i] for i in stream.next(args.prompts_per_step)]

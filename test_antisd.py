@@ -1258,7 +1258,6 @@ def test_command_line_on_tiny_model_writes_results_and_one_sample_line_per_probl
 # Failures that explain themselves and recover: one paragraph instead of a traceback, torn logs,
 # damaged checkpoints, changed data, non-finite settings, the checker worker's lifetime
 
-import re
 
 SMALL_RUN = ["--model", "tiny-random", "--gate-warmup", "1", "--device", "cpu", "--prompts-per-step", "2",
              "--group-size", "2", "--micro-batch-size", "4", "--max-new-tokens", "8"]
