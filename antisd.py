@@ -160,7 +160,7 @@ def get_args(argv=None):
                        # in-loop evaluation runs in one process only (torchrun: evaluate the checkpoints)
                        eval_every=TINY_EVAL_EVERY if os.environ.get("WORLD_SIZE", "1") == "1" else 0)
     elif model_name == "tiny-random":  # shapes only: the tests
-        p.set_defaults(prompts_per_step=4, max_new_tokens=48, gen_batch_size=32, micro_batch_size=8,
+        p.set_defaults(prompts_per_step=2, max_new_tokens=32, gen_batch_size=16, micro_batch_size=8,
                        save_every=1000, eval_every=0)
     args = p.parse_args(argv)
     # argparse reads "nan" and "inf" as floats, and every comparison with NaN is False

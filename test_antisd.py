@@ -23,12 +23,14 @@ import re
 import subprocess
 import sys
 import time
+import weakref
 from fractions import Fraction
 from pathlib import Path
 
 import datasets
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import antisd
 import kernels
@@ -940,7 +942,7 @@ def test_nan_steps_are_not_applied_and_stop_the_run(tmp_path, monkeypatch):
     assert all(torch.equal(good[k], after[k]) for k in good)
 
 
-@pytest.mark.parametrize("phase, flag", [("generate", "--gen-batch-size 32"), ("policy_gradient", "--micro-batch-size 8")])
+@pytest.mark.parametrize("phase, flag", [("generate", "--gen-batch-size 16"), ("policy_gradient", "--micro-batch-size 8")])
 def test_out_of_memory_names_the_flag_to_lower(tmp_path, monkeypatch, phase, flag):
     def run_out_of_memory(*args, **kwargs):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory")
@@ -974,7 +976,7 @@ def test_interrupted_run_saves_and_says_how_to_resume(tmp_path):
 @pytest.mark.parametrize("argv, message", [
     (["--dataset", "nope"], "expected one of math, gsm8k, dapo, arith, or a path"),
     (["--model", "not a model"], "expected 'tiny', 'tiny-random', a local checkpoint directory, or a hub id"),
-    (["--micro-batch-size", "5"], r"--prompts-per-step \* --group-size = 32 must be divisible by --micro-batch-size \(5\)"),
+    (["--micro-batch-size", "5"], r"--prompts-per-step \* --group-size = 16 must be divisible by --micro-batch-size \(5\)"),
     (["--group-size", "1"], "--group-size must be at least 2"),
     (["--estimator", "full", "--method", "grpo"], "--estimator full is the JSD gradient itself"),
     (["--dataset", "missing.jsonl"], "--dataset missing.jsonl: file not found"),
@@ -2351,46 +2353,54 @@ def test_chunked_lm_head_stats_equal_the_unchunked_path_and_float64_in_values_an
     assert chunked["t_logp"][[2, 9]].abs().sum() == 0 and chunked["jsd"][[2, 9]].abs().sum() == 0
 
 
-def peak_rss_growth_mb(work):
-    """Peak resident memory of this process while `work` runs, above what it held before, in MB.
-    /proc/self/clear_refs resets the high-water mark (Linux); a fixed mmap threshold makes glibc
-    return every freed tensor of 64 KB or more to the system at once, so resident memory follows
-    the live tensors instead of what the heap happened to keep."""
-    import ctypes
-    libc = ctypes.CDLL("libc.so.6")
-    libc.mallopt(-3, 65536)                        # M_MMAP_THRESHOLD, fixed: no dynamic raise
-    read = lambda field: int(re.search(rf"{field}:\s+(\d+)", Path("/proc/self/status").read_text()).group(1))
-    libc.malloc_trim(0)
-    Path("/proc/self/clear_refs").write_text("5")
-    before = read("VmRSS")
-    work()
-    return (read("VmHWM") - before) / 1024
+class PeakLiveTensorBytes(TorchDispatchMode):
+    """Counts the bytes of every CPU tensor storage that an op creates while the mode is on, and
+    forgets them when the storage is freed: `peak` is the most that was alive at once. Exact and
+    deterministic, unlike the process's resident memory, which depends on the allocator and on
+    whatever else the process does. Backward ops are seen too (the mode follows autograd)."""
+
+    def __init__(self):
+        super().__init__()
+        self.live, self.peak, self.alive = 0, 0, set()
+
+    def _freed(self, key, nbytes):
+        self.alive.discard(key)
+        self.live -= nbytes
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in torch.utils._pytree.tree_leaves(out):
+            if not isinstance(t, torch.Tensor) or t.device.type != "cpu":
+                continue
+            storage = t.untyped_storage()
+            key, nbytes = storage.data_ptr(), storage.nbytes()
+            if nbytes == 0 or key in self.alive:      # a view of a storage already counted
+                continue
+            self.alive.add(key)
+            self.live += nbytes
+            self.peak = max(self.peak, self.live)
+            weakref.finalize(storage, self._freed, key, nbytes)
+        return out
 
 
 def test_chunked_lm_head_memory_stays_flat_as_rows_grow_while_unchunked_memory_grows():
-    try:
-        peak_rss_growth_mb(lambda: None)
-    except OSError:
-        pytest.skip("needs Linux glibc and /proc/self/clear_refs to measure the peak resident memory")
     H, V = 16, 4096
     weight = torch.randn(V, H).requires_grad_()
 
-    def forward_backward(rows, chunk_rows):
+    def peak_mb(rows, chunk_rows):
         hidden = torch.randn(rows, H).requires_grad_()
         targets, teacher = torch.randint(0, V, (rows,)), torch.randn(rows, H)
-
-        def work():
+        with PeakLiveTensorBytes() as memory:
             out = kernels.lm_head_token_stats(hidden, weight, targets, teacher, chunk_rows=chunk_rows)
             (out["logp"] + out["entropy"] + out["jsd"]).sum().backward()
-        return peak_rss_growth_mb(work)
+        return memory.peak / 2**20
 
-    forward_backward(64, 64)                      # first use: lazily initialised buffers
     small, large = 128, 1024                      # one [large, V] float32 tensor is 16 MB
-    # the smaller of two measurements: a one-off allocation elsewhere in the process is not the path's
-    chunked = [min(forward_backward(rows, 64) for _ in range(2)) for rows in (small, large)]
-    unchunked = [min(forward_backward(rows, rows) for _ in range(2)) for rows in (small, large)]
-    assert chunked[1] <= 1.1 * chunked[0] + 4, (chunked, unchunked)
-    # unchunked, at least two [N, V] float32 tensors grow with N: 2 x (1024 - 128) x 4096 x 4 bytes = 28 MB
+    chunked = [peak_mb(rows, 64) for rows in (small, large)]
+    unchunked = [peak_mb(rows, rows) for rows in (small, large)]
+    # chunked: only the [N] outputs, [N, H] gradient and the like grow with N (a few KB per row)
+    assert chunked[1] <= 1.1 * chunked[0], (chunked, unchunked)
+    # unchunked: at least two [N, V] float32 tensors grow with N: 2 x (1024 - 128) x 4096 x 4 bytes = 28 MB
     assert unchunked[1] - unchunked[0] >= 28, (chunked, unchunked)
 
 
