@@ -1166,18 +1166,29 @@ def test_limit_keeps_the_first_k_problems_in_file_order(tmp_path):
     assert [p["problem"] for p in evaluation.load_benchmark("aime25", data_dir=tmp_path, limit=3)] == ["P0", "P1", "P2"]
 
 
+@pytest.fixture(scope="module")
+def real_benchmarks():
+    """Every real benchmark file present, as eval.py loads it, and the golds that, boxed, are not
+    judged equal to themselves: computed once (about 30 s of parsing real golds) for the tests below."""
+    found = {}
+    for name in EVAL_BENCHMARKS:
+        if (BENCH_DIR / f"{name}.jsonl").is_file():
+            started = time.time()
+            problems = evaluation.load_benchmark(name, data_dir=BENCH_DIR)
+            misses = [p["answer"] for p in problems if antisd.verify("\\boxed{" + p["answer"] + "}", p["answer"]) != 1.0]
+            found[name] = problems, misses, time.time() - started
+    return found
+
+
 @pytest.mark.parametrize("name", EVAL_BENCHMARKS)
-def test_every_real_gold_answer_verifies_against_itself(name):
+def test_every_real_gold_answer_verifies_against_itself(name, real_benchmarks):
     """The real benchmark files load, and each gold, boxed, is judged equal to itself: catches
     wrong column mapping and gold formats that the parser cannot read (a problem nobody can solve)."""
-    if not (BENCH_DIR / f"{name}.jsonl").is_file():
+    if name not in real_benchmarks:
         pytest.skip(f"no {BENCH_DIR}/{name}.jsonl")
-    started = time.time()
-    problems = evaluation.load_benchmark(name, data_dir=BENCH_DIR)
+    problems, misses, seconds = real_benchmarks[name]
     assert len(problems) == len(antisd.read_jsonl(BENCH_DIR / f"{name}.jsonl")), "some rows were skipped"
-    misses = [p["answer"] for p in problems if antisd.verify("\\boxed{" + p["answer"] + "}", p["answer"]) != 1.0]
-    print(f"{name}: {len(problems) - len(misses)}/{len(problems)} golds verify against themselves "
-          f"({time.time() - started:.1f} s)")
+    print(f"{name}: {len(problems) - len(misses)}/{len(problems)} golds verify against themselves ({seconds:.1f} s)")
     assert not misses, f"{name}: {len(misses)} golds do not verify against themselves, e.g. {misses[:5]}"
 
 
@@ -1198,10 +1209,10 @@ MISREAD_GOLDS = [
 
 
 @pytest.mark.parametrize("name, row, written, wrong", MISREAD_GOLDS)
-def test_a_misread_gold_does_not_accept_a_bare_number(name, row, written, wrong):
-    if not (BENCH_DIR / f"{name}.jsonl").is_file():
+def test_a_misread_gold_does_not_accept_a_bare_number(name, row, written, wrong, real_benchmarks):
+    if name not in real_benchmarks:
         pytest.skip(f"no {BENCH_DIR}/{name}.jsonl")
-    gold = evaluation.load_benchmark(name, data_dir=BENCH_DIR, limit=row + 1)[row]["answer"]
+    gold = real_benchmarks[name][0][row]["answer"]
     assert antisd.verify("\\boxed{" + gold + "}", gold) == 1.0
     assert antisd.verify("\\boxed{" + wrong + "}", gold) == 0.0, f"{written} accepts {wrong}"
 
@@ -1225,7 +1236,7 @@ def test_evaluate_restores_training_mode_and_leaves_the_callers_rng_alone():
     assert [s["responses"] for s in again] == [s["responses"] for s in samples]  # same seed, same samples
 
 
-def test_command_line_on_tiny_model_writes_results_and_one_sample_line_per_problem(tmp_path):
+def test_command_line_on_tiny_model_writes_results_and_one_sample_line_per_problem(tmp_path, capsys):
     data_dir = tmp_path / "bench"
     data_dir.mkdir()
     write_jsonl(data_dir / "aime24.jsonl", [{"id": 60 + i, "problem": f"What is {i}+{i}?", "answer": f"{2 * i:03d}",
@@ -1233,12 +1244,11 @@ def test_command_line_on_tiny_model_writes_results_and_one_sample_line_per_probl
     write_jsonl(data_dir / "minerva_math.jsonl", [{"problem": f"Compute {i}.", "solution": f"\\boxed{{{i}e3}}",
                                                    "type": "t", "idx": i} for i in range(3)])
     out_dir = tmp_path / "out"
-    command = [sys.executable, str(HERE / "eval.py"), "--model", "tiny-random", "--device", "cpu",
-               "--data-dir", str(data_dir), "--benchmarks", "aime24,minerva_math", "--limit", "2", "--n", "2",
-               "--max-new-tokens", "16", "--batch-size", "3", "--out-dir", str(out_dir)]
-    done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "| mean |" in done.stdout
+    # in process (a second interpreter would import torch again): the same argv, the same main
+    evaluation.main(["--model", "tiny-random", "--device", "cpu", "--data-dir", str(data_dir),
+                     "--benchmarks", "aime24,minerva_math", "--limit", "2", "--n", "2", "--max-new-tokens", "16",
+                     "--batch-size", "3", "--out-dir", str(out_dir)])
+    assert "| mean |" in capsys.readouterr().out
 
     results = json.loads((out_dir / "results.json").read_text())
     assert results["model"] == "tiny-random" and results["settings"]["seed"] == 0
@@ -2203,7 +2213,8 @@ def test_arith_benchmark_never_shares_a_problem_with_training():
     assert len(benchmark) == 500 == len({item["problem"] for item in benchmark})
     held_out = {arith_numbers(item["problem"]) for item in benchmark}
     training = {arith_numbers(item["problem"]) for seed in (0, 1, 2) for item in antisd.make_arith_problems(2000, seed)}
-    supervised = {arith_numbers(item["problem"]) for item in antisd.make_arith_problems(9600, seed=10_000)}  # the default supervised start
+    supervised = {arith_numbers(item["problem"])  # the default supervised start
+                  for item in antisd.make_arith_problems(antisd.TINY_SFT_STEPS * antisd.TINY_SFT_BATCH, seed=10_000)}
     assert held_out.isdisjoint(training) and held_out.isdisjoint(supervised)
     assert all(antisd.arith_is_held_out(numbers) for numbers in held_out)
     every_tuple = list(itertools.product(range(1, 15), range(2, 5), range(2, 5), range(1, 10)))
@@ -2236,7 +2247,20 @@ def test_supervised_start_lowers_the_response_loss_and_is_trained_only_once(tmp_
     antisd.load_model("tiny", torch.device("cpu"))  # the second load reads the cache
     assert len(calls) == 1 and (tmp_path / "cache" / antisd.TINY_ARITH_RECIPE / "model.safetensors").exists()
     assert tokenizer.tokenize(" 1234") == ["Ġ1", "2", "3", "4"]  # one digit per token
-    examples = antisd.supervised_examples(tokenizer, antisd.make_arith_problems(8, seed=99), random.Random(0))
+    problems = antisd.make_arith_problems(8, seed=99)
+    students = antisd.supervised_examples(tokenizer, problems, random.Random(0), as_teacher=False)
+    teachers = antisd.supervised_examples(tokenizer, problems, random.Random(0), as_teacher=True)
+    examples = students + teachers
+    # the prompts are the ones RL will use, token for token, though tokenized in one batch
+    assert [prompt for prompt, _ in students] == [antisd.student_prompt_ids(tokenizer, p["problem"], False) for p in problems]
+    rng = random.Random(0)
+    for p, (prompt, response) in zip(problems, teachers):
+        slips = (rng.random() < antisd.SLIP_RATE, rng.random() < antisd.SLIP_RATE)
+        sloppy, answer = antisd.arith_solution(p["name"], p["thing"], p["numbers"], slips)
+        message = antisd.build_teacher_prompt(p["problem"], 0, [float(answer == int(p["answer"]))], [sloppy],
+                                              p["solution"], p["answer"], rng)
+        assert prompt == antisd.render_prompt(tokenizer, message, False)
+        assert response == tokenizer(p["solution"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
 
     def response_loss(m):  # one example at a time, no padding: mean cross-entropy of the response tokens
         losses = []
