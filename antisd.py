@@ -1579,7 +1579,7 @@ class World:
         self.size = int(os.environ.get("WORLD_SIZE", "1"))
         self.rank = int(os.environ.get("RANK", "0"))
         self.sharded = self.size > 1 or offload
-        self.compute_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        self.compute_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # the unsharded path's dtype
         if self.sharded and not dist.is_initialized():
             backend = "nccl" if device.type == "cuda" else "gloo"
             if self.size > 1:
@@ -1621,16 +1621,15 @@ class World:
         return float(total)
 
 
-def shard_model(model, device, offload):
+def shard_model(model, world, device, offload):
     """FSDP2: each decoder layer, then the root (embeddings, final norm, lm_head, tied or not).
     Parameters are float32 shards (the master weights); on CUDA the forward and backward run in
     bf16 and gradients are reduced in float32 (averaged over ranks: MasterAdamW turns that back into
     the sum, since each rank's loss is already divided by the global token count)."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
-    mesh = init_device_mesh(device.type, (int(os.environ.get("WORLD_SIZE", "1")),))
-    compute_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # the unsharded path's dtype
-    settings = {"mesh": mesh, "mp_policy": MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)}
+    mesh = init_device_mesh(device.type, (world.size,))
+    settings = {"mesh": mesh, "mp_policy": MixedPrecisionPolicy(param_dtype=world.compute_dtype, reduce_dtype=torch.float32)}
     if offload:
         settings["offload_policy"] = CPUOffloadPolicy()
     model.to(torch.float32)
@@ -1725,7 +1724,7 @@ def main(argv=None):
     if device.type == "cuda":
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if world.sharded:
-        model = shard_model(model, device, args.offload)
+        model = shard_model(model, world, device, args.offload)
     model.train()
     optimizer = MasterAdamW(model, args.lr, world)
     gate = None

@@ -2438,7 +2438,7 @@ out = {out!r}
 batch = torch.load(os.path.join(out, "batch.pt"))
 world = antisd.World(torch.device("cpu"))
 model, tokenizer = antisd.build_tiny(seed=0)
-model = antisd.shard_model(model, torch.device("cpu"), offload=False)
+model = antisd.shard_model(model, world, torch.device("cpu"), offload=False)
 optimizer = antisd.MasterAdamW(model, 1e-3, world)
 mine = world.rows(len(batch["responses"]))
 stats = antisd.score(model, batch["prompts"][mine], batch["teacher_prompts"][mine], batch["responses"][mine],
