@@ -3,6 +3,19 @@
 Each test is named after the failure it prevents and compares against something independent: a
 float64 brute force, a one-sequence-at-a-time forward, an enumeration. Tests that use the real
 Qwen3 tokenizer or benchmark files read ../shared/hub and skip when it is absent.
+
+The sections follow a training step, then the kernels, the evaluation and the infrastructure:
+  Step 1. sampling: antisd.generate, student prompts
+  Step 2. reward: antisd.verify, clean_gold (then hedged boxes, graded cases, bounded time)
+  Step 3. group advantages
+  Step 4. scoring: teacher prompts, then antisd.score's alignment under padding
+  Step 5. the entropy gate
+  Step 6. per-token advantages
+  Step 7. the update: policy_loss, policy_gradient, MasterAdamW
+  The whole loop: end to end, per-method runs, logged numbers
+  kernels.py: float64 definition, torch reference, fused kernels, layout, chunked lm_head
+  eval.py: metrics, loading, sampling and the command line
+  Infrastructure: data, model, checker worker, logging, checkpoints, tiny models, FSDP2, CLI
 """
 
 import os
@@ -65,1636 +78,12 @@ def tiny():
     return model.eval(), tokenizer
 
 
-# -----------------------------------------------------------------------------
-# Reward
-
-
-def test_boxed_extraction_keeps_nested_braces():
-    assert antisd.last_boxed(r"so \boxed{\frac{1}{2}} and later \boxed{\sqrt{\frac{a}{b}}}.") == r"\sqrt{\frac{a}{b}}"
-    assert antisd.last_boxed(r"\boxed{3} then a cut-off \boxed{\frac{1}{") == "3"
-    assert antisd.last_boxed("no box here") is None
-
-
-@pytest.mark.parametrize("response, gold", [
-    (r"The answer is \boxed{\frac{1}{2}}.", "0.5"),
-    (r"\boxed{0.5}", r"\frac12"),
-    (r"\boxed{\dfrac{3}{4}}", "3/4"),
-    (r"\boxed{\left( 3, \frac{\pi}{2} \right)}", r"(3,\frac{\pi}{2})"),
-    (r"\boxed{25}", "025"),
-    (r"\boxed{1000}", "1,000"),
-    (r"\boxed{x(x+2)}", "x^2+2x"),
-    (r"<think>maybe \boxed{7}</think> Final: \boxed{12}", "12"),
-])
-def test_equivalent_answers_earn_reward(response, gold):
-    assert antisd.verify(response, antisd.clean_gold(gold)) == 1.0
-
-
-@pytest.mark.parametrize("response, gold", [
-    (r"\boxed{71}", "70"),
-    (r"\boxed{\frac{1}{3}}", "0.5"),
-    ("The answer is 70.", "70"),                                # no boxed answer
-    (r"<think>so it is \boxed{70}", "70"),                       # thinking never finished
-    (r"<think>\boxed{70}</think> so the answer is \boxed{71}", "70"),  # only the final answer counts
-])
-def test_wrong_or_missing_answers_earn_nothing(response, gold):
-    assert antisd.verify(response, antisd.clean_gold(gold)) == 0.0
-
-
-def test_unparsable_gold_never_earns_reward():
-    for gold in [None, "", "   ", [], "$$"]:
-        assert antisd.clean_gold(gold) is None
-        assert antisd.verify(r"\boxed{}", antisd.clean_gold(gold)) == 0.0
-        assert antisd.verify(r"\boxed{0}", antisd.clean_gold(gold)) == 0.0
-    assert antisd.verify(r"\boxed{5}", None) == 0.0
-
-
-def test_gold_answers_of_every_type_are_normalised():
-    assert antisd.clean_gold(27.0) == "27"
-    assert antisd.clean_gold(70) == "70"
-    assert antisd.clean_gold("Janet sells 9 eggs.\n#### 1,080") == "1080"
-    assert antisd.clean_gold(["$\\frac{1}{2 n+2}$"]) == "\\frac{1}{2 n+2}"
-    assert antisd.verify(r"\boxed{4.5\times 10^{33}}", antisd.clean_gold("4.5e33")) == 1.0
-    assert antisd.verify(r"\boxed{4.5}", antisd.clean_gold("4.5e33")) == 0.0
-
-
-def test_unparsable_gold_rows_are_dropped_and_counted(tmp_path):
-    path = tmp_path / "mixed.jsonl"
-    rows = [{"problem": "1+1?", "answer": "2"},
-            {"problem": "no answer in the solution", "solution": "we give up"},
-            {"problem": "2+2?", "solution": r"so \boxed{4}"},
-            {"question": "3+3?", "answer": "It is 6.\n#### 6"}]
-    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    problems, dropped = antisd.load_problems(str(path), seed=0)
-    assert dropped == 1
-    assert [p["answer"] for p in problems] == ["2", "4", "6"]
-    assert problems[2]["solution"].endswith(r"\boxed{6}.")
-
-
-def test_hub_rows_of_each_training_set_become_problems():
-    dapo = ("Solve the following math problem step by step. The last line of your response should be of the "
-            "form Answer: $Answer (without quotes) where $Answer is the answer to the problem.\n\n"
-            "Let $x$ be 3.\n\nCompute $x^2$.\n\nRemember to put your answer on its own line after \"Answer:\".")
-    assert antisd.dapo_problem(dapo) == "Let $x$ be 3.\n\nCompute $x^2$."
-    gsm8k = antisd.problem_from_row({"question": "Q?", "answer": "16 - 3 = <<16-3=13>>13 eggs.\n#### 1,300"}, "gsm8k")
-    assert gsm8k == {"problem": "Q?", "answer": "1300", "solution": "16 - 3 = 13 eggs.\nThe answer is \\boxed{1300}."}
-    math_row = antisd.problem_from_row({"problem": "P", "level": "Level 1", "type": "Algebra",
-                                        "solution": "So $x = \\boxed{\\frac{1}{2}}$."}, "math")
-    assert math_row["answer"] == "\\frac{1}{2}" and math_row["solution"].startswith("So $x")
-
-
-def test_arith_problems_are_seeded_and_their_solutions_are_correct():
-    first, again = antisd.make_arith_problems(50, seed=3), antisd.make_arith_problems(50, seed=3)
-    assert first == again
-    for item in first:
-        assert antisd.verify(item["solution"], item["answer"]) == 1.0
-
-
-# -----------------------------------------------------------------------------
-# Advantages and gate
-
-
-def test_antisd_advantage_matches_method_values_and_bound():
-    u = torch.tensor([-20.0, -1.0, 0.0, 1.0, 5.0], dtype=torch.float64)
-    expected = torch.tensor([0.346574, 0.189943, 0.0, -0.310057, -2.156784], dtype=torch.float64)
-    assert torch.allclose(antisd.antisd_advantage(u), expected, atol=1e-6)
-    very_negative = antisd.antisd_advantage(torch.tensor([-1e4, -50.0], dtype=torch.float64))
-    assert torch.all(very_negative <= 0.5 * math.log(2) + 1e-12)
-    assert abs(float(very_negative[0]) - 0.5 * math.log(2)) < 1e-12
-
-
-def test_antisd_term_has_the_opposite_sign_of_default_sd():
-    u = torch.linspace(-6, 6, 25)
-    seq_adv = torch.zeros(1)
-    antisd_adv, _ = antisd.token_advantages(seq_adv, u[None], 0.5, "antisd", "jsd", "add")
-    sd_adv, _ = antisd.token_advantages(seq_adv, u[None], 0.5, "sd", "jsd", "add")
-    nonzero = u != 0
-    assert torch.all(torch.sign(antisd_adv[0][nonzero]) == -torch.sign(sd_adv[0][nonzero]))
-    rkl, _ = antisd.token_advantages(seq_adv, u[None], 0.5, "antisd", "rkl", "add")
-    assert torch.allclose(rkl[0], -0.5 * u)
-    grpo, _ = antisd.token_advantages(torch.tensor([1.5]), u[None], 0.5, "grpo", "jsd", "add")
-    assert torch.all(grpo == 1.5)
-    mult, a = antisd.token_advantages(torch.tensor([2.0]), u[None], 0.5, "antisd", "jsd", "mult")
-    assert torch.allclose(mult[0], 2.0 * (1 + 0.5 * a[0]))
-
-
-def test_group_advantages_are_z_scores_within_each_group():
-    rewards = [1, 0, 0, 1, 1, 1, 1, 1, 0, 0, 0, 1]
-    adv = antisd.group_advantages(rewards, group_size=4)
-    for g in range(3):
-        group = torch.tensor(rewards[4 * g:4 * g + 4], dtype=torch.float64)
-        if group.std() == 0:
-            assert torch.all(adv[4 * g:4 * g + 4] == 0)
-        else:
-            mean = sum(group.tolist()) / 4
-            sample_std = math.sqrt(sum((r - mean) ** 2 for r in group.tolist()) / 3)
-            expected = (group - mean) / sample_std
-            assert torch.allclose(adv[4 * g:4 * g + 4].double(), expected, atol=1e-5)
-
-
-def test_gate_calibrates_then_switches_off_and_on():
-    gate = antisd.EntropyGate(warmup=3, tau_ratio=0.9, lambda_max=0.5)
-    # warm-up: lambda 0, H_warm = median(2.0, 1.0, 3.0) = 2.0, tau_down = 1.8
-    assert [gate.update(h) for h in (2.0, 1.0, 3.0)] == [0.0, 0.0, 0.0]
-    assert gate.h_warm == 2.0 and abs(gate.tau_down - 1.8) < 1e-12
-    assert gate.update(1.85) == 0.5          # above tau_down: on
-    assert gate.update(1.79) == 0.0          # below tau_down: off
-    assert gate.update(1.95) == 0.0          # between thresholds: stays off (hysteresis)
-    saved = json.loads(json.dumps(gate.state_dict()))
-    assert gate.update(2.0) == 0.5           # back at H_warm: on
-    assert gate.update(1.81) == 0.5          # between thresholds: stays on
-    restored = antisd.EntropyGate(warmup=3, tau_ratio=0.9, lambda_max=0.5)
-    restored.load_state_dict(saved)
-    assert [restored.update(h) for h in (2.0, 1.81, 1.0)] == [0.5, 0.5, 0.0]
-
-
-# -----------------------------------------------------------------------------
-# Teacher prompt
-
-
-def test_teacher_never_sees_the_rollout_itself():
-    texts = ["attempt zero \\boxed{1}", "attempt one \\boxed{2}", "attempt two \\boxed{2}", "attempt three"]
-    rewards = [0.0, 1.0, 1.0, 0.0]
-    seen = {i: set() for i in range(4)}
-    rng = random.Random(0)
-    for _ in range(50):
-        for i in range(4):
-            prompt = antisd.build_teacher_prompt("What is 1+1?", i, rewards, texts, "ref solution", "2", rng)
-            seen[i] |= {j for j in range(4) if texts[j] in prompt}
-            assert texts[i] not in prompt
-            assert ("Your answer is correct." in prompt) == (rewards[i] == 1)
-            assert ("Your answer is incorrect." in prompt) == (rewards[i] == 0)
-    assert seen[0] == {1, 2} and seen[3] == {1, 2}   # both correct siblings get chosen
-    assert seen[1] == {2} and seen[2] == {1}
-
-
-def test_teacher_falls_back_to_reference_solution_then_gold():
-    texts = ["only correct one \\boxed{2}", "wrong \\boxed{3}"]
-    rng = random.Random(0)
-    own = antisd.build_teacher_prompt("P", 0, [1.0, 0.0], texts, "the reference solution", "2", rng)
-    assert "the reference solution" in own and texts[0] not in own
-    wrong = antisd.build_teacher_prompt("P", 1, [1.0, 0.0], texts, "the reference solution", "2", rng)
-    assert texts[0] in wrong
-    no_ref = antisd.build_teacher_prompt("P", 0, [0.0, 0.0], texts, None, "2", rng)
-    assert "\\boxed{2}" in no_ref
-
-
-def test_sibling_thinking_is_removed_and_template_matches_method():
-    texts = ["<think>secret scratch work</think>\n\nclean \\boxed{2}", "x"]
-    prompt = antisd.build_teacher_prompt("What is 1+1?", 1, [1.0, 0.0], texts, None, "2", random.Random(0))
-    assert "secret scratch work" not in prompt
-    assert prompt == (antisd.student_message("What is 1+1?")
-                      + "\nYour previous attempt:\n\nclean \\boxed{2}\n\n"
-                      + "\nPrevious assessment: Your answer is incorrect.\n"
-                      + "\n\nNow solve this problem step by step.\n")
-
-
-def test_only_the_solution_is_truncated_never_the_problem(tiny):
-    _, tokenizer = tiny
-    problem = "A very long problem statement. " * 200
-    solution = "step " * 2000
-    prompt = antisd.build_teacher_prompt(problem, 0, [0.0], ["x"], solution, "1", random.Random(0),
-                                         tokenizer, max_solution_tokens=40)
-    assert problem in prompt
-    shown = prompt.split("Your previous attempt:\n\n")[1].split("\n\n\nPrevious assessment")[0]
-    assert len(tokenizer(shown, add_special_tokens=False)["input_ids"]) == 40
-    assert solution.startswith(shown)
-
-
-# -----------------------------------------------------------------------------
-# Scoring alignment: batched, padded scoring == one unpadded sequence at a time
-
-
-def one_at_a_time_logp(model, prompt, response):
-    """log p(response_j | prompt, response_<j) from a single unpadded forward, float64 softmax."""
-    ids = torch.tensor([prompt + response])
-    logits = model(input_ids=ids).logits[0, len(prompt) - 1:-1].double()    # [R, V]
-    logp = torch.log_softmax(logits, dim=-1)
-    return logp.gather(-1, torch.tensor(response)[:, None])[:, 0], -(logp.exp() * logp).sum(-1)
-
-
-def check_alignment(model, tokenizer, problems, responses, enable_thinking):
-    student = [antisd.student_prompt_ids(tokenizer, p, enable_thinking) for p in problems]
-    teacher_messages = [antisd.build_teacher_prompt(p, 0, [0.0], ["x"], "The solution is 42 because of "
-                                                    + "reasons " * (3 * k), "42", random.Random(0))
-                        for k, p in enumerate(problems)]
-    teacher = [antisd.render_prompt(tokenizer, m, enable_thinking) for m in teacher_messages]
-    assert len({len(p) for p in student}) > 1 and len({len(r) for r in responses}) > 1  # real padding
-    stats = antisd.score(model, student, teacher, responses, tokenizer.pad_token_id,
-                         micro_batch_size=len(responses), temperature=1.0)
-    for i, response in enumerate(responses):
-        s_ref, h_ref = one_at_a_time_logp(model, student[i], response)
-        t_ref, th_ref = one_at_a_time_logp(model, teacher[i], response)
-        n = len(response)
-        assert torch.allclose(stats["logp"][i, :n].double(), s_ref, atol=1e-5)
-        assert torch.allclose(stats["t_logp"][i, :n].double(), t_ref, atol=1e-5)
-        assert torch.allclose(stats["entropy"][i, :n].double(), h_ref, atol=1e-4)
-        assert torch.allclose(stats["t_entropy"][i, :n].double(), th_ref, atol=1e-4)
-        assert torch.all(stats["logp"][i, n:] == 0)   # nothing scored past the end
-    return student, teacher
-
-
-@torch.no_grad()
-def test_teacher_scores_exactly_the_sampled_tokens_under_left_padding(tiny, token_stats_path):
-    model, tokenizer = tiny
-    problems = ["What is 1+1?", "A much longer problem: compute 17 * 23 and then add 5 to it.", "2*3?"]
-    torch.manual_seed(0)
-    samples = antisd.generate(model, tokenizer,
-                              [antisd.student_prompt_ids(tokenizer, p, False) for p in problems],
-                              max_new_tokens=12, temperature=1.0, top_p=1.0, batch_size=3)
-    responses = [ids for ids, _ in samples]
-    responses[1] = responses[1][:3]   # make the lengths differ for certain
-    check_alignment(model, tokenizer, problems, responses, enable_thinking=False)
-
-
-@pytest.mark.skipif(not QWEN3_TOKENIZER.exists(), reason="needs ../shared/hub/Qwen3-tokenizer")
-@pytest.mark.parametrize("enable_thinking", [False, True])
-@torch.no_grad()
-def test_alignment_with_the_real_qwen3_tokenizer(enable_thinking):
-    from transformers import AutoTokenizer, Qwen3Config, Qwen3ForCausalLM
-    tokenizer = AutoTokenizer.from_pretrained(str(QWEN3_TOKENIZER))
-    tokenizer.padding_side = "left"
-    torch.manual_seed(0)
-    model = Qwen3ForCausalLM(Qwen3Config(vocab_size=151936, hidden_size=32, intermediate_size=64,
-                                         num_hidden_layers=2, num_attention_heads=2,
-                                         num_key_value_heads=1, head_dim=16)).eval()
-    problems = ["What is 1+1?", "Let $x^2 = 49$ with $x > 0$. Find $x$.", "Compute $\\frac{3}{4} + \\frac{1}{4}$."]
-    answers = ["<think>\nadd them\n</think>\n\nIt is \\boxed{2}.", "So \\boxed{7}.", "\\boxed{1}"]
-    responses = [tokenizer(a, add_special_tokens=False)["input_ids"] + [151645] for a in answers]
-    student, teacher = check_alignment(model, tokenizer, problems, responses, enable_thinking)
-    # student and teacher prompts end in the same assistant header, thinking mode included
-    tail = [151644, 77091, 198] + ([151667, 271, 151668, 271] if not enable_thinking else [])
-    for s, t in zip(student, teacher):
-        assert s[-len(tail):] == tail and t[-len(tail):] == tail
-        assert s[-len(tail) - 1] == t[-len(tail) - 1] == 198   # "<|im_end|>\n" before it
-
-
-# -----------------------------------------------------------------------------
-# kernels.py: the torch reference and the fused Triton kernels against float64
-
-IGNORE = -100
-
-# The Triton tests run on the CPU through the interpreter (or on a GPU when one is present and the
-# interpreter is switched off). The interpreter only applies if TRITON_INTERPRET=1 was set before
-# kernels.py was first imported (see the top of this file).
-if kernels.INTERPRETED:
-    DEVICE = "cpu"
-elif kernels.HAS_TRITON and torch.cuda.is_available():
-    DEVICE = "cuda"
-else:
-    DEVICE = None
-needs_triton = pytest.mark.skipif(DEVICE is None, reason="needs triton and either a GPU or "
-                                  "TRITON_INTERPRET=1 set before kernels.py is imported")
-
-# One vocabulary block per row where possible: the interpreter is slow per block, fast per element.
-BLOCK_CAP = 65536
-
-
-def block_for(V):
-    return min(1 << (V - 1).bit_length(), BLOCK_CAP) if DEVICE == "cpu" else None
-
-
-# -----------------------------------------------------------------------------
-# Independent float64 definition (deliberately not calling kernels.py)
-
-def stats_float64(logits, targets, teacher_logits, beta, temperature):
-    """Float64 brute force of the five statistics, differentiable through `logits`."""
-    valid = targets != IGNORE
-    idx = targets.clamp(min=0)[:, None]
-    log_p = torch.log_softmax(logits.double() / temperature, dim=-1)
-    p = log_p.exp()
-    out = {"logp": log_p.gather(1, idx)[:, 0], "entropy": -(p * log_p).sum(-1)}
-    if teacher_logits is not None:
-        log_q = torch.log_softmax(teacher_logits.double() / temperature, dim=-1)
-        q = log_q.exp()
-        log_m = torch.logaddexp(log_q + math.log(beta), log_p + math.log(1.0 - beta))
-        out["t_logp"] = log_q.gather(1, idx)[:, 0]
-        out["t_entropy"] = -(q * log_q).sum(-1)
-        out["jsd"] = beta * (q * (log_q - log_m)).sum(-1) + (1 - beta) * (p * (log_p - log_m)).sum(-1)
-    return {k: torch.where(valid, v, torch.zeros_like(v)) for k, v in out.items()}
-
-
-def run(fn, logits, targets, teacher, upstream, **kwargs):
-    """Outputs (float64 copies) and the gradient of sum(upstream * output) over logp/entropy/jsd."""
-    leaf = logits.detach().clone()
-    if fn is stats_float64:          # keep the exact gradient in float64 (no rounding to the input dtype)
-        leaf = leaf.double().cpu()
-        upstream = {k: v.cpu() for k, v in upstream.items()}
-    leaf.requires_grad_()
-    out = fn(leaf, targets, teacher, **kwargs)
-    names = [n for n in ("logp", "entropy", "jsd") if n in out]
-    grad, = torch.autograd.grad([out[n] for n in names], leaf, [upstream[n].to(out[n]) for n in names])
-    return {k: v.detach().double().cpu() for k, v in out.items()}, grad, out
-
-
-def make_rows(V, dtype, seed, device="cpu"):
-    """Five kinds of rows: ordinary, ignored, huge |logits| (~3e4), a near-certain target (+30
-    above the rest), and a teacher identical to the student. Returns logits, targets, teacher."""
-    g = torch.Generator().manual_seed(seed)
-    s = torch.randn(5, V, generator=g, dtype=torch.float64) * 2
-    t = torch.randn(5, V, generator=g, dtype=torch.float64) * 2
-    y = torch.randint(0, V, (5,), generator=g)
-    y[1] = IGNORE
-    s[2] = (torch.randn(V, generator=g, dtype=torch.float64) * 1e4).clamp(-3e4, 3e4)
-    t[2] = (torch.randn(V, generator=g, dtype=torch.float64) * 1e4).clamp(-3e4, 3e4)
-    s[3, y[3]] = s[3].max() + 30
-    t[3, y[3]] = t[3].max() + 25
-    t[4] = s[4]
-    return s.to(dtype).to(device), y.to(device), t.to(dtype).to(device)
-
-
-def random_upstream(n, seed, device="cpu"):
-    g = torch.Generator().manual_seed(seed)
-    return {name: torch.randn(n, generator=g).to(device) for name in ("logp", "entropy", "jsd")}
-
-
-def max_err(a, b):
-    return (a.double().cpu() - b.double().cpu()).abs().max().item()
-
-
-# -----------------------------------------------------------------------------
-# The torch reference against float64
-
-@pytest.mark.parametrize("with_teacher", [True, False])
-def test_torch_reference_matches_float64_on_peaked_and_huge_logit_rows(with_teacher):
-    V, beta, T = 1000, 0.3, 0.7
-    logits, targets, teacher = make_rows(V, torch.float32, seed=1)
-    teacher = teacher if with_teacher else None
-    up = random_upstream(5, seed=2)
-    chunked = functools.partial(kernels.token_stats_torch, chunk_rows=2)   # several chunks per call
-    out, grad, _ = run(chunked, logits, targets, teacher, up, beta=beta, temperature=T)
-    ref, ref_grad, _ = run(stats_float64, logits, targets, teacher, up, beta=beta, temperature=T)
-    assert set(out) == set(ref)
-    for name in ref:
-        # float32 rounding of z / T costs up to ~|z| * 6e-8 ~ 3e-3 on the 3e4-scale row
-        assert torch.allclose(out[name], ref[name], rtol=1e-5, atol=5e-3), name
-    assert grad.dtype == torch.float32
-    assert torch.allclose(grad.double(), ref_grad, rtol=1e-4, atol=1e-6)
-    assert grad[1].abs().max() == 0          # ignored row
-
-
-def test_jsd_gradient_formula_matches_autograd_in_float64():
-    """The closed form used by the fused backward:
-    d jsd / dz = (1-beta) p_S (log p_S - log M - KL(p_S || M)) / T."""
-    V, beta, T = 257, 0.3, 0.7
-    g = torch.Generator().manual_seed(3)
-    z = (torch.randn(4, V, generator=g, dtype=torch.float64) * 3).requires_grad_()
-    zt = torch.randn(4, V, generator=g, dtype=torch.float64) * 3
-    targets = torch.zeros(4, dtype=torch.long)
-    jsd = stats_float64(z, targets, zt, beta, T)["jsd"]
-    auto, = torch.autograd.grad(jsd.sum(), z)
-    with torch.no_grad():
-        log_p = torch.log_softmax(z / T, -1)
-        log_q = torch.log_softmax(zt / T, -1)
-        log_m = torch.log(beta * log_q.exp() + (1 - beta) * log_p.exp())
-        kl_s = (log_p.exp() * (log_p - log_m)).sum(-1, keepdim=True)
-        closed = (1 - beta) * log_p.exp() * (log_p - log_m - kl_s) / T
-    assert torch.allclose(auto, closed, rtol=1e-10, atol=1e-14)
-
-
-# -----------------------------------------------------------------------------
-# Fused kernels against float64
-
-CASES = [(V, dtype) for V in (1000, 32003) for dtype in (torch.float32, torch.bfloat16)]
-CASES += [(151936, torch.float32), (151936, torch.bfloat16), (1000, torch.float16)]
-
-
-@needs_triton
-@pytest.mark.parametrize("V,dtype", CASES, ids=[f"V{v}-{str(d)[6:]}" for v, d in CASES])
-def test_triton_values_and_gradients_match_float64_incl_peaked_huge_and_ignored_rows(V, dtype):
-    beta, T = 0.3, 0.7
-    logits, targets, teacher = make_rows(V, dtype, seed=V, device=DEVICE)
-    if V == 151936:        # keep the interpreter fast: ordinary, ignored, huge, peaked rows only
-        logits, targets, teacher = logits[:4], targets[:4], teacher[:4]
-    up = random_upstream(len(targets), seed=V + 1, device=DEVICE)
-    out, grad, raw = run(kernels.token_stats_triton, logits, targets, teacher, up, beta=beta,
-                         temperature=T, block=block_for(V))
-    ref, ref_grad, _ = run(kernels.token_stats_torch, logits, targets, teacher, up, beta=beta,
-                           temperature=T)
-    exact, exact_grad, _ = run(stats_float64, logits, targets, teacher, up, beta=beta, temperature=T)
-
-    assert all(v.dtype == torch.float32 and v.shape == targets.shape for v in raw.values())
-    assert set(out) == set(exact)
-    for name in exact:
-        err, ref_err = max_err(out[name], exact[name]), max_err(ref[name], exact[name])
-        # No worse than the float32 torch reference, up to two float32 ulps of the largest value:
-        # on the huge-logit row logp reaches ~1e5 nats, where one ulp is already 8e-3.
-        two_ulps = 2.5e-7 * exact[name].abs().max().item()
-        assert err <= 1.05 * ref_err + 2e-5 + two_ulps, (name, err, ref_err)
-        assert torch.allclose(out[name], exact[name], rtol=3e-7, atol=2e-5), name
-    ignored = targets.cpu() == IGNORE
-    assert all((out[name][ignored] == 0).all() for name in out)
-
-    assert grad.dtype == dtype and grad.shape == logits.shape
-    err, ref_err = max_err(grad, exact_grad), max_err(ref_grad, exact_grad)
-    assert err <= 1.05 * ref_err + 1e-7, (err, ref_err)
-    # elementwise: one rounding to the logits' dtype on top of float32-accurate values
-    rel = {torch.float32: 1e-5, torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -10}[dtype]
-    scale = exact_grad.abs().amax(-1, keepdim=True)
-    assert ((grad.double().cpu() - exact_grad).abs() <= rel * exact_grad.abs() + 1e-6 * scale + 1e-7).all()
-    assert (grad.cpu()[ignored] == 0).all()
-
-
-@needs_triton
-def test_triton_gradient_matches_float64_at_confident_targets():
-    """p(target) ~ 1 - 1e-13: the target entry's gradient a (1 - p) must be formed in float32 and
-    rounded once; a bf16 softmax would give garbage there."""
-    V, T = 4099, 1.0
-    g = torch.Generator().manual_seed(7)
-    base = torch.randn(3, V, generator=g, dtype=torch.float64)
-    targets = torch.tensor([5, 17, 4000])
-    base[torch.arange(3), targets] = base.max() + 30
-    for dtype in (torch.float32, torch.bfloat16):
-        logits = base.to(dtype)
-        up = random_upstream(3, seed=8)
-        up["logp"] = torch.tensor([1.0, -2.0, 0.5])
-        _, grad, _ = run(kernels.token_stats_triton, logits.to(DEVICE), targets.to(DEVICE), None,
-                         {k: v.to(DEVICE) for k, v in up.items()}, temperature=T, block=block_for(V))
-        _, ref_grad, _ = run(kernels.token_stats_torch, logits, targets, None, up, temperature=T)
-        _, exact, _ = run(stats_float64, logits, targets, None, up, beta=0.5, temperature=T)
-        at_target = grad.cpu().double()[torch.arange(3), targets]
-        exact_target = exact[torch.arange(3), targets]
-        assert (at_target - exact_target).abs().max() <= 1e-6
-        assert max_err(grad, exact) <= 1.05 * max_err(ref_grad, exact) + 1e-9
-
-
-@needs_triton
-def test_triton_default_temperature_and_beta_without_teacher():
-    V = 32003
-    logits, targets, _ = make_rows(V, torch.bfloat16, seed=11, device=DEVICE)
-    up = random_upstream(5, seed=12, device=DEVICE)
-    out, grad, raw = run(kernels.token_stats_triton, logits, targets, None, up, block=block_for(V))
-    exact, exact_grad, _ = run(stats_float64, logits, targets, None, up, beta=0.5, temperature=1.0)
-    assert set(raw) == {"logp", "entropy"}
-    for name in exact:
-        assert torch.allclose(out[name], exact[name], rtol=1e-6, atol=2e-5), name
-    scale = exact_grad.abs().amax(-1, keepdim=True)
-    # + 1e-7 absolute: (1 - p) at a near-certain target is below float32 resolution (upstream ~ 1)
-    assert ((grad.double().cpu() - exact_grad).abs() <= 2.0 ** -8 * exact_grad.abs() + 1e-6 * scale + 1e-7).all()
-
-
-# -----------------------------------------------------------------------------
-# Layout, partial upstream gradients, write coverage
-
-@needs_triton
-def test_triton_handles_strided_rows_from_sliced_and_reshaped_views():
-    B, S, V, pad = 2, 3, 1003, 37
-    g = torch.Generator().manual_seed(21)
-    wide = (torch.randn(B, S, V + pad, generator=g) * 2).to(DEVICE).requires_grad_()
-    teacher_wide = (torch.randn(B * S, V + 2 * pad, generator=g) * 2).to(DEVICE)
-    logits = wide[..., :V].flatten(0, 1)             # [6, V] view, row stride V + pad
-    teacher = teacher_wide[:, pad:pad + V]            # row stride V + 2 pad, offset start
-    assert logits.stride(0) == V + pad and teacher.stride(0) == V + 2 * pad
-    targets = torch.tensor([3, IGNORE, 1002, 0, 500, 7], device=DEVICE, dtype=torch.int32)
-    up = random_upstream(6, seed=22, device=DEVICE)
-    out = kernels.token_stats_triton(logits, targets, teacher, 0.4, 1.3, block=block_for(V))
-    torch.autograd.backward([out["logp"], out["entropy"], out["jsd"]],
-                            [up["logp"], up["entropy"], up["jsd"]])
-    dense = logits.detach().contiguous()
-    out_c, grad_c, _ = run(kernels.token_stats_triton, dense, targets, teacher.contiguous(), up,
-                           beta=0.4, temperature=1.3, block=block_for(V))
-    for name in out_c:
-        assert torch.equal(out[name].detach().double().cpu(), out_c[name]), name
-    assert torch.equal(wide.grad[..., :V].flatten(0, 1), grad_c)
-    assert (wide.grad[..., V:] == 0).all()
-
-
-@needs_triton
-@pytest.mark.parametrize("used", [("logp",), ("entropy",), ("jsd",), ("logp", "jsd")])
-def test_triton_gradient_with_some_outputs_unused_matches_reference(used):
-    V = 1000
-    logits, targets, teacher = make_rows(V, torch.float32, seed=31)
-    results = []
-    for fn, kw in ((kernels.token_stats_triton, {"block": block_for(V)}), (kernels.token_stats_torch, {})):
-        leaf = logits.to(DEVICE).requires_grad_()
-        out = fn(leaf, targets.to(DEVICE), teacher.to(DEVICE), 0.3, 0.7, **kw)
-        # .sum() hands the backward an expanded (stride 0) upstream gradient
-        sum(out[name].sum() * (i + 1) for i, name in enumerate(used)).backward()
-        results.append(leaf.grad.cpu())
-    assert torch.allclose(results[0], results[1], rtol=1e-4, atol=1e-7)
-
-
-@needs_triton
-def test_triton_writes_every_output_and_gradient_element(monkeypatch):
-    """Outputs, saved row statistics and the gradient are allocated NaN-filled: any element the
-    kernels forget to write (ignored rows, the ragged last block, unused teacher slots) shows up."""
-    monkeypatch.setattr(kernels, "_poison", True)
-    V = 1003
-    logits, targets, teacher = make_rows(V, torch.bfloat16, seed=41, device=DEVICE)
-    up = random_upstream(5, seed=42, device=DEVICE)
-    for t in (teacher, None):
-        for block in (block_for(V), 256):            # one block per row, and a ragged last block
-            out, grad, raw = run(kernels.token_stats_triton, logits, targets, t, up, beta=0.3,
-                                 temperature=0.7, block=block)
-            assert all(not v.isnan().any() for v in raw.values())
-            assert not grad.isnan().any()
-            assert (grad[1] == 0).all()              # ignored row
-
-
-@needs_triton
-def test_triton_small_block_matches_single_block():
-    """Many blocks per row exercise the online rescaling (the max moves between blocks)."""
-    V = 5000
-    logits, targets, teacher = make_rows(V, torch.float32, seed=51, device=DEVICE)
-    logits[0] = torch.linspace(-5, 20, V, device=DEVICE)          # max keeps moving to the right
-    up = random_upstream(5, seed=52, device=DEVICE)
-    one, g_one, _ = run(kernels.token_stats_triton, logits, targets, teacher, up, block=8192)
-    many, g_many, _ = run(kernels.token_stats_triton, logits, targets, teacher, up, block=512)
-    for name in one:
-        assert torch.allclose(one[name], many[name], rtol=1e-5, atol=1e-5), name
-    assert torch.allclose(g_one, g_many, rtol=1e-5, atol=1e-8)
-
-
-@needs_triton
-def test_triton_empty_batch_and_all_ignored_rows():
-    V = 100
-    empty = torch.zeros(0, V, device=DEVICE, requires_grad=True)
-    out = kernels.token_stats_triton(empty, torch.zeros(0, dtype=torch.long, device=DEVICE), empty.detach())
-    assert all(v.shape == (0,) for v in out.values())
-    logits = torch.randn(3, V, device=DEVICE, requires_grad=True)
-    targets = torch.full((3,), IGNORE, device=DEVICE)
-    out = kernels.token_stats_triton(logits, targets, torch.randn(3, V, device=DEVICE))
-    assert all((v == 0).all() for v in out.values())
-    (out["logp"] + out["entropy"] + out["jsd"]).sum().backward()
-    assert (logits.grad == 0).all()
-
-
-@needs_triton
-def test_teacher_gets_no_gradient_and_teacher_stats_are_not_differentiable():
-    V = 300
-    logits = torch.randn(2, V, device=DEVICE, requires_grad=True)
-    teacher = torch.randn(2, V, device=DEVICE, requires_grad=True)
-    out = kernels.token_stats_triton(logits, torch.tensor([1, 2], device=DEVICE), teacher)
-    assert not out["t_logp"].requires_grad and not out["t_entropy"].requires_grad
-    out["jsd"].sum().backward()
-    assert teacher.grad is None and logits.grad is not None
-
-
-def test_token_stats_dispatch_follows_device_and_interpreter_flag(monkeypatch):
-    calls = []
-    monkeypatch.setattr(kernels, "token_stats_triton", lambda *a, **k: calls.append("triton"))
-    monkeypatch.setattr(kernels, "token_stats_torch", lambda *a, **k: calls.append("torch"))
-    x, y = torch.randn(2, 5), torch.tensor([0, 1])
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
-    kernels.token_stats(x, y)
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    kernels.token_stats(x, y)
-    assert calls == ["torch", "triton" if kernels.INTERPRETED else "torch"]
-
-
-@needs_triton
-def test_triton_out_of_range_target_gives_nan_instead_of_reading_outside_the_row():
-    V = 100
-    logits = torch.randn(3, V, device=DEVICE)
-    targets = torch.tensor([V, 5, V + 1000], device=DEVICE)
-    out = kernels.token_stats_triton(logits, targets, logits + 1)
-    assert out["logp"][[0, 2]].isnan().all() and out["t_logp"][[0, 2]].isnan().all()
-    assert torch.isfinite(out["logp"][1]) and torch.isfinite(out["entropy"]).all()
-
-
-def test_torch_token_stats_keeps_memory_bounded_by_chunks():
-    # the backward recomputes chunk by chunk: autograd keeps only the inputs, not [N, V] temporaries
-    logits = torch.randn(64, 1000, requires_grad=True)
-    targets = torch.randint(0, 1000, (64,))
-    saved = []
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
-        out = kernels.token_stats_torch(logits, targets, torch.randn(64, 1000), chunk_rows=16)
-    assert sum(saved) <= 2 * 64 * 1000 + 64      # logits and teacher logits, nothing more
-    out["jsd"].sum().backward()
-    assert logits.grad.shape == logits.shape
-
-
-# -----------------------------------------------------------------------------
-# The update
-
-
-def fixed_batch(tokenizer, seed=0):
-    g = random.Random(seed)
-    prompts = [antisd.student_prompt_ids(tokenizer, f"What is {k}+{k}?" + " pad" * g.randint(0, 5), False) for k in range(4)]
-    responses = [[g.randrange(0, 255) for _ in range(g.randint(2, 9))] + [tokenizer.eos_token_id] for _ in range(4)]
-    lengths = torch.tensor([len(r) for r in responses])
-    mask = torch.arange(int(lengths.max()))[None] < lengths[:, None]
-    advantages = torch.randn(4, int(lengths.max()), generator=torch.Generator().manual_seed(seed)) * mask
-    return prompts, responses, advantages, mask
-
-
-def test_gradient_does_not_depend_on_micro_batch_size(tiny, token_stats_path):
-    model, tokenizer = tiny
-    prompts, responses, advantages, mask = fixed_batch(tokenizer)
-    old_logp = antisd.score(model, prompts, None, responses, tokenizer.pad_token_id, 4, 1.0)["logp"] - 0.05 * mask
-    grads = []
-    for micro_batch_size in (1, 4):
-        model.zero_grad(set_to_none=True)
-        loss, _ = antisd.policy_gradient(model, prompts, responses, advantages, mask, old_logp,
-                                         tokenizer.pad_token_id, micro_batch_size, clip=0.2, temperature=1.0)
-        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
-    model.zero_grad(set_to_none=True)
-    assert grads[0].norm() > 0
-    assert torch.allclose(grads[0], grads[1], rtol=1e-4, atol=1e-7)
-
-
-def test_loss_is_the_batch_token_mean_of_the_clipped_surrogate():
-    new = torch.tensor([[0.0, -1.0, -2.0], [-0.5, 0.0, 0.0]], requires_grad=True)
-    old = torch.tensor([[0.0, -1.5, -1.0], [-0.5, 0.0, 0.0]])
-    adv = torch.tensor([[1.0, 2.0, -1.0], [3.0, 0.0, 0.0]])
-    mask = torch.tensor([[True, True, True], [True, False, False]])
-    loss, clipped = antisd.policy_loss(new, old, adv, mask, total_tokens=4, clip=0.2)
-    ratios = [1.0, math.exp(0.5), math.exp(-1.0), 1.0]
-    advs = [1.0, 2.0, -1.0, 3.0]
-    expected = -sum(min(r * a, min(max(r, 0.8), 1.2) * a) for r, a in zip(ratios, advs)) / 4
-    assert abs(loss.item() - expected) < 1e-6
-    assert int(clipped) == 2
-
-
-def test_full_estimator_gradient_is_the_exact_jsd_gradient(tiny, token_stats_path):
-    model, tokenizer = tiny
-    prompts, responses, _, mask = fixed_batch(tokenizer, seed=3)
-    teacher = [antisd.render_prompt(tokenizer, antisd.build_teacher_prompt(
-        f"What is {k}+{k}?", 0, [0.0, 1.0], ["x", f"\\boxed{{{2 * k}}}"], None, str(2 * k), random.Random(0)), False)
-        for k in range(4)]
-    model.zero_grad(set_to_none=True)
-    antisd.policy_gradient(model, prompts, responses, torch.zeros(mask.shape), mask, None, tokenizer.pad_token_id,
-                           2, 0.2, 1.0, teacher_prompts=teacher, jsd_weight=0.5)
-    got = torch.cat([p.grad.flatten() for p in model.parameters()])
-    # reference: one unpadded sequence at a time, JSD in float64 over the whole vocabulary,
-    # loss = -0.5 * (sum of JSD over all tokens) / (token count), teacher under stop-gradient
-    model.zero_grad(set_to_none=True)
-    total = int(mask.sum())
-    for prompt, teacher_prompt, response in zip(prompts, teacher, responses):
-        student_logits = model(input_ids=torch.tensor([prompt + response])).logits[0, len(prompt) - 1:-1].double()
-        with torch.no_grad():
-            teacher_logits = model(input_ids=torch.tensor([teacher_prompt + response])).logits[0, len(teacher_prompt) - 1:-1].double()
-        logp, logq = torch.log_softmax(student_logits, -1), torch.log_softmax(teacher_logits, -1)
-        logm = torch.logaddexp(logp, logq) - math.log(2)
-        jsd = 0.5 * (logq.exp() * (logq - logm)).sum(-1) + 0.5 * (logp.exp() * (logp - logm)).sum(-1)
-        (-0.5 * jsd.sum() / total).backward()
-    expected = torch.cat([p.grad.flatten() for p in model.parameters()])
-    model.zero_grad(set_to_none=True)
-    assert expected.norm() > 0
-    assert torch.allclose(got.double(), expected.double(), rtol=1e-3, atol=1e-8), (got.double() - expected).norm() / expected.norm()
-
-
-def test_policy_gradient_raises_the_probability_of_rewarded_tokens():
-    model, tokenizer = antisd.build_tiny(seed=1)
-    model.train()
-    prompt = antisd.student_prompt_ids(tokenizer, "Say a digit.", False)
-    digits = set(tokenizer("0123456789", add_special_tokens=False)["input_ids"])
-    assert len(digits) == 10
-
-    def digit_probability():
-        with torch.no_grad():
-            logp = torch.log_softmax(model(input_ids=torch.tensor([prompt])).logits[0, -1], -1)
-        return float(logp[sorted(digits)].exp().sum())
-
-    optimizer = antisd.MasterAdamW(model, lr=3e-3)
-    before = digit_probability()
-    torch.manual_seed(0)
-    for _ in range(6):
-        samples = antisd.generate(model, tokenizer, [prompt] * 128, 1, 1.0, 1.0, 128)
-        responses = [ids for ids, _ in samples]
-        rewards = [float(r[0] in digits) for r in responses]
-        seq_adv = antisd.group_advantages(rewards, group_size=128)
-        mask = torch.ones(128, 1, dtype=torch.bool)
-        antisd.policy_gradient(model, [prompt] * 128, responses, seq_adv[:, None], mask, None,
-                               tokenizer.pad_token_id, 32, 0.2, 1.0)
-        optimizer.clip_gradients(1.0)
-        optimizer.step()
-    after = digit_probability()
-    assert after > 2 * before, (before, after)
-
-
-def test_bf16_weights_still_move_with_a_tiny_learning_rate():
-    def train(optimizer_step, layer):
-        before = layer.weight.detach().float().clone()
-        for _ in range(60):
-            layer.weight.grad = torch.ones_like(layer.weight)
-            optimizer_step()
-        return float((layer.weight.detach().float() - before).abs().max())
-
-    naive = torch.nn.Linear(4, 4, bias=False).bfloat16()
-    torch.nn.init.constant_(naive.weight, 0.01)
-    plain_adamw = torch.optim.AdamW(naive.parameters(), lr=1e-6, weight_decay=0.0)
-    # the failure being prevented: 60 steps of ~1e-6 each vanish in bf16 (spacing at 0.01 is 6e-5)
-    assert train(plain_adamw.step, naive) == 0.0
-    layer = torch.nn.Linear(4, 4, bias=False).bfloat16()
-    torch.nn.init.constant_(layer.weight, 0.01)
-    master = antisd.MasterAdamW(layer, lr=1e-6)
-    assert train(lambda: (master.clip_gradients(1e9), master.step()), layer) > 3e-5
-
-
-def test_master_weights_survive_a_save_and_load_exactly():
-    def bf16_layer():
-        torch.manual_seed(0)
-        return torch.nn.Linear(8, 8).bfloat16()
-
-    def train(layer, optimizer, steps, seed):
-        g = torch.Generator().manual_seed(seed)
-        for _ in range(steps):
-            for p in layer.parameters():
-                p.grad = torch.randn(p.shape, generator=g).bfloat16()
-            optimizer.clip_gradients(1.0)
-            optimizer.step()
-
-    straight = bf16_layer()
-    straight_optimizer = antisd.MasterAdamW(straight, lr=1e-3)
-    train(straight, straight_optimizer, 3, seed=1)
-    saved = io.BytesIO()                        # as in a checkpoint: serialised at once
-    torch.save(straight_optimizer.state_dict(), saved)
-    train(straight, straight_optimizer, 3, seed=2)
-
-    resumed = bf16_layer()                      # fresh bf16 weights: the masters must come from the save
-    resumed_optimizer = antisd.MasterAdamW(resumed, lr=1e-3)
-    saved.seek(0)
-    resumed_optimizer.load_state_dict(torch.load(saved))
-    train(resumed, resumed_optimizer, 3, seed=2)
-    for a, b, ma, mb in zip(straight.parameters(), resumed.parameters(), straight_optimizer.master, resumed_optimizer.master):
-        assert torch.equal(a, b) and torch.equal(ma, mb) and ma.dtype == torch.float32
-
-
-# -----------------------------------------------------------------------------
-# End to end: the CPU demo for every method
-
-
-METRIC_KEYS = ["reward_mean", "groups_with_signal", "response_length_mean", "response_length_max",
-               "truncation_rate", "u_mean", "u_std", "u_frac_negative", "u_p01", "u_p99", "sd_term_mean",
-               "teacher_entropy_median", "student_entropy_median", "jsd_mean", "gate_signal", "lambda",
-               "h_warm", "tau_down", "loss", "grad_norm", "clip_fraction", "seconds_generate",
-               "seconds_score", "seconds_update", "generated_tokens_per_second", "peak_gpu_memory_gb"]
-
-
-@pytest.mark.parametrize("method", ["antisd", "sd", "grpo"])
-def test_cpu_demo_runs_end_to_end_and_its_checkpoint_loads(method, tmp_path):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    antisd.main(["--model", "tiny-random", "--dataset", "arith", "--steps", "3", "--method", method,
-                 "--gate-warmup", "2", "--out-dir", str(tmp_path)])
-    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert [line["step"] for line in lines] == [1, 2, 3]
-    for line in lines:
-        for key in METRIC_KEYS:
-            assert isinstance(line[key], (int, float)) and math.isfinite(line[key]), (key, line[key])
-    if method == "antisd":
-        assert [line["lambda"] for line in lines] == [0.0, 0.0, 0.5]   # warm-up of 2 steps
-        assert lines[2]["teacher_entropy_median"] > 0 and lines[2]["jsd_mean"] > 0
-    rollouts = [json.loads(line) for line in (tmp_path / "rollouts.jsonl").read_text().splitlines()]
-    assert rollouts and {"response", "reward", "most_negative_u", "most_positive_u"} <= set(rollouts[0])
-    checkpoint = tmp_path / "checkpoint-3"
-    model = AutoModelForCausalLM.from_pretrained(checkpoint)
-    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
-    assert model.config.vocab_size == 320 and tokenizer.eos_token == "<|im_end|>"
-
-
-def test_full_estimator_and_evaluation_during_training_run_end_to_end(tmp_path):
-    data_dir = tmp_path / "bench"
-    data_dir.mkdir()
-    (data_dir / "aime24.jsonl").write_text("".join(json.dumps({"id": i, "problem": f"What is {i}+{i}?", "answer": f"{2 * i:03d}"}) + "\n" for i in range(3)))
-    antisd.main(["--model", "tiny-random", "--dataset", "arith", "--steps", "2", "--estimator", "full", "--gate-warmup", "1",
-                 "--eval-every", "2", "--eval-benchmarks", "aime24", "--eval-n", "2", "--eval-limit", "2",
-                 "--eval-data-dir", str(data_dir), "--out-dir", str(tmp_path / "run")])
-    lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert lines[0]["step"] == 0 and 0.0 <= lines[0]["eval/aime24/avg@2"] <= 1.0  # the starting model
-    lines = lines[1:]
-    assert not any(key.startswith("eval/") for key in lines[0])
-    assert lines[1]["lambda"] == 0.5 and math.isfinite(lines[1]["loss"]) and lines[1]["grad_norm"] > 0
-    for key in ["eval/aime24/avg@2", "eval/aime24/pass@2", "eval/aime24/maj@2", "eval/mean/avg@2"]:
-        assert 0.0 <= lines[1][key] <= 1.0
-    assert lines[1]["eval/aime24/problems"] == 2
-
-
-# -----------------------------------------------------------------------------
-# Resuming and failures
-
-TIMING_KEYS = {"seconds_generate", "seconds_score", "seconds_update", "generated_tokens_per_second"}
-TINY_RUN = ["--model", "tiny-random", "--dataset", "arith", "--gate-warmup", "1", "--device", "cpu"]
-
-
-def metrics_lines(out_dir):
-    lines = [json.loads(line) for line in (Path(out_dir) / "metrics.jsonl").read_text().splitlines()]
-    return [{k: v for k, v in line.items() if k not in TIMING_KEYS} for line in lines]
-
-
-def weights(path):
-    from safetensors.torch import load_file
-    return load_file(str(Path(path) / "model.safetensors"))
-
-
-def test_resumed_run_ends_exactly_where_an_uninterrupted_run_does(tmp_path, capsys):
-    straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
-    antisd.main(TINY_RUN + ["--steps", "4", "--save-every", "2", "--lr", "1e-3", "--out-dir", str(straight)])
-    antisd.main(TINY_RUN + ["--steps", "2", "--lr", "1e-3", "--out-dir", str(interrupted)])
-    capsys.readouterr()
-    antisd.main(TINY_RUN + ["--steps", "4", "--lr", "1e-3", "--out-dir", str(interrupted), "--resume"])
-    assert f"resumed from {interrupted / 'checkpoint-2'}: continuing at step 3" in capsys.readouterr().out
-    assert metrics_lines(straight) == metrics_lines(interrupted)   # steps 1-4, lambda > 0 from step 2
-    assert [line["lambda"] for line in metrics_lines(straight)] == [0.0, 0.5, 0.5, 0.5]
-    a, b = weights(straight / "checkpoint-4"), weights(interrupted / "checkpoint-4")
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    before = weights(straight / "checkpoint-2")
-    assert any(not torch.equal(before[k], a[k]) for k in a)          # the steps did change the weights
-
-
-def test_resume_with_other_settings_is_refused_naming_the_difference(tmp_path):
-    antisd.main(TINY_RUN + ["--steps", "1", "--out-dir", str(tmp_path)])
-    with pytest.raises(SystemExit, match=r"--method 'antisd' -> 'grpo'"):
-        antisd.main(TINY_RUN + ["--steps", "2", "--method", "grpo", "--out-dir", str(tmp_path), "--resume"])
-    with pytest.raises(SystemExit, match="pass --resume to continue it"):
-        antisd.main(TINY_RUN + ["--steps", "2", "--out-dir", str(tmp_path)])
-
-
-def test_a_save_killed_half_way_leaves_the_previous_checkpoint_usable(tmp_path, monkeypatch):
-    real_replace = os.replace
-    saves = []
-
-    def replace_then_die(src, dst):
-        saves.append(dst)
-        if len(saves) == 2:   # the second save dies after its temporary folder is written
-            raise KeyboardInterrupt("killed during save")
-        real_replace(src, dst)
-
-    monkeypatch.setattr(os, "replace", replace_then_die)
-    with pytest.raises(KeyboardInterrupt):
-        antisd.main(TINY_RUN + ["--steps", "3", "--save-every", "1", "--out-dir", str(tmp_path)])
-    monkeypatch.setattr(os, "replace", real_replace)
-    assert antisd.list_checkpoints(tmp_path) == [str(tmp_path / "checkpoint-1")]
-    from transformers import AutoModelForCausalLM
-    AutoModelForCausalLM.from_pretrained(tmp_path / "checkpoint-1")
-    antisd.main(TINY_RUN + ["--steps", "2", "--out-dir", str(tmp_path), "--resume"])
-    assert [line["step"] for line in metrics_lines(tmp_path)] == [1, 2]
-
-
-def test_only_the_newest_checkpoints_are_kept(tmp_path):
-    antisd.main(TINY_RUN + ["--steps", "4", "--save-every", "1", "--keep-checkpoints", "2", "--out-dir", str(tmp_path)])
-    assert antisd.list_checkpoints(tmp_path) == [str(tmp_path / "checkpoint-3"), str(tmp_path / "checkpoint-4")]
-    assert not list(tmp_path.glob("*.tmp"))
-
-
-def test_nan_steps_are_not_applied_and_stop_the_run(tmp_path, monkeypatch):
-    antisd.main(TINY_RUN + ["--steps", "1", "--out-dir", str(tmp_path)])
-    good = weights(tmp_path / "checkpoint-1")
-    real_loss = antisd.policy_loss
-    monkeypatch.setattr(antisd, "policy_loss",
-                        lambda *a, **k: (real_loss(*a, **k)[0] * float("nan"), real_loss(*a, **k)[1]))
-    with pytest.raises(SystemExit, match="3 consecutive steps had a non-finite loss"):
-        antisd.main(TINY_RUN + ["--steps", "10", "--save-every", "1", "--out-dir", str(tmp_path), "--resume"])
-    lines = metrics_lines(tmp_path)
-    assert [line["update_applied"] for line in lines] == [True, False, False, False]
-    assert lines[1]["loss"] is None   # written as null, not NaN
-    assert antisd.list_checkpoints(tmp_path)[-1] == str(tmp_path / "checkpoint-3")
-    after = weights(tmp_path / "checkpoint-3")   # saved after two refused steps: weights unchanged
-    assert all(torch.equal(good[k], after[k]) for k in good)
-
-
-@pytest.mark.parametrize("phase, flag", [("generate", "--gen-batch-size 16"), ("policy_gradient", "--micro-batch-size 8")])
-def test_out_of_memory_names_the_flag_to_lower(tmp_path, monkeypatch, phase, flag):
-    def run_out_of_memory(*args, **kwargs):
-        raise torch.cuda.OutOfMemoryError("CUDA out of memory")
-    monkeypatch.setattr(antisd, phase, run_out_of_memory)
-    with pytest.raises(SystemExit, match=f"with {flag}: lower {flag.split()[0]}"):
-        antisd.main(TINY_RUN + ["--steps", "1", "--out-dir", str(tmp_path)])
-
-
-def test_interrupted_run_saves_and_says_how_to_resume(tmp_path):
-    import signal
-    import subprocess
-    import sys
-    import time
-    out_dir = tmp_path / "run"
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    process = subprocess.Popen([sys.executable, "antisd.py", *TINY_RUN, "--steps", "1000", "--out-dir", str(out_dir)],
-                               cwd=Path(__file__).parent, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-    metrics = out_dir / "metrics.jsonl"
-    deadline = time.time() + 120
-    while not (metrics.exists() and metrics.read_text().strip()) and time.time() < deadline:
-        time.sleep(0.2)
-    process.send_signal(signal.SIGTERM)
-    output, _ = process.communicate(timeout=120)
-    assert process.returncode == 0, output
-    steps = len(metrics.read_text().splitlines())
-    assert f"stopped after step {steps}, saved {out_dir / f'checkpoint-{steps}'}" in output
-    assert "--resume" in output
-    assert antisd.list_checkpoints(out_dir) == [str(out_dir / f"checkpoint-{steps}")]
-
-
-@pytest.mark.parametrize("argv, message", [
-    (["--dataset", "nope"], "expected one of math, gsm8k, dapo, arith, or a path"),
-    (["--model", "not a model"], "expected 'tiny', 'tiny-random', a local checkpoint directory, or a hub id"),
-    (["--micro-batch-size", "5"], r"--prompts-per-step \* --group-size = 16 must be divisible by --micro-batch-size \(5\)"),
-    (["--group-size", "1"], "--group-size must be at least 2"),
-    (["--estimator", "full", "--method", "grpo"], "--estimator full is the JSD gradient itself"),
-    (["--dataset", "missing.jsonl"], "--dataset missing.jsonl: file not found"),
-    (["--dataset", "math"], "--dataset math: could not load DigitalLearningGmbH/MATH-lighteval"),  # offline
-])
-def test_bad_flags_are_refused_with_a_message_naming_them(tmp_path, capsys, argv, message):
-    import re
-    with pytest.raises((SystemExit, ValueError)) as raised:
-        antisd.main(TINY_RUN + ["--steps", "1", "--out-dir", str(tmp_path)] + argv)
-    assert re.search(message, str(raised.value) + capsys.readouterr().err)
-
-
-@pytest.mark.parametrize("content, message", [
-    ('{"problem": "1+1?", "answer": "2"}\n\n{"problem": "2+2?", "answer": 4\n', r"bad\.jsonl, line 3: invalid JSON"),
-    ('{"problem": "1+1?", "answer": "2"}\n{"problem": "2+2?"}\n', r"bad\.jsonl, line 2: missing field 'answer'"),
-    ('{"answer": "2"}\n', r"bad\.jsonl, line 1: missing field 'problem'"),
-    ('{"problem": "1+1?", "answer": ""}\n{"problem": "2+2?", "solution": "no box"}\n', r"all 2 rows were dropped"),
-])
-def test_bad_jsonl_names_the_file_line_and_field(tmp_path, content, message):
-    path = tmp_path / "bad.jsonl"
-    path.write_text(content)
-    with pytest.raises(ValueError, match=message):
-        antisd.load_problems(str(path), seed=0)
-
-
-@pytest.mark.parametrize("answer", [r"9^{9^{9^{9}}}", "9^9^9^9", r"\dfrac{5^{(5^{(5^{(5^5)})} - 4)} - 5}{16}",
-                                    "1+" * 50_000 + "1"])
-def test_pathological_answers_are_judged_wrong_in_bounded_time(answer, monkeypatch):
-    import time
-    monkeypatch.setattr(antisd, "VERIFY_SECONDS", 1.0)
-    start = time.time()
-    assert antisd.verify(f"\\boxed{{{answer}}}", "1") == 0.0
-    assert time.time() - start < antisd.VERIFY_SECONDS + 2
-    assert antisd.verify(r"\boxed{2}", "2") == 1.0     # the checker still works afterwards
-
-
-# -----------------------------------------------------------------------------
-# eval.py: metrics against brute force, benchmark loading on the real files, the CLI end to end
-
 def write_jsonl(path, rows):
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
 
 
 # -----------------------------------------------------------------------------
-# pass@k, avg@n, maj@n
-
-def test_pass_at_k_matches_enumeration_of_all_k_subsets():
-    for n in range(1, 9):
-        for c in range(n + 1):
-            for k in range(1, n + 1):
-                subsets = list(itertools.combinations(range(n), k))  # samples 0..c-1 are the correct ones
-                brute = sum(any(i < c for i in subset) for subset in subsets) / len(subsets)
-                assert evaluation.pass_at_k(n, c, k) == pytest.approx(brute, abs=1e-12), (n, c, k)
-
-
-def test_pass_at_k_stays_exact_where_binomials_would_overflow_a_float():
-    n, c, k = 2000, 3, 1024  # C(2000, 1024) ~ 1e600
-    exact = 1 - Fraction(math.comb(n - c, k), math.comb(n, k))
-    assert evaluation.pass_at_k(n, c, k) == pytest.approx(float(exact), rel=1e-12)
-    assert evaluation.pass_at_k(32, 5, 1) == pytest.approx(5 / 32, abs=1e-15)  # pass@1 is the accuracy
-
-
-def test_metric_names_are_literal_and_values_match_a_hand_count():
-    # 2 problems x 4 samples: c = 1 and c = 4
-    records = [
-        {"correct": [1.0, 0.0, 0.0, 0.0], "extracted": ["5", None, "6", "6"], "majority_correct": 0.0,
-         "truncated": [False, True, False, False], "lengths": [10, 16, 12, 2]},
-        {"correct": [1.0, 1.0, 1.0, 1.0], "extracted": ["1", "1", "1", "1"], "majority_correct": 1.0,
-         "truncated": [False, False, False, False], "lengths": [4, 4, 4, 4]},
-    ]
-    metrics = evaluation.benchmark_metrics(records, 4)
-    assert list(metrics) == ["problems", "avg@4", "pass@1", "pass@2", "pass@4", "maj@4",
-                             "no_box", "truncated", "mean_length"]
-    assert metrics["problems"] == 2
-    assert metrics["avg@4"] == pytest.approx((1 / 4 + 1) / 2)
-    assert metrics["pass@1"] == pytest.approx(metrics["avg@4"])
-    assert metrics["pass@2"] == pytest.approx((1 / 2 + 1) / 2)  # 3 of the 6 pairs hold the one correct sample
-    assert metrics["pass@4"] == pytest.approx(1.0)
-    assert metrics["maj@4"] == pytest.approx(0.5)
-    assert metrics["no_box"] == pytest.approx(1 / 8)
-    assert metrics["truncated"] == pytest.approx(1 / 8)
-    assert metrics["mean_length"] == pytest.approx(56 / 8)
-    assert list(evaluation.benchmark_metrics(records[:1] * 1, 4)) == list(metrics)
-    # n that is not a power of two: pass@k for k = 1, 2, 4 only
-    assert [m for m in evaluation.benchmark_metrics(
-        [{**records[1], "correct": [1.0] * 6, "extracted": ["1"] * 6, "truncated": [False] * 6, "lengths": [1] * 6}], 6)
-        if m.startswith("pass@")] == ["pass@1", "pass@2", "pass@4"]
-
-
-def test_mean_is_unweighted_over_benchmarks_and_counts_all_problems():
-    per_benchmark = {"a": {"problems": 10, "avg@2": 0.2}, "b": {"problems": 30, "avg@2": 0.6}}
-    assert evaluation.mean_metrics(per_benchmark) == {"problems": 40, "avg@2": pytest.approx(0.4)}
-
-
-def test_majority_vote_counts_equivalent_answers_written_differently_as_one():
-    # \frac12, 0.5 and \dfrac{1}{2} are one answer with 3 votes; "3" has 2
-    answers = ["3", "\\frac12", "0.5", "3", "\\dfrac{1}{2}"]
-    correct = [0.0, 1.0, 1.0, 0.0, 1.0]
-    assert evaluation.majority_is_correct(answers, correct) == 1.0
-
-
-def test_majority_vote_tie_goes_to_the_answer_seen_first():
-    assert evaluation.majority_is_correct(["3", "0.5", "\\frac{1}{2}", "3"], [0.0, 1.0, 1.0, 0.0]) == 0.0
-    assert evaluation.majority_is_correct(["0.5", "3", "3", "\\frac{1}{2}"], [1.0, 0.0, 0.0, 1.0]) == 1.0
-
-
-def test_responses_without_a_box_do_not_vote():
-    assert evaluation.majority_is_correct([None, None, None, "7"], [0.0, 0.0, 0.0, 1.0]) == 1.0
-    assert evaluation.majority_is_correct([None, None], [0.0, 0.0]) == 0.0
-
-
-# -----------------------------------------------------------------------------
-# Loading: each benchmark's own fields, hub and local
-
-def test_local_files_map_each_benchmarks_own_fields(tmp_path):
-    write_jsonl(tmp_path / "amc23.jsonl", [{"id": 0, "problem": "P", "answer": 27.0, "question": "P"}])
-    write_jsonl(tmp_path / "aime24.jsonl", [{"problem": "P", "answer": "025"}])
-    write_jsonl(tmp_path / "minerva_math.jsonl", [{"problem": "P", "solution": "so \\boxed{1} no, \\boxed{4.5e33}", "idx": 0}])
-    write_jsonl(tmp_path / "gsm8k.jsonl", [{"question": "P", "answer": "2 * 500 = <<2*500=1000>>1000\n#### 1,000"}])
-    write_jsonl(tmp_path / "olympiadbench.jsonl", [{"question": "P", "final_answer": ["$\\frac{1}{2 n+2}$"]}])
-    expected = {"amc23": "\\boxed{27}", "aime24": "\\boxed{25}", "minerva_math": "\\boxed{4.5\\times 10^{33}}",
-                "gsm8k": "\\boxed{1000}", "olympiadbench": "\\boxed{\\frac{1}{2n+2}}"}
-    for name, response in expected.items():
-        [item] = evaluation.load_benchmark(name, data_dir=tmp_path)
-        assert item["problem"] == "P"
-        assert antisd.verify(response, item["answer"]) == 1.0, (name, item["answer"])
-    # the e-notation gold must not shrink to its mantissa
-    [minerva] = evaluation.load_benchmark("minerva_math", data_dir=tmp_path)
-    assert antisd.verify("\\boxed{4.5}", minerva["answer"]) == 0.0
-
-
-def test_hub_schemas_map_each_benchmarks_own_columns(monkeypatch):
-    hub_rows = {  # one row per benchmark in the hub's schema (facts.md 2), which differs from the local files
-        ("math-ai/amc23", None, "test"): {"id": 0, "question": "P", "answer": 27.0, "url": "u"},
-        ("math-ai/minervamath", None, "test"): {"question": "P", "answer": "1.6"},
-        ("Hothan/OlympiadBench", "OE_TO_maths_en_COMP", "train"): {"id": 1, "question": "P", "final_answer": ["$2$"]},
-        ("openai/gsm8k", "main", "test"): {"question": "P", "answer": "x\n#### 18"},
-        ("MathArena/hmmt_feb_2025", None, "train"): {"problem_idx": 1, "problem": "P", "answer": "\\frac{1}{2}"},
-    }
-    calls = []
-
-    def fake_load_dataset(hub_id, config=None, split=None):
-        calls.append((hub_id, config, split))
-        return datasets.Dataset.from_list([hub_rows[(hub_id, config, split)]])
-
-    monkeypatch.setattr(evaluation.datasets, "load_dataset", fake_load_dataset)
-    golds = {"amc23": "27", "minerva_math": "1.6", "olympiadbench": "2", "gsm8k": "18", "hmmt25": "0.5"}
-    for name, gold in golds.items():
-        [item] = evaluation.load_benchmark(name)
-        assert item["problem"] == "P"
-        assert antisd.verify("\\boxed{" + gold + "}", item["answer"]) == 1.0, (name, item["answer"])
-    assert calls == list(hub_rows)
-
-
-def test_missing_field_error_names_benchmark_file_and_field(tmp_path):
-    write_jsonl(tmp_path / "amc23.jsonl", [{"question": "P", "answer": 27.0}])  # the hub's column name, not the local one
-    with pytest.raises(ValueError, match=r"amc23.*amc23\.jsonl.*'problem'"):
-        evaluation.load_benchmark("amc23", data_dir=tmp_path)
-    write_jsonl(tmp_path / "gsm8k.jsonl", [{"question": "P", "answer": "no final answer line"}])
-    with pytest.raises(ValueError, match=r"gsm8k.*'answer'"):
-        evaluation.load_benchmark("gsm8k", data_dir=tmp_path)
-
-
-def test_unparsable_gold_is_skipped_with_a_warning_not_scored_as_a_miss(tmp_path, capsys):
-    write_jsonl(tmp_path / "gsm8k.jsonl", [{"question": "P0", "answer": "#### 3"}, {"question": "P1", "answer": "lost"},
-                                           {"question": "P2", "answer": "#### 5"}])
-    assert [p["problem"] for p in evaluation.load_benchmark("gsm8k", data_dir=tmp_path)] == ["P0", "P2"]
-    assert "skipped 1 of 3" in capsys.readouterr().err
-
-
-def test_missing_file_or_unreachable_hub_error_says_what_to_pass(tmp_path, monkeypatch):
-    with pytest.raises(antisd.UserError, match=r"aime25.*aime25\.jsonl"):
-        evaluation.load_benchmark("aime25", data_dir=tmp_path)
-
-    def offline(*args, **kwargs):  # what datasets raises with HF_DATASETS_OFFLINE=1 and nothing cached
-        raise ConnectionError("Couldn't reach 'math-ai/aime25' on the Hub (OfflineModeIsEnabled)")
-
-    monkeypatch.setattr(evaluation.datasets, "load_dataset", offline)
-    with pytest.raises(antisd.UserError, match=r"aime25.*math-ai/aime25.*--data-dir"):
-        evaluation.load_benchmark("aime25")
-    with pytest.raises(ValueError, match="unknown benchmark"):
-        evaluation.load_benchmark("aime2025", data_dir=tmp_path)
-
-
-def test_limit_keeps_the_first_k_problems_in_file_order(tmp_path):
-    write_jsonl(tmp_path / "aime25.jsonl", [{"problem": f"P{i}", "answer": i, "id": str(i)} for i in range(5)])
-    assert [p["problem"] for p in evaluation.load_benchmark("aime25", data_dir=tmp_path, limit=3)] == ["P0", "P1", "P2"]
-
-
-@pytest.fixture(scope="module")
-def real_benchmarks():
-    """Every real benchmark file present, as eval.py loads it, and the golds that, boxed, are not
-    judged equal to themselves: computed once (about 30 s of parsing real golds) for the tests below."""
-    found = {}
-    for name in EVAL_BENCHMARKS:
-        if (BENCH_DIR / f"{name}.jsonl").is_file():
-            started = time.time()
-            problems = evaluation.load_benchmark(name, data_dir=BENCH_DIR)
-            misses = [p["answer"] for p in problems if antisd.verify("\\boxed{" + p["answer"] + "}", p["answer"]) != 1.0]
-            found[name] = problems, misses, time.time() - started
-    return found
-
-
-@pytest.mark.parametrize("name", EVAL_BENCHMARKS)
-def test_every_real_gold_answer_verifies_against_itself(name, real_benchmarks):
-    """The real benchmark files load, and each gold, boxed, is judged equal to itself: catches
-    wrong column mapping and gold formats that the parser cannot read (a problem nobody can solve)."""
-    if name not in real_benchmarks:
-        pytest.skip(f"no {BENCH_DIR}/{name}.jsonl")
-    problems, misses, seconds = real_benchmarks[name]
-    assert len(problems) == len(antisd.read_jsonl(BENCH_DIR / f"{name}.jsonl")), "some rows were skipped"
-    print(f"{name}: {len(problems) - len(misses)}/{len(problems)} golds verify against themselves ({seconds:.1f} s)")
-    assert not misses, f"{name}: {len(misses)} golds do not verify against themselves, e.g. {misses[:5]}"
-
-
-# golds of the real files that math-verify could read as a bare number, so that number would score as
-# correct: (benchmark, row, the gold as written, a wrong answer). The strict expected failures are
-# still misread today; the day they are handled they pass, pytest reports it, and the mark must go.
-still_misread = pytest.mark.xfail(strict=True, reason="math-verify misreads this gold")
-MISREAD_GOLDS = [
-    ("olympiadbench", 76, "$(-\\infty, 0) \\cup\\{1\\}$.", "0"),   # fixed: a trailing '.' kept the '$' in
-    ("minerva_math", 268, "\\frac{1}{3} E_{1}+\\frac{2}{3} E_{2}", "\\frac{2}{3}"),  # fixed: read as 2/3 inside \boxed{}
-    pytest.param("olympiadbench", 73, "$f(x)=a x+b$, where $b$ is an arbitrary integer, ... $\\mho(a)=0$", "0",
-                 marks=still_misread),                                  # prose, read as 0
-    pytest.param("olympiadbench", 117, "$6m$", "6", marks=still_misread),  # m (a variable) taken for metres
-    pytest.param("minerva_math", 104, "\\frac{37}{4} m", "\\frac{37}{4}", marks=still_misread),  # likewise
-    pytest.param("minerva_math", 261, "\\hbar \\omega(v+1 / 2)-\\frac{E_{0}^{2} e^{2}}{2 m \\omega^{2}}", "2",
-                 marks=still_misread),                                  # read as 2
-]
-
-
-@pytest.mark.parametrize("name, row, written, wrong", MISREAD_GOLDS)
-def test_a_misread_gold_does_not_accept_a_bare_number(name, row, written, wrong, real_benchmarks):
-    if name not in real_benchmarks:
-        pytest.skip(f"no {BENCH_DIR}/{name}.jsonl")
-    gold = real_benchmarks[name][0][row]["answer"]
-    assert antisd.verify("\\boxed{" + gold + "}", gold) == 1.0
-    assert antisd.verify("\\boxed{" + wrong + "}", gold) == 0.0, f"{written} accepts {wrong}"
-
-
-# -----------------------------------------------------------------------------
-# Sampling on the tiny model: in process and through the command line
-
-def test_evaluate_restores_training_mode_and_leaves_the_callers_rng_alone():
-    model, tokenizer = antisd.load_model("tiny-random", torch.device("cpu"))
-    benchmarks = {"toy": [{"problem": "1+1?", "answer": "2"}, {"problem": "2+2?", "answer": "4"}]}
-    settings = dict(n=2, temperature=1.0, top_p=1.0, max_new_tokens=8, batch_size=3, enable_thinking=False, seed=7)
-    model.train()
-    torch.manual_seed(123)
-    rng_before = torch.get_rng_state()
-    results, samples = evaluation.evaluate(model, tokenizer, benchmarks, **settings)
-    assert model.training
-    assert torch.equal(torch.get_rng_state(), rng_before)
-    assert set(results) == {"benchmarks", "mean"} and set(results["benchmarks"]) == {"toy"}
-    assert [len(s["responses"]) for s in samples] == [2, 2]
-    _, again = evaluation.evaluate(model, tokenizer, benchmarks, **settings)
-    assert [s["responses"] for s in again] == [s["responses"] for s in samples]  # same seed, same samples
-
-
-def test_command_line_on_tiny_model_writes_results_and_one_sample_line_per_problem(tmp_path, capsys):
-    data_dir = tmp_path / "bench"
-    data_dir.mkdir()
-    write_jsonl(data_dir / "aime24.jsonl", [{"id": 60 + i, "problem": f"What is {i}+{i}?", "answer": f"{2 * i:03d}",
-                                             "solution": "s", "url": "u", "question": "q"} for i in range(3)])
-    write_jsonl(data_dir / "minerva_math.jsonl", [{"problem": f"Compute {i}.", "solution": f"\\boxed{{{i}e3}}",
-                                                   "type": "t", "idx": i} for i in range(3)])
-    out_dir = tmp_path / "out"
-    # in process (a second interpreter would import torch again): the same argv, the same main
-    evaluation.main(["--model", "tiny-random", "--device", "cpu", "--data-dir", str(data_dir),
-                     "--benchmarks", "aime24,minerva_math", "--limit", "2", "--n", "2", "--max-new-tokens", "16",
-                     "--batch-size", "3", "--out-dir", str(out_dir)])
-    assert "| mean |" in capsys.readouterr().out
-
-    results = json.loads((out_dir / "results.json").read_text())
-    assert results["model"] == "tiny-random" and results["settings"]["seed"] == 0
-    assert {"torch", "transformers", "datasets", "math-verify"} <= set(results["versions"])
-    keys = ["problems", "avg@2", "pass@1", "pass@2", "maj@2", "no_box", "truncated", "mean_length"]
-    for name in ["aime24", "minerva_math", "mean"]:
-        metrics = results["mean"] if name == "mean" else results["benchmarks"][name]
-        assert list(metrics) == keys
-        assert all(0.0 <= metrics[k] <= 1.0 for k in keys[1:-1]), metrics
-        assert 0 < metrics["mean_length"] <= 16
-    assert results["benchmarks"]["aime24"]["problems"] == 2 and results["mean"]["problems"] == 4
-
-    lines = (out_dir / "samples.jsonl").read_text().splitlines()
-    assert len(lines) == 4
-    assert all(len(json.loads(line)["responses"]) == 2 for line in lines)
-
-
-# -----------------------------------------------------------------------------
-# Failures that explain themselves and recover: one paragraph instead of a traceback, torn logs,
-# damaged checkpoints, changed data, non-finite settings, the checker worker's lifetime
-
-
-SMALL_RUN = ["--model", "tiny-random", "--gate-warmup", "1", "--device", "cpu", "--prompts-per-step", "2",
-             "--group-size", "2", "--micro-batch-size", "4", "--max-new-tokens", "8"]
-
-
-def failure_message(capsys, main, argv):
-    """What the command line shows for argv: (exit status, text), through the scripts' one wrapper."""
-    with pytest.raises(SystemExit) as raised:
-        antisd.run_command(main, argv)
-    code, err = raised.value.code, capsys.readouterr().err
-    return code, (code if isinstance(code, str) else err)
-
-
-@pytest.mark.parametrize("argv, message", [
-    (["--dataset", "{tmp}/latin1.jsonl"], r"latin1\.jsonl, line 2: not UTF-8 text \(byte 0xe9"),
-    (["--dataset", "{tmp}/folder.jsonl"], r"folder\.jsonl: cannot read it \(Is a directory\)"),
-    (["--dataset", "{tmp}/empty.jsonl"], r"empty\.jsonl: the file holds no rows"),
-    (["--dataset", "{tmp}/list.jsonl"], r"list\.jsonl, line 1: expected a JSON object, got list"),
-    (["--out-dir", "{tmp}/a_file"], r"--out-dir .*a_file: cannot create it \(File exists\)"),
-    (["--out-dir", "{tmp}/a_file/run"], r"--out-dir .*a_file/run: cannot create it \(Not a directory\)"),
-    (["--device", "bogus"], r"--device 'bogus': expected cuda, cuda:N or cpu"),
-    (["--lr", "nan"], r"--lr must be a finite number, got nan"),
-    (["--lr=inf"], r"--lr must be a finite number, got inf"),
-    (["--grad-clip=nan"], r"--grad-clip must be a finite number, got nan"),
-    (["--temperature", "nan"], r"--temperature must be a finite number"),
-    (["--clip", "nan"], r"--clip must be a finite number"),
-    (["--lambda-max", "nan"], r"--lambda-max must be a finite number"),
-    (["--top-p=-inf"], r"--top-p must be a finite number"),
-])
-def test_bad_input_to_antisd_is_one_paragraph_without_a_traceback(tmp_path, capsys, argv, message):
-    (tmp_path / "latin1.jsonl").write_bytes(b'{"problem": "1+1?", "answer": "2"}\n{"problem": "caf\xe9", "answer": "1"}\n')
-    (tmp_path / "folder.jsonl").mkdir()
-    (tmp_path / "empty.jsonl").write_text("\n")
-    (tmp_path / "list.jsonl").write_text("[1, 2]\n")
-    (tmp_path / "a_file").write_text("")
-    argv = SMALL_RUN + ["--dataset", "arith", "--steps", "1", "--out-dir", str(tmp_path / "run")] + \
-        [a.replace("{tmp}", str(tmp_path)) for a in argv]
-    code, text = failure_message(capsys, antisd.main, argv)
-    assert code != 0 and re.search(message, text), (code, text)
-    assert "Traceback" not in text and not (isinstance(code, str) and "\n" in code)   # one paragraph
-
-
-def test_cuda_device_without_a_gpu_is_refused_by_name(capsys):
-    if torch.cuda.is_available():
-        pytest.skip("this machine has a GPU")
-    code, text = failure_message(capsys, antisd.main, SMALL_RUN + ["--dataset", "arith", "--device", "cuda:0"])
-    assert code.startswith("error: --device cuda:0: no CUDA GPU")
-
-
-@pytest.mark.parametrize("argv, message", [
-    (["--benchmarks", "aime2024"], r"unknown benchmark 'aime2024'; known: math500"),
-    (["--data-dir", "{tmp}/nowhere"], r"aime24: the data folder .*nowhere does not exist"),
-    (["--benchmarks", "amc23"], r"amc23\.jsonl line 3 has no field 'problem'"),        # the file's own line number
-    (["--model", "{tmp}/no_such_checkpoint"], r"--model .*no_such_checkpoint: could not load it \(no such local folder"),
-    (["--temperature", "0"], r"--temperature must be a finite number > 0"),
-    (["--temperature", "nan"], r"--temperature must be a finite number > 0"),
-    (["--top-p", "0"], r"--top-p in \(0, 1\], got 0.7 and 0.0"),
-    (["--max-new-tokens", "0"], r"--max-new-tokens must be at least 1"),
-    (["--benchmarks", ""], r"--benchmarks names no benchmark"),
-    (["--limit", "-1"], r"--limit must be >= 0 \(0: all problems\), got -1"),
-    (["--out-dir", "{tmp}/aime24.jsonl"], r"--out-dir .*aime24\.jsonl: cannot create it"),
-])
-def test_bad_input_to_eval_is_one_paragraph_without_a_traceback(tmp_path, capsys, argv, message):
-    write_jsonl(tmp_path / "aime24.jsonl", [{"problem": "P", "answer": "1"}])
-    (tmp_path / "amc23.jsonl").write_text('{"problem": "P", "answer": 1}\n\n{"question": "P", "answer": 2}\n')
-    argv = ["--model", "tiny-random", "--device", "cpu", "--data-dir", str(tmp_path), "--benchmarks", "aime24",
-            "--out-dir", str(tmp_path / "out")] + [a.replace("{tmp}", str(tmp_path)) for a in argv]
-    code, text = failure_message(capsys, evaluation.main, argv)
-    assert code != 0 and re.search(message, text), (code, text)
-    assert "Traceback" not in text
-
-
-def test_eval_negative_limit_is_refused_instead_of_dropping_the_last_problem(tmp_path):
-    write_jsonl(tmp_path / "aime24.jsonl", [{"problem": f"P{i}", "answer": i} for i in range(3)])
-    assert len(evaluation.load_benchmark("aime24", data_dir=tmp_path, limit=None)) == 3
-    with pytest.raises(antisd.UserError, match="limit must be at least 1"):
-        evaluation.load_benchmark("aime24", data_dir=tmp_path, limit=-1)
-
-
-def test_scripts_run_their_main_through_the_one_wrapper(tmp_path, capsys, monkeypatch):
-    """The __main__ blocks themselves: an expected failure exits with the message only."""
-    import runpy
-    for script, argv in [("antisd.py", ["--model", "tiny-random", "--dataset", str(tmp_path / "missing.jsonl"), "--out-dir", str(tmp_path)]),
-                         ("eval.py", ["--data-dir", str(tmp_path), "--benchmarks", "aime24"])]:
-        monkeypatch.setattr(sys, "argv", [script] + argv)
-        with pytest.raises(SystemExit) as raised:
-            runpy.run_path(str(HERE / script), run_name="__main__")
-        assert isinstance(raised.value.code, str) and raised.value.code.startswith("error: "), raised.value.code
-
-
-def test_a_real_bug_keeps_its_traceback_and_ctrl_c_at_start_up_does_not(tmp_path, capsys, monkeypatch):
-    def bug(*args):
-        raise ZeroDivisionError("a bug")
-    monkeypatch.setattr(antisd, "load_problems", bug)
-    argv = SMALL_RUN + ["--dataset", "arith", "--out-dir", str(tmp_path)]
-    with pytest.raises(ZeroDivisionError):
-        antisd.run_command(antisd.main, argv)
-
-    def interrupted(*args):
-        raise KeyboardInterrupt
-    monkeypatch.setattr(antisd, "load_problems", interrupted)
-    code, text = failure_message(capsys, antisd.main, argv)
-    assert code == 130 and text.startswith("interrupted: stopped at once")
-
-    def out_of_memory(*args):
-        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-    monkeypatch.setattr(antisd, "load_problems", out_of_memory)
-    code, text = failure_message(capsys, antisd.main, argv)
-    assert code.startswith("CUDA out of memory (CUDA out of memory. Tried to allocate 2.00 GiB): lower the batch sizes")
-
-
-def test_oversized_problem_or_solution_is_refused_at_load_time_naming_row_and_field(tmp_path, capsys):
-    big = "x" * (antisd.MAX_TEXT_CHARS + 1)
-    fine = "y" * antisd.MAX_TEXT_CHARS
-    write_jsonl(tmp_path / "problem.jsonl", [{"problem": fine, "answer": "1"}, {"problem": big, "answer": "1"}])
-    write_jsonl(tmp_path / "solution.jsonl", [{"problem": "P", "solution": fine + big + "\\boxed{1}"}])
-    start = time.time()
-    with pytest.raises(antisd.UserError, match=r"problem\.jsonl, line 2: field 'problem' has 100,001 characters"):
-        antisd.load_problems(str(tmp_path / "problem.jsonl"), seed=0)
-    with pytest.raises(antisd.UserError, match=r"solution\.jsonl, line 1: field 'solution' has 200,010 characters"):
-        antisd.load_problems(str(tmp_path / "solution.jsonl"), seed=0)
-    write_jsonl(tmp_path / "math500.jsonl", [{"problem": big, "answer": "1"}])
-    with pytest.raises(antisd.UserError, match=r"math500\.jsonl line 1: field 'problem' has 100,001 characters"):
-        evaluation.load_benchmark("math500", data_dir=tmp_path)
-    assert time.time() - start < 5
-
-
-def test_torn_last_log_line_is_dropped_and_a_killed_rewrite_keeps_the_old_file(tmp_path, monkeypatch):
-    path = tmp_path / "metrics.jsonl"
-    whole = "".join(json.dumps({"step": step, "loss": 0.5}) + "\n" for step in (1, 2, 3))
-    path.write_text(whole + '{"step": 4, "lo')   # killed while writing step 4
-    real_replace = os.replace
-
-    def killed(src, dst):
-        raise KeyboardInterrupt("killed during the rewrite")
-    monkeypatch.setattr(os, "replace", killed)
-    with pytest.raises(KeyboardInterrupt):
-        antisd.keep_log_lines_up_to(str(path), 2)
-    assert path.read_text() == whole + '{"step": 4, "lo'          # the old file, whole
-    monkeypatch.setattr(os, "replace", real_replace)
-    antisd.keep_log_lines_up_to(str(path), 2)
-    assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 2]
-    assert path.read_text().endswith("\n") and not list(tmp_path.glob("*.tmp"))
-    path.write_text('{"step": 1}\n{"ste\n{"step": 2}\n')           # damage inside the file is not a torn end
-    with pytest.raises(antisd.UserError, match=r"metrics\.jsonl, line 2: not a log line"):
-        antisd.keep_log_lines_up_to(str(path), 2)
-
-
-def test_weights_made_non_finite_by_an_update_are_never_applied():
-    torch.manual_seed(0)
-    layer = torch.nn.Linear(4, 4).to(torch.bfloat16)
-    layer.weight.data.fill_(1e4)
-    before = layer.weight.detach().clone()
-    optimizer = antisd.MasterAdamW(layer, lr=1e37)   # a finite lr that passes validation; 1e4 * lr * 0.01 overflows
-    layer(torch.ones(1, 4, dtype=torch.bfloat16)).sum().backward()
-    optimizer.clip_gradients(1.0)
-    with pytest.raises(antisd.UserError, match="infinite or NaN .* lower --lr"):
-        optimizer.step()
-    assert torch.equal(layer.weight, before)
-
-
-# a finished two-step run on a small local dataset, with a checkpoint after each step; tests copy it
-@pytest.fixture(scope="module")
-def two_step_run(tmp_path_factory):
-    base = tmp_path_factory.mktemp("two_step_run")
-    write_jsonl(base / "data.jsonl", [{"problem": f"What is {i} + {i}?", "answer": str(2 * i)} for i in range(8)])
-    cwd = os.getcwd()
-    os.chdir(base)   # relative paths: a copy of the folder is the same run
-    try:
-        antisd.main(SMALL_RUN + ["--dataset", "data.jsonl", "--steps", "2", "--save-every", "1", "--lr", "1e-3",
-                                 "--out-dir", "run"])
-    finally:
-        os.chdir(cwd)
-    return base
-
-
-def copy_of(run, tmp_path, monkeypatch):
-    import shutil
-    shutil.copytree(run, tmp_path / "copy")
-    monkeypatch.chdir(tmp_path / "copy")
-    return Path("run")
-
-
-def truncate(path):
-    path.write_bytes(path.read_bytes()[:path.stat().st_size // 2])
-
-
-@pytest.mark.parametrize("damage, named", [
-    (lambda c: truncate(c / "trainer_state.pt"), r"checkpoint-2/trainer_state\.pt cannot be read"),
-    (lambda c: truncate(c / "model.safetensors"), r"checkpoint-2/model\.safetensors cannot be read"),
-    (lambda c: (c / "model.safetensors").unlink(), r"checkpoint-2: model\.safetensors missing"),
-    (lambda c: (c / "config.json").unlink(), r"checkpoint-2: config\.json missing"),
-    (lambda c: (c / "tokenizer.json").unlink(), r"checkpoint-2: tokenizer\.json missing"),
-    (lambda c: (c / "trainer_state.pt").unlink(), r"checkpoint-2: trainer_state\.pt missing"),
-    (lambda c: truncate(c / "config.json"), r"checkpoint-2/config\.json cannot be read"),
-])
-def test_each_kind_of_damaged_checkpoint_is_named(two_step_run, tmp_path, monkeypatch, damage, named):
-    run = copy_of(two_step_run, tmp_path, monkeypatch)
-    damage(run / "checkpoint-2")
-    with pytest.raises(antisd.UserError, match=named):
-        antisd.load_checkpoint(str(run / "checkpoint-2"), torch.device("cpu"))
-    state, model, tokenizer = antisd.load_checkpoint(str(run / "checkpoint-1"), torch.device("cpu"))
-    assert state["step"] == 1 and tokenizer.padding_side == "left"
-
-
-def test_resume_falls_back_from_a_damaged_checkpoint_and_redoes_its_step_exactly(two_step_run, tmp_path,
-                                                                                 monkeypatch, capsys):
-    run = copy_of(two_step_run, tmp_path, monkeypatch)
-    logged = metrics_lines(run)
-    saved = weights(run / "checkpoint-2")
-    truncate(run / "checkpoint-2" / "trainer_state.pt")
-    with open(run / "metrics.jsonl", "a") as f:
-        f.write('{"step": 3, "reward_me')                      # and a torn line from the kill
-    capsys.readouterr()
-    antisd.main(SMALL_RUN + ["--dataset", "data.jsonl", "--steps", "2", "--save-every", "1", "--lr", "1e-3",
-                             "--out-dir", "run", "--resume"])
-    out, err = capsys.readouterr()
-    assert "checkpoint run/checkpoint-2 is damaged: run/checkpoint-2/trainer_state.pt cannot be read" in err
-    assert "resumed from run/checkpoint-1: continuing at step 2" in out
-    assert metrics_lines(run) == logged                         # step 2 redone, bit for bit
-    again = weights(run / "checkpoint-2")
-    assert all(torch.equal(saved[k], again[k]) for k in saved)
-
-    for checkpoint in ("checkpoint-1", "checkpoint-2"):         # none whole: say which files
-        (run / checkpoint / "config.json").unlink()
-    code, text = failure_message(capsys, antisd.main, SMALL_RUN + ["--dataset", "data.jsonl", "--steps", "3",
-                                                                    "--lr", "1e-3", "--out-dir", "run", "--resume"])
-    assert re.search(r"no checkpoint is whole: run/checkpoint-2: config\.json missing; "
-                     r"run/checkpoint-1: config\.json missing", code), code
-
-
-def test_resume_on_an_edited_dataset_is_refused(two_step_run, tmp_path, monkeypatch):
-    run = copy_of(two_step_run, tmp_path, monkeypatch)
-    rows = antisd.read_jsonl("data.jsonl")
-    rows[5]["answer"] = "11"
-    write_jsonl(Path("data.jsonl"), rows)
-    with pytest.raises(SystemExit, match=r"different settings: the problems of --dataset \(fingerprint\) '\w+' -> '\w+'"):
-        antisd.main(SMALL_RUN + ["--dataset", "data.jsonl", "--steps", "3", "--lr", "1e-3", "--out-dir", "run", "--resume"])
-    assert antisd.list_checkpoints(run) == ["run/checkpoint-1", "run/checkpoint-2"]
-
-
-def test_checker_worker_survives_ctrl_c_and_ends_on_terminate_under_the_runs_signal_handlers():
-    """A worker (re)started in the step loop inherits its handlers: with them, Ctrl-C would score the
-    check in flight 0, and multiprocessing's terminate-then-join at exit would wait forever."""
-    import signal
-    previous = {signal.SIGINT: signal.signal(signal.SIGINT, signal.default_int_handler),   # KeyboardInterrupt
-                signal.SIGTERM: signal.signal(signal.SIGTERM, lambda *a: None)}               # finish the step
-    try:
-        process, connection = antisd._start_verifier()
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-    try:
-        os.kill(process.pid, signal.SIGINT)
-        connection.send(("verify", "2", "2"))
-        assert connection.poll(10) and connection.recv() is True
-        process.terminate()
-        process.join(5)
-        assert not process.is_alive(), "the worker ignored SIGTERM"
-    finally:
-        process.kill()
-        process.join()
-
-
-def test_killed_run_leaves_no_checker_worker_and_releases_its_output_pipe(tmp_path):
-    """kill -9 of the trainer: the answer-checking worker must exit too, and must not hold the
-    trainer's stdout, or `python antisd.py | tee log` would never return."""
-    import signal
-    # golds that are not plain numbers, so that loading them starts the worker
-    write_jsonl(tmp_path / "data.jsonl", [{"problem": "1+1?", "answer": "\\frac{4}{2}"}, {"problem": "2+2?", "answer": "\\frac{8}{2}"}])
-    process = subprocess.Popen([sys.executable, str(HERE / "antisd.py"), *SMALL_RUN, "--dataset", str(tmp_path / "data.jsonl"),
-                                "--steps", "1000", "--out-dir", str(tmp_path / "run")], stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    children = Path(f"/proc/{process.pid}/task/{process.pid}/children")
-    if not children.exists():
-        process.kill()
-        pytest.skip("needs Linux /proc to find the worker")
-    for line in process.stdout:   # the worker has checked every gold of the dataset by then
-        if line.startswith(b"dataset "):
-            break
-    workers = [int(pid) for pid in children.read_text().split()]
-    assert workers, "the checker worker did not start"
-
-    def running(pid):
-        try:
-            return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
-        except FileNotFoundError:
-            return False
-    try:
-        os.kill(process.pid, signal.SIGKILL)
-        killed = time.time()
-        process.communicate(timeout=30)           # end of file on the pipe: no process holds it any more
-        pipe_seconds = time.time() - killed
-        while any(running(pid) for pid in workers) and time.time() < killed + 10:
-            time.sleep(0.1)
-        assert not any(running(pid) for pid in workers), "the checker worker outlived its parent"
-        assert pipe_seconds < 10
-    finally:   # a failing run must not leave the orphan behind either
-        for pid in workers:
-            if running(pid):
-                os.kill(pid, signal.SIGKILL)
-
-
-# -----------------------------------------------------------------------------
-# The training step itself: gate, advantages and logged numbers mean what they say
-
-
-def step_args(*flags):
-    return antisd.get_args(["--model", "tiny-random", *flags])
-
-
-def hand_made_stats(t_entropy=(1.0, 2.0, 10.0, 3.0)):
-    """Two rollouts of 3 and 1 tokens. Values past each end are junk that must never count."""
-    mask = torch.tensor([[True, True, True], [True, False, False]])
-    logp = torch.tensor([[-1.0, -2.0, -0.5], [-3.0, -7.0, -7.0]])
-    t_logp = torch.tensor([[-0.5, -4.0, -0.5], [-1.0, 9.0, 9.0]])
-    h = torch.tensor([[t_entropy[0], t_entropy[1], t_entropy[2]], [t_entropy[3], 99.0, 99.0]])
-    student_entropy = torch.tensor([[5.0, 5.0, 5.0], [5.0, 0.0, 0.0]])
-    return {"logp": logp, "t_logp": t_logp, "t_entropy": h, "entropy": student_entropy}, mask
-
-
-def test_step_advantages_use_u_as_teacher_minus_student_log_prob():
-    stats, mask = hand_made_stats()
-    seq_adv = torch.tensor([1.0, -1.0])
-    # u = t - s on the 4 response tokens, by hand: 0.5, -2.0, 0.0 | 2.0
-    u_by_hand = {(0, 0): 0.5, (0, 1): -2.0, (0, 2): 0.0, (1, 0): 2.0}
-    terms = {"antisd": lambda u: -0.5 * (math.log1p(math.exp(u)) - math.log(2)),   # -phi(u), M4
-             "sd": lambda u: u}                                                        # +u, M3
-    for method, term in terms.items():
-        out = antisd.gate_and_advantages(stats, mask, seq_adv, None, step_args("--method", method, "--gate", "none"))
-        assert out["lam"] == 0.5 and out["gate_on"] and out["jsd_weight"] == 0.0
-        for (i, t), u in u_by_hand.items():
-            assert abs(float(out["u"][i, t]) - u) < 1e-6
-            assert abs(float(out["advantages"][i, t]) - (float(seq_adv[i]) + 0.5 * term(u))) < 1e-6, (method, i, t)
-        assert torch.all(out["u"][~mask] == 0) and torch.all(out["advantages"][~mask] == 0)
-    grpo = antisd.gate_and_advantages(None, mask, seq_adv, None, step_args("--method", "grpo"))
-    assert grpo["lam"] == 0.0 and not grpo["gate_on"]
-    assert torch.equal(grpo["advantages"], torch.tensor([[1.0, 1.0, 1.0], [-1.0, 0.0, 0.0]]))
-
-
-def test_gate_follows_the_teachers_median_entropy_and_is_off_during_warm_up():
-    args = step_args("--gate-warmup", "2")
-    gate = antisd.EntropyGate(args.gate_warmup, args.tau_ratio, args.lambda_max)
-    seq_adv = torch.zeros(2)
-    # teacher entropies 1, 2, 10, 3 on the response tokens (99 past the end): median (2 + 3) / 2 = 2.5;
-    # the student's entropy is 5 everywhere, so a gate reading it would never close
-    calm, mask = hand_made_stats()
-    collapsed, _ = hand_made_stats(t_entropy=(0.5, 1.0, 1.0, 2.0))        # median 1.0 < 0.93 * 2.5
-    logged = []
-    for stats in (calm, calm, calm, collapsed):
-        out = antisd.gate_and_advantages(stats, mask, seq_adv, gate, args)
-        logged.append((out["gate_signal"], out["teacher_entropy_median"], out["gate_on"], out["lam"]))
-    assert logged == [(2.5, 2.5, False, 0.0), (2.5, 2.5, False, 0.0), (2.5, 2.5, True, 0.5), (1.0, 1.0, False, 0.0)]
-    assert gate.h_warm == 2.5
-    # --gate perplexity: exp(-mean teacher log-prob of the sampled tokens), M8
-    out = antisd.gate_and_advantages(calm, mask, seq_adv, None, step_args("--gate", "perplexity"))
-    assert abs(out["gate_signal"] - math.exp((0.5 + 4.0 + 0.5 + 1.0) / 4)) < 1e-6
-
-
-def test_the_median_of_an_even_count_is_the_mean_of_the_two_middle_values():
-    assert antisd.median(torch.tensor([4.0, 1.0, 3.0, 2.0])) == 2.5
-    assert antisd.median(torch.tensor([[3.0], [1.0], [2.0]])) == 2.0
-    gate = antisd.EntropyGate(warmup=2, tau_ratio=0.5)
-    gate.update(1.0), gate.update(2.0)
-    assert gate.h_warm == 1.5 and gate.tau_down == 0.75
-
-
-def test_gate_closes_strictly_below_tau_down_and_reopens_at_h_warm():
-    gate = antisd.EntropyGate(warmup=1, tau_ratio=0.5, lambda_max=0.5)
-    assert gate.update(2.0) == 0.0 and gate.tau_down == 1.0    # exact in binary
-    assert [gate.update(h) for h in (1.0, 0.999, 1.999, 2.0)] == [0.5, 0.0, 0.0, 0.5]
-
-
-def test_full_estimator_ascends_the_jsd_with_weight_lambda():
-    stats, mask = hand_made_stats()
-    seq_adv = torch.tensor([1.0, -1.0])
-    out = antisd.gate_and_advantages(stats, mask, seq_adv, None, step_args("--estimator", "full", "--gate", "none"))
-    # policy_gradient's loss is surrogate - jsd_weight * JSD: a positive weight ascends the JSD (M4)
-    assert out["jsd_weight"] == 0.5 and out["a"] is None
-    assert torch.equal(out["advantages"], torch.tensor([[1.0, 1.0, 1.0], [-1.0, 0.0, 0.0]]))
-
-
-def test_clip_fraction_counts_only_tokens_where_the_clip_binds():
-    ratios = torch.tensor([[1.5, 1.5, 0.5, 0.5, 1.1]])
-    advantages = torch.tensor([[1.0, -1.0, 1.0, -1.0, 1.0]])
-    mask = torch.ones_like(advantages, dtype=torch.bool)
-    loss, binding = antisd.policy_loss(ratios.log(), torch.zeros_like(ratios), advantages, mask, 5, clip=0.2)
-    # min() keeps 1.2 * 1 (clipped), 1.5 * -1, 0.5 * 1, 0.8 * -1 (clipped), 1.1 * 1
-    assert int(binding) == 2
-    assert abs(loss.item() - -(1.2 - 1.5 + 0.5 - 0.8 + 1.1) / 5) < 1e-6
-
-
-def test_thinking_is_removed_from_a_sibling_even_without_an_opener():
-    # templates that open <think> in the prompt (Qwen3 *-Thinking-2507) leave only </think> in the response
-    assert antisd.strip_thinking("long secret reasoning\n</think>\n\nclean \\boxed{2}") == "clean \\boxed{2}"
-    assert antisd.strip_thinking("<think>a</think> b <think>c</think>\nd") == "d"
-    assert antisd.strip_thinking("no thinking \\boxed{2}") == "no thinking \\boxed{2}"
-    prompt = antisd.build_teacher_prompt("1+1?", 1, [1.0, 0.0], ["scratch work</think>\n\nso \\boxed{2}", "x"],
-                                         None, "2", random.Random(0))
-    assert "scratch work" not in prompt and "so \\boxed{2}" in prompt
-
-
-@pytest.mark.parametrize("argv, message", [
-    (["--method", "sd", "--estimator", "full"], "--estimator full .* needs --method antisd"),
-    (["--estimator", "full", "--ppo-epochs", "2"], "--estimator full needs --ppo-epochs 1"),
-    (["--method", "grpo", "--divergence", "rkl"], "--divergence has no effect with --method grpo"),
-    (["--method", "grpo", "--compose", "mult", "--lambda-max", "0.3"], "--compose, --lambda-max have no effect with --method grpo"),
-    (["--method", "grpo", "--gate", "entropy"], "--gate has no effect with --method grpo"),
-    (["--method", "sd", "--divergence", "rkl"], "--divergence has no effect with --method sd"),
-])
-def test_flags_without_effect_in_the_chosen_method_are_refused(capsys, argv, message):
-    import re
-    with pytest.raises(SystemExit):
-        step_args(*argv)
-    assert re.search(message, capsys.readouterr().err)
-    for accepted in (["--method", "grpo", "--gate", "none"], ["--method", "sd", "--compose", "mult"]):
-        step_args(*accepted)
-
-
-def test_a_box_inside_the_thinking_block_is_not_the_answer():
-    for response in ["<think>maybe \\boxed{2}</think>\n\nI am not sure.", "maybe \\boxed{2}\n</think>\n\nNo idea."]:
-        assert antisd.extract_boxed(response) is None
-        assert antisd.verify(response, "2") == 0.0
-    assert antisd.verify("<think>maybe \\boxed{3}</think> so \\boxed{2}", "2") == 1.0
-
+# Step 1. sampling (antisd.generate, student prompts)
 
 def test_a_finished_response_ends_with_its_stop_token(tiny):
     model, tokenizer = tiny
@@ -1709,63 +98,6 @@ def test_a_finished_response_ends_with_its_stop_token(tiny):
             assert len(ids) == 24 and ids[-1] not in stop_ids
         else:
             assert ids[-1] in stop_ids
-
-
-def small_run(tmp_path):
-    data = tmp_path / "problems.jsonl"
-    data.write_text("".join(json.dumps({"problem": f"What is {k}+{k}?", "answer": str(2 * k)}) + "\n" for k in range(4)))
-    return ["--model", "tiny-random", "--device", "cpu", "--dataset", str(data), "--prompts-per-step", "2", "--group-size", "4",
-            "--max-new-tokens", "8", "--gate-warmup", "1"]
-
-
-def test_resume_restores_the_sibling_choice_of_the_teacher_prompts(tmp_path, monkeypatch):
-    # the tiny model never earns reward by itself: half the rollouts are declared correct, so that the
-    # teacher's solution is a sibling drawn at random (M7), and that draw changes u, the loss and the weights
-    monkeypatch.setattr(antisd, "verify", lambda text, gold: float(sum(map(ord, text)) % 2))
-    prompts = []
-    real_build = antisd.build_teacher_prompt
-    monkeypatch.setattr(antisd, "build_teacher_prompt", lambda *a, **k: prompts.append(real_build(*a, **k)) or prompts[-1])
-    run = small_run(tmp_path) + ["--lr", "1e-3"]
-    antisd.main(run + ["--steps", "2", "--out-dir", str(tmp_path / "straight")])
-    straight_prompts, prompts[:] = prompts[8:], []
-    antisd.main(run + ["--steps", "1", "--out-dir", str(tmp_path / "resumed")])
-    prompts[:] = []
-    antisd.main(run + ["--steps", "2", "--out-dir", str(tmp_path / "resumed"), "--resume"])
-    assert any("Your answer is correct." in p for p in straight_prompts)
-    assert prompts == straight_prompts                                   # step 2 saw the same siblings
-    assert metrics_lines(tmp_path / "straight") == metrics_lines(tmp_path / "resumed")
-    for name in ("rollouts.jsonl",):
-        assert (tmp_path / "straight" / name).read_text() == (tmp_path / "resumed" / name).read_text()
-
-
-def test_ppo_epochs_log_the_mean_loss_all_clipped_tokens_and_partial_updates(tmp_path, monkeypatch):
-    # scripted per-epoch (loss, clipped tokens); the real gradient is still computed and applied
-    scripted = iter([(1.0, 3), (3.0, 5), (2.0, 1), (float("nan"), 2)])
-    real = antisd.policy_gradient
-    monkeypatch.setattr(antisd, "policy_gradient", lambda *a, **k: (real(*a, **k), next(scripted))[1])
-    out_dir = tmp_path / "run"
-    antisd.main(small_run(tmp_path) + ["--steps", "2", "--ppo-epochs", "2", "--out-dir", str(out_dir)])
-    first, second = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
-    tokens = [line["response_length_mean"] * 8 for line in (first, second)]
-    assert first["loss"] == 2.0 and abs(first["clip_fraction"] - 8 / (2 * tokens[0])) < 1e-12
-    assert first["update_applied"] is True and first["epochs_applied"] == 2
-    assert second["loss"] is None and abs(second["clip_fraction"] - 3 / (2 * tokens[1])) < 1e-12
-    assert second["update_applied"] is True and second["epochs_applied"] == 1   # epoch 1 was applied
-    # throughput of generation: response tokens (stop tokens included) per second of generate()
-    for line, n in zip((first, second), tokens):
-        assert "tokens_per_second" not in line
-        assert abs(line["generated_tokens_per_second"] * line["seconds_generate"] - n) < 1e-6 * n
-    assert first["gate_on"] == 0.0 and first["lambda"] == 0.0 and second["gate_on"] == 1.0   # warm-up of 1
-
-
-def test_full_estimator_logs_no_per_token_term(tmp_path):
-    antisd.main(small_run(tmp_path) + ["--steps", "1", "--estimator", "full", "--out-dir", str(tmp_path / "run")])
-    line = json.loads((tmp_path / "run" / "metrics.jsonl").read_text())
-    assert line["sd_term_mean"] is None and line["jsd_mean"] > 0
-
-
-# -----------------------------------------------------------------------------
-# Compiled static-cache rollouts (--generate-with compiled) and --init random
 
 
 @pytest.fixture
@@ -1826,25 +158,80 @@ def test_compiled_rollouts_equal_eager_ones_greedy_and_sampled_across_weight_upd
     assert len(counted_compilation) == 1, "the decode step was compiled again"
 
 
-def test_init_random_builds_the_checkpoint_shape_with_fresh_weights_and_its_stop_tokens(tmp_path, capsys):
-    model, tokenizer = antisd.build_tiny(seed=5)
-    model.generation_config.eos_token_id = [tokenizer.eos_token_id, tokenizer.pad_token_id]
-    model.save_pretrained(tmp_path)
-    tokenizer.save_pretrained(tmp_path)
-    loaded, loaded_tokenizer = antisd.load_model(str(tmp_path), torch.device("cpu"), init="random")
-    assert "RANDOM WEIGHTS" in capsys.readouterr().out
-    assert loaded.config.to_dict()["num_hidden_layers"] == 2 and loaded.config.hidden_size == 64
-    saved = dict(model.named_parameters())
-    assert all(p.shape == saved[name].shape for name, p in loaded.named_parameters())
-    assert all(not torch.equal(p, saved[name]) for name, p in loaded.named_parameters() if p.dim() == 2)
-    assert antisd.stop_token_ids(loaded, loaded_tokenizer) == sorted(model.generation_config.eos_token_id)
-    (tmp_path / "config.json").unlink()
-    with pytest.raises(SystemExit):
-        antisd.get_args(["--model", str(tmp_path), "--init", "random"])
+# -----------------------------------------------------------------------------
+# Step 2. reward (antisd.verify, clean_gold)
+
+def test_boxed_extraction_keeps_nested_braces():
+    assert antisd.last_boxed(r"so \boxed{\frac{1}{2}} and later \boxed{\sqrt{\frac{a}{b}}}.") == r"\sqrt{\frac{a}{b}}"
+    assert antisd.last_boxed(r"\boxed{3} then a cut-off \boxed{\frac{1}{") == "3"
+    assert antisd.last_boxed("no box here") is None
+
+
+@pytest.mark.parametrize("response, gold", [
+    (r"The answer is \boxed{\frac{1}{2}}.", "0.5"),
+    (r"\boxed{0.5}", r"\frac12"),
+    (r"\boxed{\dfrac{3}{4}}", "3/4"),
+    (r"\boxed{\left( 3, \frac{\pi}{2} \right)}", r"(3,\frac{\pi}{2})"),
+    (r"\boxed{25}", "025"),
+    (r"\boxed{1000}", "1,000"),
+    (r"\boxed{x(x+2)}", "x^2+2x"),
+    (r"<think>maybe \boxed{7}</think> Final: \boxed{12}", "12"),
+])
+def test_equivalent_answers_earn_reward(response, gold):
+    assert antisd.verify(response, antisd.clean_gold(gold)) == 1.0
+
+
+@pytest.mark.parametrize("response, gold", [
+    (r"\boxed{71}", "70"),
+    (r"\boxed{\frac{1}{3}}", "0.5"),
+    ("The answer is 70.", "70"),                                # no boxed answer
+    (r"<think>so it is \boxed{70}", "70"),                       # thinking never finished
+    (r"<think>\boxed{70}</think> so the answer is \boxed{71}", "70"),  # only the final answer counts
+])
+def test_wrong_or_missing_answers_earn_nothing(response, gold):
+    assert antisd.verify(response, antisd.clean_gold(gold)) == 0.0
+
+
+def test_a_box_inside_the_thinking_block_is_not_the_answer():
+    for response in ["<think>maybe \\boxed{2}</think>\n\nI am not sure.", "maybe \\boxed{2}\n</think>\n\nNo idea."]:
+        assert antisd.extract_boxed(response) is None
+        assert antisd.verify(response, "2") == 0.0
+    assert antisd.verify("<think>maybe \\boxed{3}</think> so \\boxed{2}", "2") == 1.0
+
+
+def test_unparsable_gold_never_earns_reward():
+    for gold in [None, "", "   ", [], "$$"]:
+        assert antisd.clean_gold(gold) is None
+        assert antisd.verify(r"\boxed{}", antisd.clean_gold(gold)) == 0.0
+        assert antisd.verify(r"\boxed{0}", antisd.clean_gold(gold)) == 0.0
+    assert antisd.verify(r"\boxed{5}", None) == 0.0
+
+
+def test_gold_answers_of_every_type_are_normalised():
+    assert antisd.clean_gold(27.0) == "27"
+    assert antisd.clean_gold(70) == "70"
+    assert antisd.clean_gold("Janet sells 9 eggs.\n#### 1,080") == "1080"
+    assert antisd.clean_gold(["$\\frac{1}{2 n+2}$"]) == "\\frac{1}{2 n+2}"
+    assert antisd.verify(r"\boxed{4.5\times 10^{33}}", antisd.clean_gold("4.5e33")) == 1.0
+    assert antisd.verify(r"\boxed{4.5}", antisd.clean_gold("4.5e33")) == 0.0
+
+
+def test_gold_of_any_other_type_is_no_gold():
+    for gold in [{"a": 1}, float("nan"), float("inf"), True, object(), ("1",)]:
+        assert antisd.clean_gold(gold) is None, gold
+    assert antisd.verify("\\boxed{nan}", antisd.clean_gold(float("nan"))) == 0.0
+    assert antisd.clean_gold(10 ** 400) == "1" + "0" * 400     # a big int is still an exact gold
+
+
+def test_gold_with_several_boxes_is_kept_whole():
+    gold = antisd.clean_gold("Both: \\(\\boxed{1}\\) and \\(\\boxed{-2}\\).")
+    assert antisd.verify("\\boxed{-2, 1}", gold) == 1.0
+    assert antisd.verify("\\boxed{-2}", gold) == 0.0            # not only its last box
+    assert antisd.clean_gold("\\boxed{1} no, it is \\boxed{2}") is None  # prose between boxes: no reading
 
 
 # -----------------------------------------------------------------------------
-# The answer checker: hedged and malformed boxes, graded cases from other projects' suites
+# Step 2, reward: hedged and malformed boxes, and the cases users reported
 
 # every example a user found: wrong answers the checker once paid for, right ones it refused
 # (response, gold as the dataset gives it, reward)
@@ -1871,20 +258,6 @@ def test_reported_hedges_earn_nothing_and_reported_right_answers_earn_reward(res
     assert antisd.verify(response, antisd.clean_gold(gold)) == reward
 
 
-def test_gold_of_any_other_type_is_no_gold():
-    for gold in [{"a": 1}, float("nan"), float("inf"), True, object(), ("1",)]:
-        assert antisd.clean_gold(gold) is None, gold
-    assert antisd.verify("\\boxed{nan}", antisd.clean_gold(float("nan"))) == 0.0
-    assert antisd.clean_gold(10 ** 400) == "1" + "0" * 400     # a big int is still an exact gold
-
-
-def test_gold_with_several_boxes_is_kept_whole():
-    gold = antisd.clean_gold("Both: \\(\\boxed{1}\\) and \\(\\boxed{-2}\\).")
-    assert antisd.verify("\\boxed{-2, 1}", gold) == 1.0
-    assert antisd.verify("\\boxed{-2}", gold) == 0.0            # not only its last box
-    assert antisd.clean_gold("\\boxed{1} no, it is \\boxed{2}") is None  # prose between boxes: no reading
-
-
 # one box, two answers: ways we found that math-verify reads "<wrong> <sep> <right>" as the right one
 # (each of these scored 1 for gold 5 before these rules)
 @pytest.mark.parametrize("answer", [
@@ -1909,6 +282,9 @@ def test_several_boxes_are_one_answer_not_a_choice(response):
     assert antisd.verify(response, "5") == 0.0
     assert antisd.verify("\\boxed{5}, \\boxed{5}", "5") == 1.0  # a repeated box counts once
 
+
+# -----------------------------------------------------------------------------
+# Step 2, reward: graded cases from other projects' suites
 
 # Equivalence cases, written by us from other graders' test suites; the rules were designed on these.
 # (gold, boxed answer, reward). Where our rule differs from the source's expectation, the line says why.
@@ -2191,6 +567,20 @@ def test_held_out_grader_cases_no_wrong_answer_rewarded_and_most_agree():
     assert agreement >= 0.95, agreement
 
 
+# -----------------------------------------------------------------------------
+# Step 2, reward: bounded time
+
+@pytest.mark.parametrize("answer", [r"9^{9^{9^{9}}}", "9^9^9^9", r"\dfrac{5^{(5^{(5^{(5^5)})} - 4)} - 5}{16}",
+                                    "1+" * 50_000 + "1"])
+def test_pathological_answers_are_judged_wrong_in_bounded_time(answer, monkeypatch):
+    import time
+    monkeypatch.setattr(antisd, "VERIFY_SECONDS", 1.0)
+    start = time.time()
+    assert antisd.verify(f"\\boxed{{{answer}}}", "1") == 0.0
+    assert time.time() - start < antisd.VERIFY_SECONDS + 2
+    assert antisd.verify(r"\boxed{2}", "2") == 1.0     # the checker still works afterwards
+
+
 def test_a_check_costs_milliseconds_not_a_parse_per_rule():
     antisd.verify("\\boxed{1}", "1")  # the worker is started
     started = time.perf_counter()
@@ -2201,132 +591,859 @@ def test_a_check_costs_milliseconds_not_a_parse_per_rule():
 
 
 # -----------------------------------------------------------------------------
-# Learning on a laptop: the tiny arith model, the held-out arith benchmark, curves and token views
+# Step 3. group advantages (antisd.group_advantages)
 
-def arith_numbers(problem_text):
-    """(start, boxes, per_box, given), read back from the problem's words."""
-    return tuple(int(n) for n in re.findall(r"\d+", problem_text))
-
-
-def test_arith_benchmark_never_shares_a_problem_with_training():
-    benchmark = evaluation.load_benchmark("arith", limit=500)
-    assert len(benchmark) == 500 == len({item["problem"] for item in benchmark})
-    held_out = {arith_numbers(item["problem"]) for item in benchmark}
-    training = {arith_numbers(item["problem"]) for seed in (0, 1, 2) for item in antisd.make_arith_problems(2000, seed)}
-    supervised = {arith_numbers(item["problem"])  # the default supervised start
-                  for item in antisd.make_arith_problems(antisd.TINY_SFT_STEPS * antisd.TINY_SFT_BATCH, seed=10_000)}
-    assert held_out.isdisjoint(training) and held_out.isdisjoint(supervised)
-    assert all(antisd.arith_is_held_out(numbers) for numbers in held_out)
-    every_tuple = list(itertools.product(range(1, 15), range(2, 5), range(2, 5), range(1, 10)))
-    assert 0.18 < sum(map(antisd.arith_is_held_out, every_tuple)) / len(every_tuple) < 0.22  # a fifth is held out
-    start, boxes, per_box, given = arith_numbers(benchmark[0]["problem"])
-    assert int(benchmark[0]["answer"]) == start + boxes * per_box - given
-
-
-def test_slipped_solutions_compute_each_step_correctly_and_are_judged_wrong():
-    item = antisd.make_arith_problems(1, seed=4)[0]
-    start, boxes, per_box, given = item["numbers"]
-    for slips, expected in [((False, False), start + boxes * per_box - given), ((True, False), start + boxes + per_box - given),
-                            ((False, True), start + boxes * per_box + given), ((True, True), start + boxes + per_box + given)]:
-        text, answer = antisd.arith_solution(item["name"], item["thing"], item["numbers"], slips)
-        assert answer == expected and antisd.last_boxed(text) == str(expected)
-        assert antisd.verify(text, item["answer"]) == float(slips == (False, False))
-
-
-def test_supervised_start_lowers_the_response_loss_and_is_trained_only_once(tmp_path, monkeypatch):
-    import torch.nn.functional as F
-    calls, full_start = [], antisd.train_tiny_arith
-
-    def small_start(path):
-        calls.append(path)
-        return full_start(path, steps=30, batch_size=8, lr=1e-2, hidden_size=32, log_every=0)
-
-    monkeypatch.setattr(antisd, "TINY_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(antisd, "train_tiny_arith", small_start)
-    model, tokenizer = antisd.load_model("tiny", torch.device("cpu"))
-    antisd.load_model("tiny", torch.device("cpu"))  # the second load reads the cache
-    assert len(calls) == 1 and (tmp_path / "cache" / antisd.TINY_ARITH_RECIPE / "model.safetensors").exists()
-    assert tokenizer.tokenize(" 1234") == ["Ġ1", "2", "3", "4"]  # one digit per token
-    problems = antisd.make_arith_problems(8, seed=99)
-    students = antisd.supervised_examples(tokenizer, problems, random.Random(0), as_teacher=False)
-    teachers = antisd.supervised_examples(tokenizer, problems, random.Random(0), as_teacher=True)
-    examples = students + teachers
-    # the prompts are the ones RL will use, token for token, though tokenized in one batch
-    assert [prompt for prompt, _ in students] == [antisd.student_prompt_ids(tokenizer, p["problem"], False) for p in problems]
-    rng = random.Random(0)
-    for p, (prompt, response) in zip(problems, teachers):
-        slips = (rng.random() < antisd.SLIP_RATE, rng.random() < antisd.SLIP_RATE)
-        sloppy, answer = antisd.arith_solution(p["name"], p["thing"], p["numbers"], slips)
-        message = antisd.build_teacher_prompt(p["problem"], 0, [float(answer == int(p["answer"]))], [sloppy],
-                                              p["solution"], p["answer"], rng)
-        assert prompt == antisd.render_prompt(tokenizer, message, False)
-        assert response == tokenizer(p["solution"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-
-    def response_loss(m):  # one example at a time, no padding: mean cross-entropy of the response tokens
-        losses = []
-        with torch.no_grad():
-            for prompt, response in examples:
-                logits = m(torch.tensor([prompt + response])).logits[0, len(prompt) - 1:-1]  # [R, V]
-                losses.append(F.cross_entropy(logits, torch.tensor(response)))
-        return float(torch.stack(losses).mean())
-
-    untrained = type(model)(model.config)
-    assert response_loss(model) < response_loss(untrained) - 1.0
-
-
-def test_compare_table_numbers_equal_metrics_jsonl_and_the_figure_is_written(tmp_path):
-    runs = []
-    for name, rewards in [("grpo", [0.1, 0.5, 0.3]), ("antisd", [0.2, 0.1, 0.4])]:
-        run = tmp_path / name
-        run.mkdir()
-        lines = [{"step": 0, "eval/arith/avg@4": 0.25, "eval/mean/avg@4": 0.25}]
-        for step, reward in enumerate(rewards, 1):
-            lines.append({"step": step, "reward_mean": reward, "response_length_mean": 40.0 + step, "u_mean": -0.1 * step,
-                          "u_p01": -2.0, "u_p99": 1.0, "jsd_mean": 0.01, "teacher_entropy_median": 0.5,
-                          "student_entropy_median": 0.6, "lambda": 0.5, "gate_on": 1.0})
-        lines[3]["eval/mean/avg@4"] = 0.5 if name == "grpo" else 0.125
-        write_jsonl(run / "metrics.jsonl", lines)
-        runs.append(str(run))
-    evaluation.compare_runs(runs, str(tmp_path / "out"))
-    assert (tmp_path / "out" / "compare.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    table = {}
-    for row in (tmp_path / "out" / "compare.md").read_text().splitlines()[2:]:
-        run, metric, first, best, last = [cell.strip() for cell in row.strip("|").split("|")]
-        table[run, metric] = (first, best, last)
-    assert table["grpo", "reward_mean"] == ("0.1000 (step 1)", "0.5000 (step 2)", "0.3000 (step 3)")
-    assert table["antisd", "reward_mean"] == ("0.2000 (step 1)", "0.4000 (step 3)", "0.4000 (step 3)")
-    assert table["grpo", "eval/mean/avg@4"] == ("0.2500 (step 0)", "0.5000 (step 3)", "0.5000 (step 3)")
-    assert table["antisd", "eval/mean/avg@4"] == ("0.2500 (step 0)", "0.2500 (step 0)", "0.1250 (step 3)")
-    assert table["antisd", "u_mean"] == ("-0.1000 (step 1)", "", "-0.3000 (step 3)")
-
-
-def test_rollouts_keep_every_token_with_its_u_and_tokens_html_colours_them(tmp_path):
-    out = tmp_path / "run"
-    antisd.main(["--model", "tiny-random", "--dataset", "arith", "--steps", "2", "--method", "sd", "--group-size", "2",
-                 "--prompts-per-step", "2", "--micro-batch-size", "4", "--max-new-tokens", "12", "--out-dir", str(out)])
-    rollouts = [json.loads(line) for line in (out / "rollouts.jsonl").read_text().splitlines()]
-    _, tokenizer = antisd.build_tiny()
-    for r in rollouts:
-        joined = "".join(text for text, _ in r["tokens"])  # a random model emits broken UTF-8: compare the rest
-        assert joined.replace("\ufffd", "") == (r["response"] + "<|im_end|>" * (not r["truncated"])).replace("\ufffd", "")
-        us = [u for _, u in r["tokens"]]
-        assert min(us) == pytest.approx(r["most_negative_u"][0][1], abs=1e-3) and max(us) == pytest.approx(r["most_positive_u"][0][1], abs=1e-3)
-        assert any(u != 0 for u in us)  # sd scores a teacher
-    evaluation.show_tokens(str(out), str(tmp_path / "view"))
-    page = (tmp_path / "view" / "tokens.html").read_text()
-    spans = re.findall(r'<span title="u = ([-+.\d]+)" style="background:rgb\((\d+),(\d+),(\d+)\)">', page)
-    assert len(spans) == sum(len(r["tokens"]) for r in rollouts)
-    for u, red, green, blue in spans:
-        u, red, blue = float(u), int(red), int(blue)
-        if abs(u) >= 0.01:  # blue for negative u, red for positive; a shade of white near 0
-            assert (blue == 255 and red < 255) if u < 0 else (red == 255 and blue < 255), (u, red, blue)
+def test_group_advantages_are_z_scores_within_each_group():
+    rewards = [1, 0, 0, 1, 1, 1, 1, 1, 0, 0, 0, 1]
+    adv = antisd.group_advantages(rewards, group_size=4)
+    for g in range(3):
+        group = torch.tensor(rewards[4 * g:4 * g + 4], dtype=torch.float64)
+        if group.std() == 0:
+            assert torch.all(adv[4 * g:4 * g + 4] == 0)
         else:
-            assert min(red, blue) >= 250
-    assert "step 1" in page and "step 2" in page and "legend" in page
+            mean = sum(group.tolist()) / 4
+            sample_std = math.sqrt(sum((r - mean) ** 2 for r in group.tolist()) / 3)
+            expected = (group - mean) / sample_std
+            assert torch.allclose(adv[4 * g:4 * g + 4].double(), expected, atol=1e-5)
 
 
 # -----------------------------------------------------------------------------
-# Scale: logits projected from the hidden states chunk by chunk, and several processes (FSDP2)
+# Step 4. scoring: teacher prompts and antisd.score (alignment under padding)
+
+def test_teacher_never_sees_the_rollout_itself():
+    texts = ["attempt zero \\boxed{1}", "attempt one \\boxed{2}", "attempt two \\boxed{2}", "attempt three"]
+    rewards = [0.0, 1.0, 1.0, 0.0]
+    seen = {i: set() for i in range(4)}
+    rng = random.Random(0)
+    for _ in range(50):
+        for i in range(4):
+            prompt = antisd.build_teacher_prompt("What is 1+1?", i, rewards, texts, "ref solution", "2", rng)
+            seen[i] |= {j for j in range(4) if texts[j] in prompt}
+            assert texts[i] not in prompt
+            assert ("Your answer is correct." in prompt) == (rewards[i] == 1)
+            assert ("Your answer is incorrect." in prompt) == (rewards[i] == 0)
+    assert seen[0] == {1, 2} and seen[3] == {1, 2}   # both correct siblings get chosen
+    assert seen[1] == {2} and seen[2] == {1}
+
+
+def test_teacher_falls_back_to_reference_solution_then_gold():
+    texts = ["only correct one \\boxed{2}", "wrong \\boxed{3}"]
+    rng = random.Random(0)
+    own = antisd.build_teacher_prompt("P", 0, [1.0, 0.0], texts, "the reference solution", "2", rng)
+    assert "the reference solution" in own and texts[0] not in own
+    wrong = antisd.build_teacher_prompt("P", 1, [1.0, 0.0], texts, "the reference solution", "2", rng)
+    assert texts[0] in wrong
+    no_ref = antisd.build_teacher_prompt("P", 0, [0.0, 0.0], texts, None, "2", rng)
+    assert "\\boxed{2}" in no_ref
+
+
+def test_sibling_thinking_is_removed_and_template_matches_method():
+    texts = ["<think>secret scratch work</think>\n\nclean \\boxed{2}", "x"]
+    prompt = antisd.build_teacher_prompt("What is 1+1?", 1, [1.0, 0.0], texts, None, "2", random.Random(0))
+    assert "secret scratch work" not in prompt
+    assert prompt == (antisd.student_message("What is 1+1?")
+                      + "\nYour previous attempt:\n\nclean \\boxed{2}\n\n"
+                      + "\nPrevious assessment: Your answer is incorrect.\n"
+                      + "\n\nNow solve this problem step by step.\n")
+
+
+def test_thinking_is_removed_from_a_sibling_even_without_an_opener():
+    # templates that open <think> in the prompt (Qwen3 *-Thinking-2507) leave only </think> in the response
+    assert antisd.strip_thinking("long secret reasoning\n</think>\n\nclean \\boxed{2}") == "clean \\boxed{2}"
+    assert antisd.strip_thinking("<think>a</think> b <think>c</think>\nd") == "d"
+    assert antisd.strip_thinking("no thinking \\boxed{2}") == "no thinking \\boxed{2}"
+    prompt = antisd.build_teacher_prompt("1+1?", 1, [1.0, 0.0], ["scratch work</think>\n\nso \\boxed{2}", "x"],
+                                         None, "2", random.Random(0))
+    assert "scratch work" not in prompt and "so \\boxed{2}" in prompt
+
+
+def test_only_the_solution_is_truncated_never_the_problem(tiny):
+    _, tokenizer = tiny
+    problem = "A very long problem statement. " * 200
+    solution = "step " * 2000
+    prompt = antisd.build_teacher_prompt(problem, 0, [0.0], ["x"], solution, "1", random.Random(0),
+                                         tokenizer, max_solution_tokens=40)
+    assert problem in prompt
+    shown = prompt.split("Your previous attempt:\n\n")[1].split("\n\n\nPrevious assessment")[0]
+    assert len(tokenizer(shown, add_special_tokens=False)["input_ids"]) == 40
+    assert solution.startswith(shown)
+
+
+# -----------------------------------------------------------------------------
+# Step 4, scoring alignment: batched, padded scoring == one unpadded sequence at a time
+
+def one_at_a_time_logp(model, prompt, response):
+    """log p(response_j | prompt, response_<j) from a single unpadded forward, float64 softmax."""
+    ids = torch.tensor([prompt + response])
+    logits = model(input_ids=ids).logits[0, len(prompt) - 1:-1].double()    # [R, V]
+    logp = torch.log_softmax(logits, dim=-1)
+    return logp.gather(-1, torch.tensor(response)[:, None])[:, 0], -(logp.exp() * logp).sum(-1)
+
+
+def check_alignment(model, tokenizer, problems, responses, enable_thinking):
+    student = [antisd.student_prompt_ids(tokenizer, p, enable_thinking) for p in problems]
+    teacher_messages = [antisd.build_teacher_prompt(p, 0, [0.0], ["x"], "The solution is 42 because of "
+                                                    + "reasons " * (3 * k), "42", random.Random(0))
+                        for k, p in enumerate(problems)]
+    teacher = [antisd.render_prompt(tokenizer, m, enable_thinking) for m in teacher_messages]
+    assert len({len(p) for p in student}) > 1 and len({len(r) for r in responses}) > 1  # real padding
+    stats = antisd.score(model, student, teacher, responses, tokenizer.pad_token_id,
+                         micro_batch_size=len(responses), temperature=1.0)
+    for i, response in enumerate(responses):
+        s_ref, h_ref = one_at_a_time_logp(model, student[i], response)
+        t_ref, th_ref = one_at_a_time_logp(model, teacher[i], response)
+        n = len(response)
+        assert torch.allclose(stats["logp"][i, :n].double(), s_ref, atol=1e-5)
+        assert torch.allclose(stats["t_logp"][i, :n].double(), t_ref, atol=1e-5)
+        assert torch.allclose(stats["entropy"][i, :n].double(), h_ref, atol=1e-4)
+        assert torch.allclose(stats["t_entropy"][i, :n].double(), th_ref, atol=1e-4)
+        assert torch.all(stats["logp"][i, n:] == 0)   # nothing scored past the end
+    return student, teacher
+
+
+@torch.no_grad()
+def test_teacher_scores_exactly_the_sampled_tokens_under_left_padding(tiny, token_stats_path):
+    model, tokenizer = tiny
+    problems = ["What is 1+1?", "A much longer problem: compute 17 * 23 and then add 5 to it.", "2*3?"]
+    torch.manual_seed(0)
+    samples = antisd.generate(model, tokenizer,
+                              [antisd.student_prompt_ids(tokenizer, p, False) for p in problems],
+                              max_new_tokens=12, temperature=1.0, top_p=1.0, batch_size=3)
+    responses = [ids for ids, _ in samples]
+    responses[1] = responses[1][:3]   # make the lengths differ for certain
+    check_alignment(model, tokenizer, problems, responses, enable_thinking=False)
+
+
+@pytest.mark.skipif(not QWEN3_TOKENIZER.exists(), reason="needs ../shared/hub/Qwen3-tokenizer")
+@pytest.mark.parametrize("enable_thinking", [False, True])
+@torch.no_grad()
+def test_alignment_with_the_real_qwen3_tokenizer(enable_thinking):
+    from transformers import AutoTokenizer, Qwen3Config, Qwen3ForCausalLM
+    tokenizer = AutoTokenizer.from_pretrained(str(QWEN3_TOKENIZER))
+    tokenizer.padding_side = "left"
+    torch.manual_seed(0)
+    model = Qwen3ForCausalLM(Qwen3Config(vocab_size=151936, hidden_size=32, intermediate_size=64,
+                                         num_hidden_layers=2, num_attention_heads=2,
+                                         num_key_value_heads=1, head_dim=16)).eval()
+    problems = ["What is 1+1?", "Let $x^2 = 49$ with $x > 0$. Find $x$.", "Compute $\\frac{3}{4} + \\frac{1}{4}$."]
+    answers = ["<think>\nadd them\n</think>\n\nIt is \\boxed{2}.", "So \\boxed{7}.", "\\boxed{1}"]
+    responses = [tokenizer(a, add_special_tokens=False)["input_ids"] + [151645] for a in answers]
+    student, teacher = check_alignment(model, tokenizer, problems, responses, enable_thinking)
+    # student and teacher prompts end in the same assistant header, thinking mode included
+    tail = [151644, 77091, 198] + ([151667, 271, 151668, 271] if not enable_thinking else [])
+    for s, t in zip(student, teacher):
+        assert s[-len(tail):] == tail and t[-len(tail):] == tail
+        assert s[-len(tail) - 1] == t[-len(tail) - 1] == 198   # "<|im_end|>\n" before it
+
+
+# -----------------------------------------------------------------------------
+# Step 5. the entropy gate (antisd.EntropyGate)
+
+def test_gate_calibrates_then_switches_off_and_on():
+    gate = antisd.EntropyGate(warmup=3, tau_ratio=0.9, lambda_max=0.5)
+    # warm-up: lambda 0, H_warm = median(2.0, 1.0, 3.0) = 2.0, tau_down = 1.8
+    assert [gate.update(h) for h in (2.0, 1.0, 3.0)] == [0.0, 0.0, 0.0]
+    assert gate.h_warm == 2.0 and abs(gate.tau_down - 1.8) < 1e-12
+    assert gate.update(1.85) == 0.5          # above tau_down: on
+    assert gate.update(1.79) == 0.0          # below tau_down: off
+    assert gate.update(1.95) == 0.0          # between thresholds: stays off (hysteresis)
+    saved = json.loads(json.dumps(gate.state_dict()))
+    assert gate.update(2.0) == 0.5           # back at H_warm: on
+    assert gate.update(1.81) == 0.5          # between thresholds: stays on
+    restored = antisd.EntropyGate(warmup=3, tau_ratio=0.9, lambda_max=0.5)
+    restored.load_state_dict(saved)
+    assert [restored.update(h) for h in (2.0, 1.81, 1.0)] == [0.5, 0.5, 0.0]
+
+
+def test_gate_closes_strictly_below_tau_down_and_reopens_at_h_warm():
+    gate = antisd.EntropyGate(warmup=1, tau_ratio=0.5, lambda_max=0.5)
+    assert gate.update(2.0) == 0.0 and gate.tau_down == 1.0    # exact in binary
+    assert [gate.update(h) for h in (1.0, 0.999, 1.999, 2.0)] == [0.5, 0.0, 0.0, 0.5]
+
+
+def test_the_median_of_an_even_count_is_the_mean_of_the_two_middle_values():
+    assert antisd.median(torch.tensor([4.0, 1.0, 3.0, 2.0])) == 2.5
+    assert antisd.median(torch.tensor([[3.0], [1.0], [2.0]])) == 2.0
+    gate = antisd.EntropyGate(warmup=2, tau_ratio=0.5)
+    gate.update(1.0), gate.update(2.0)
+    assert gate.h_warm == 1.5 and gate.tau_down == 0.75
+
+
+def step_args(*flags):
+    return antisd.get_args(["--model", "tiny-random", *flags])
+
+
+def hand_made_stats(t_entropy=(1.0, 2.0, 10.0, 3.0)):
+    """Two rollouts of 3 and 1 tokens. Values past each end are junk that must never count."""
+    mask = torch.tensor([[True, True, True], [True, False, False]])
+    logp = torch.tensor([[-1.0, -2.0, -0.5], [-3.0, -7.0, -7.0]])
+    t_logp = torch.tensor([[-0.5, -4.0, -0.5], [-1.0, 9.0, 9.0]])
+    h = torch.tensor([[t_entropy[0], t_entropy[1], t_entropy[2]], [t_entropy[3], 99.0, 99.0]])
+    student_entropy = torch.tensor([[5.0, 5.0, 5.0], [5.0, 0.0, 0.0]])
+    return {"logp": logp, "t_logp": t_logp, "t_entropy": h, "entropy": student_entropy}, mask
+
+
+def test_gate_follows_the_teachers_median_entropy_and_is_off_during_warm_up():
+    args = step_args("--gate-warmup", "2")
+    gate = antisd.EntropyGate(args.gate_warmup, args.tau_ratio, args.lambda_max)
+    seq_adv = torch.zeros(2)
+    # teacher entropies 1, 2, 10, 3 on the response tokens (99 past the end): median (2 + 3) / 2 = 2.5;
+    # the student's entropy is 5 everywhere, so a gate reading it would never close
+    calm, mask = hand_made_stats()
+    collapsed, _ = hand_made_stats(t_entropy=(0.5, 1.0, 1.0, 2.0))        # median 1.0 < 0.93 * 2.5
+    logged = []
+    for stats in (calm, calm, calm, collapsed):
+        out = antisd.gate_and_advantages(stats, mask, seq_adv, gate, args)
+        logged.append((out["gate_signal"], out["teacher_entropy_median"], out["gate_on"], out["lam"]))
+    assert logged == [(2.5, 2.5, False, 0.0), (2.5, 2.5, False, 0.0), (2.5, 2.5, True, 0.5), (1.0, 1.0, False, 0.0)]
+    assert gate.h_warm == 2.5
+    # --gate perplexity: exp(-mean teacher log-prob of the sampled tokens), M8
+    out = antisd.gate_and_advantages(calm, mask, seq_adv, None, step_args("--gate", "perplexity"))
+    assert abs(out["gate_signal"] - math.exp((0.5 + 4.0 + 0.5 + 1.0) / 4)) < 1e-6
+
+
+# -----------------------------------------------------------------------------
+# Step 6. per-token advantages (antisd_advantage, token_advantages, gate_and_advantages)
+
+def test_antisd_advantage_matches_method_values_and_bound():
+    u = torch.tensor([-20.0, -1.0, 0.0, 1.0, 5.0], dtype=torch.float64)
+    expected = torch.tensor([0.346574, 0.189943, 0.0, -0.310057, -2.156784], dtype=torch.float64)
+    assert torch.allclose(antisd.antisd_advantage(u), expected, atol=1e-6)
+    very_negative = antisd.antisd_advantage(torch.tensor([-1e4, -50.0], dtype=torch.float64))
+    assert torch.all(very_negative <= 0.5 * math.log(2) + 1e-12)
+    assert abs(float(very_negative[0]) - 0.5 * math.log(2)) < 1e-12
+
+
+def test_antisd_term_has_the_opposite_sign_of_default_sd():
+    u = torch.linspace(-6, 6, 25)
+    seq_adv = torch.zeros(1)
+    antisd_adv, _ = antisd.token_advantages(seq_adv, u[None], 0.5, "antisd", "jsd", "add")
+    sd_adv, _ = antisd.token_advantages(seq_adv, u[None], 0.5, "sd", "jsd", "add")
+    nonzero = u != 0
+    assert torch.all(torch.sign(antisd_adv[0][nonzero]) == -torch.sign(sd_adv[0][nonzero]))
+    rkl, _ = antisd.token_advantages(seq_adv, u[None], 0.5, "antisd", "rkl", "add")
+    assert torch.allclose(rkl[0], -0.5 * u)
+    grpo, _ = antisd.token_advantages(torch.tensor([1.5]), u[None], 0.5, "grpo", "jsd", "add")
+    assert torch.all(grpo == 1.5)
+    mult, a = antisd.token_advantages(torch.tensor([2.0]), u[None], 0.5, "antisd", "jsd", "mult")
+    assert torch.allclose(mult[0], 2.0 * (1 + 0.5 * a[0]))
+
+
+def test_step_advantages_use_u_as_teacher_minus_student_log_prob():
+    stats, mask = hand_made_stats()
+    seq_adv = torch.tensor([1.0, -1.0])
+    # u = t - s on the 4 response tokens, by hand: 0.5, -2.0, 0.0 | 2.0
+    u_by_hand = {(0, 0): 0.5, (0, 1): -2.0, (0, 2): 0.0, (1, 0): 2.0}
+    terms = {"antisd": lambda u: -0.5 * (math.log1p(math.exp(u)) - math.log(2)),   # -phi(u), M4
+             "sd": lambda u: u}                                                        # +u, M3
+    for method, term in terms.items():
+        out = antisd.gate_and_advantages(stats, mask, seq_adv, None, step_args("--method", method, "--gate", "none"))
+        assert out["lam"] == 0.5 and out["gate_on"] and out["jsd_weight"] == 0.0
+        for (i, t), u in u_by_hand.items():
+            assert abs(float(out["u"][i, t]) - u) < 1e-6
+            assert abs(float(out["advantages"][i, t]) - (float(seq_adv[i]) + 0.5 * term(u))) < 1e-6, (method, i, t)
+        assert torch.all(out["u"][~mask] == 0) and torch.all(out["advantages"][~mask] == 0)
+    grpo = antisd.gate_and_advantages(None, mask, seq_adv, None, step_args("--method", "grpo"))
+    assert grpo["lam"] == 0.0 and not grpo["gate_on"]
+    assert torch.equal(grpo["advantages"], torch.tensor([[1.0, 1.0, 1.0], [-1.0, 0.0, 0.0]]))
+
+
+def test_full_estimator_ascends_the_jsd_with_weight_lambda():
+    stats, mask = hand_made_stats()
+    seq_adv = torch.tensor([1.0, -1.0])
+    out = antisd.gate_and_advantages(stats, mask, seq_adv, None, step_args("--estimator", "full", "--gate", "none"))
+    # policy_gradient's loss is surrogate - jsd_weight * JSD: a positive weight ascends the JSD (M4)
+    assert out["jsd_weight"] == 0.5 and out["a"] is None
+    assert torch.equal(out["advantages"], torch.tensor([[1.0, 1.0, 1.0], [-1.0, 0.0, 0.0]]))
+
+
+# -----------------------------------------------------------------------------
+# Step 7. the update (policy_loss, policy_gradient, MasterAdamW)
+
+def test_loss_is_the_batch_token_mean_of_the_clipped_surrogate():
+    new = torch.tensor([[0.0, -1.0, -2.0], [-0.5, 0.0, 0.0]], requires_grad=True)
+    old = torch.tensor([[0.0, -1.5, -1.0], [-0.5, 0.0, 0.0]])
+    adv = torch.tensor([[1.0, 2.0, -1.0], [3.0, 0.0, 0.0]])
+    mask = torch.tensor([[True, True, True], [True, False, False]])
+    loss, clipped = antisd.policy_loss(new, old, adv, mask, total_tokens=4, clip=0.2)
+    ratios = [1.0, math.exp(0.5), math.exp(-1.0), 1.0]
+    advs = [1.0, 2.0, -1.0, 3.0]
+    expected = -sum(min(r * a, min(max(r, 0.8), 1.2) * a) for r, a in zip(ratios, advs)) / 4
+    assert abs(loss.item() - expected) < 1e-6
+    assert int(clipped) == 2
+
+
+def test_clip_fraction_counts_only_tokens_where_the_clip_binds():
+    ratios = torch.tensor([[1.5, 1.5, 0.5, 0.5, 1.1]])
+    advantages = torch.tensor([[1.0, -1.0, 1.0, -1.0, 1.0]])
+    mask = torch.ones_like(advantages, dtype=torch.bool)
+    loss, binding = antisd.policy_loss(ratios.log(), torch.zeros_like(ratios), advantages, mask, 5, clip=0.2)
+    # min() keeps 1.2 * 1 (clipped), 1.5 * -1, 0.5 * 1, 0.8 * -1 (clipped), 1.1 * 1
+    assert int(binding) == 2
+    assert abs(loss.item() - -(1.2 - 1.5 + 0.5 - 0.8 + 1.1) / 5) < 1e-6
+
+
+def fixed_batch(tokenizer, seed=0):
+    g = random.Random(seed)
+    prompts = [antisd.student_prompt_ids(tokenizer, f"What is {k}+{k}?" + " pad" * g.randint(0, 5), False) for k in range(4)]
+    responses = [[g.randrange(0, 255) for _ in range(g.randint(2, 9))] + [tokenizer.eos_token_id] for _ in range(4)]
+    lengths = torch.tensor([len(r) for r in responses])
+    mask = torch.arange(int(lengths.max()))[None] < lengths[:, None]
+    advantages = torch.randn(4, int(lengths.max()), generator=torch.Generator().manual_seed(seed)) * mask
+    return prompts, responses, advantages, mask
+
+
+def test_gradient_does_not_depend_on_micro_batch_size(tiny, token_stats_path):
+    model, tokenizer = tiny
+    prompts, responses, advantages, mask = fixed_batch(tokenizer)
+    old_logp = antisd.score(model, prompts, None, responses, tokenizer.pad_token_id, 4, 1.0)["logp"] - 0.05 * mask
+    grads = []
+    for micro_batch_size in (1, 4):
+        model.zero_grad(set_to_none=True)
+        loss, _ = antisd.policy_gradient(model, prompts, responses, advantages, mask, old_logp,
+                                         tokenizer.pad_token_id, micro_batch_size, clip=0.2, temperature=1.0)
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    model.zero_grad(set_to_none=True)
+    assert grads[0].norm() > 0
+    assert torch.allclose(grads[0], grads[1], rtol=1e-4, atol=1e-7)
+
+
+def test_full_estimator_gradient_is_the_exact_jsd_gradient(tiny, token_stats_path):
+    model, tokenizer = tiny
+    prompts, responses, _, mask = fixed_batch(tokenizer, seed=3)
+    teacher = [antisd.render_prompt(tokenizer, antisd.build_teacher_prompt(
+        f"What is {k}+{k}?", 0, [0.0, 1.0], ["x", f"\\boxed{{{2 * k}}}"], None, str(2 * k), random.Random(0)), False)
+        for k in range(4)]
+    model.zero_grad(set_to_none=True)
+    antisd.policy_gradient(model, prompts, responses, torch.zeros(mask.shape), mask, None, tokenizer.pad_token_id,
+                           2, 0.2, 1.0, teacher_prompts=teacher, jsd_weight=0.5)
+    got = torch.cat([p.grad.flatten() for p in model.parameters()])
+    # reference: one unpadded sequence at a time, JSD in float64 over the whole vocabulary,
+    # loss = -0.5 * (sum of JSD over all tokens) / (token count), teacher under stop-gradient
+    model.zero_grad(set_to_none=True)
+    total = int(mask.sum())
+    for prompt, teacher_prompt, response in zip(prompts, teacher, responses):
+        student_logits = model(input_ids=torch.tensor([prompt + response])).logits[0, len(prompt) - 1:-1].double()
+        with torch.no_grad():
+            teacher_logits = model(input_ids=torch.tensor([teacher_prompt + response])).logits[0, len(teacher_prompt) - 1:-1].double()
+        logp, logq = torch.log_softmax(student_logits, -1), torch.log_softmax(teacher_logits, -1)
+        logm = torch.logaddexp(logp, logq) - math.log(2)
+        jsd = 0.5 * (logq.exp() * (logq - logm)).sum(-1) + 0.5 * (logp.exp() * (logp - logm)).sum(-1)
+        (-0.5 * jsd.sum() / total).backward()
+    expected = torch.cat([p.grad.flatten() for p in model.parameters()])
+    model.zero_grad(set_to_none=True)
+    assert expected.norm() > 0
+    assert torch.allclose(got.double(), expected.double(), rtol=1e-3, atol=1e-8), (got.double() - expected).norm() / expected.norm()
+
+
+def test_policy_gradient_raises_the_probability_of_rewarded_tokens():
+    model, tokenizer = antisd.build_tiny(seed=1)
+    model.train()
+    prompt = antisd.student_prompt_ids(tokenizer, "Say a digit.", False)
+    digits = set(tokenizer("0123456789", add_special_tokens=False)["input_ids"])
+    assert len(digits) == 10
+
+    def digit_probability():
+        with torch.no_grad():
+            logp = torch.log_softmax(model(input_ids=torch.tensor([prompt])).logits[0, -1], -1)
+        return float(logp[sorted(digits)].exp().sum())
+
+    optimizer = antisd.MasterAdamW(model, lr=3e-3)
+    before = digit_probability()
+    torch.manual_seed(0)
+    for _ in range(6):
+        samples = antisd.generate(model, tokenizer, [prompt] * 128, 1, 1.0, 1.0, 128)
+        responses = [ids for ids, _ in samples]
+        rewards = [float(r[0] in digits) for r in responses]
+        seq_adv = antisd.group_advantages(rewards, group_size=128)
+        mask = torch.ones(128, 1, dtype=torch.bool)
+        antisd.policy_gradient(model, [prompt] * 128, responses, seq_adv[:, None], mask, None,
+                               tokenizer.pad_token_id, 32, 0.2, 1.0)
+        optimizer.clip_gradients(1.0)
+        optimizer.step()
+    after = digit_probability()
+    assert after > 2 * before, (before, after)
+
+
+def test_bf16_weights_still_move_with_a_tiny_learning_rate():
+    def train(optimizer_step, layer):
+        before = layer.weight.detach().float().clone()
+        for _ in range(60):
+            layer.weight.grad = torch.ones_like(layer.weight)
+            optimizer_step()
+        return float((layer.weight.detach().float() - before).abs().max())
+
+    naive = torch.nn.Linear(4, 4, bias=False).bfloat16()
+    torch.nn.init.constant_(naive.weight, 0.01)
+    plain_adamw = torch.optim.AdamW(naive.parameters(), lr=1e-6, weight_decay=0.0)
+    # the failure being prevented: 60 steps of ~1e-6 each vanish in bf16 (spacing at 0.01 is 6e-5)
+    assert train(plain_adamw.step, naive) == 0.0
+    layer = torch.nn.Linear(4, 4, bias=False).bfloat16()
+    torch.nn.init.constant_(layer.weight, 0.01)
+    master = antisd.MasterAdamW(layer, lr=1e-6)
+    assert train(lambda: (master.clip_gradients(1e9), master.step()), layer) > 3e-5
+
+
+def test_master_weights_survive_a_save_and_load_exactly():
+    def bf16_layer():
+        torch.manual_seed(0)
+        return torch.nn.Linear(8, 8).bfloat16()
+
+    def train(layer, optimizer, steps, seed):
+        g = torch.Generator().manual_seed(seed)
+        for _ in range(steps):
+            for p in layer.parameters():
+                p.grad = torch.randn(p.shape, generator=g).bfloat16()
+            optimizer.clip_gradients(1.0)
+            optimizer.step()
+
+    straight = bf16_layer()
+    straight_optimizer = antisd.MasterAdamW(straight, lr=1e-3)
+    train(straight, straight_optimizer, 3, seed=1)
+    saved = io.BytesIO()                        # as in a checkpoint: serialised at once
+    torch.save(straight_optimizer.state_dict(), saved)
+    train(straight, straight_optimizer, 3, seed=2)
+
+    resumed = bf16_layer()                      # fresh bf16 weights: the masters must come from the save
+    resumed_optimizer = antisd.MasterAdamW(resumed, lr=1e-3)
+    saved.seek(0)
+    resumed_optimizer.load_state_dict(torch.load(saved))
+    train(resumed, resumed_optimizer, 3, seed=2)
+    for a, b, ma, mb in zip(straight.parameters(), resumed.parameters(), straight_optimizer.master, resumed_optimizer.master):
+        assert torch.equal(a, b) and torch.equal(ma, mb) and ma.dtype == torch.float32
+
+
+def test_weights_made_non_finite_by_an_update_are_never_applied():
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(4, 4).to(torch.bfloat16)
+    layer.weight.data.fill_(1e4)
+    before = layer.weight.detach().clone()
+    optimizer = antisd.MasterAdamW(layer, lr=1e37)   # a finite lr that passes validation; 1e4 * lr * 0.01 overflows
+    layer(torch.ones(1, 4, dtype=torch.bfloat16)).sum().backward()
+    optimizer.clip_gradients(1.0)
+    with pytest.raises(antisd.UserError, match="infinite or NaN .* lower --lr"):
+        optimizer.step()
+    assert torch.equal(layer.weight, before)
+
+
+# -----------------------------------------------------------------------------
+# The whole loop: end to end, per-method runs, logged numbers
+
+METRIC_KEYS = ["reward_mean", "groups_with_signal", "response_length_mean", "response_length_max",
+               "truncation_rate", "u_mean", "u_std", "u_frac_negative", "u_p01", "u_p99", "sd_term_mean",
+               "teacher_entropy_median", "student_entropy_median", "jsd_mean", "gate_signal", "lambda",
+               "h_warm", "tau_down", "loss", "grad_norm", "clip_fraction", "seconds_generate",
+               "seconds_score", "seconds_update", "generated_tokens_per_second", "peak_gpu_memory_gb"]
+
+
+@pytest.mark.parametrize("method", ["antisd", "sd", "grpo"])
+def test_cpu_demo_runs_end_to_end_and_its_checkpoint_loads(method, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    antisd.main(["--model", "tiny-random", "--dataset", "arith", "--steps", "3", "--method", method,
+                 "--gate-warmup", "2", "--out-dir", str(tmp_path)])
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in lines] == [1, 2, 3]
+    for line in lines:
+        for key in METRIC_KEYS:
+            assert isinstance(line[key], (int, float)) and math.isfinite(line[key]), (key, line[key])
+    if method == "antisd":
+        assert [line["lambda"] for line in lines] == [0.0, 0.0, 0.5]   # warm-up of 2 steps
+        assert lines[2]["teacher_entropy_median"] > 0 and lines[2]["jsd_mean"] > 0
+    rollouts = [json.loads(line) for line in (tmp_path / "rollouts.jsonl").read_text().splitlines()]
+    assert rollouts and {"response", "reward", "most_negative_u", "most_positive_u"} <= set(rollouts[0])
+    checkpoint = tmp_path / "checkpoint-3"
+    model = AutoModelForCausalLM.from_pretrained(checkpoint)
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    assert model.config.vocab_size == 320 and tokenizer.eos_token == "<|im_end|>"
+
+
+def test_full_estimator_and_evaluation_during_training_run_end_to_end(tmp_path):
+    data_dir = tmp_path / "bench"
+    data_dir.mkdir()
+    (data_dir / "aime24.jsonl").write_text("".join(json.dumps({"id": i, "problem": f"What is {i}+{i}?", "answer": f"{2 * i:03d}"}) + "\n" for i in range(3)))
+    antisd.main(["--model", "tiny-random", "--dataset", "arith", "--steps", "2", "--estimator", "full", "--gate-warmup", "1",
+                 "--eval-every", "2", "--eval-benchmarks", "aime24", "--eval-n", "2", "--eval-limit", "2",
+                 "--eval-data-dir", str(data_dir), "--out-dir", str(tmp_path / "run")])
+    lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert lines[0]["step"] == 0 and 0.0 <= lines[0]["eval/aime24/avg@2"] <= 1.0  # the starting model
+    lines = lines[1:]
+    assert not any(key.startswith("eval/") for key in lines[0])
+    assert lines[1]["lambda"] == 0.5 and math.isfinite(lines[1]["loss"]) and lines[1]["grad_norm"] > 0
+    for key in ["eval/aime24/avg@2", "eval/aime24/pass@2", "eval/aime24/maj@2", "eval/mean/avg@2"]:
+        assert 0.0 <= lines[1][key] <= 1.0
+    assert lines[1]["eval/aime24/problems"] == 2
+
+
+def small_run(tmp_path):
+    data = tmp_path / "problems.jsonl"
+    data.write_text("".join(json.dumps({"problem": f"What is {k}+{k}?", "answer": str(2 * k)}) + "\n" for k in range(4)))
+    return ["--model", "tiny-random", "--device", "cpu", "--dataset", str(data), "--prompts-per-step", "2", "--group-size", "4",
+            "--max-new-tokens", "8", "--gate-warmup", "1"]
+
+
+def test_ppo_epochs_log_the_mean_loss_all_clipped_tokens_and_partial_updates(tmp_path, monkeypatch):
+    # scripted per-epoch (loss, clipped tokens); the real gradient is still computed and applied
+    scripted = iter([(1.0, 3), (3.0, 5), (2.0, 1), (float("nan"), 2)])
+    real = antisd.policy_gradient
+    monkeypatch.setattr(antisd, "policy_gradient", lambda *a, **k: (real(*a, **k), next(scripted))[1])
+    out_dir = tmp_path / "run"
+    antisd.main(small_run(tmp_path) + ["--steps", "2", "--ppo-epochs", "2", "--out-dir", str(out_dir)])
+    first, second = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+    tokens = [line["response_length_mean"] * 8 for line in (first, second)]
+    assert first["loss"] == 2.0 and abs(first["clip_fraction"] - 8 / (2 * tokens[0])) < 1e-12
+    assert first["update_applied"] is True and first["epochs_applied"] == 2
+    assert second["loss"] is None and abs(second["clip_fraction"] - 3 / (2 * tokens[1])) < 1e-12
+    assert second["update_applied"] is True and second["epochs_applied"] == 1   # epoch 1 was applied
+    # throughput of generation: response tokens (stop tokens included) per second of generate()
+    for line, n in zip((first, second), tokens):
+        assert "tokens_per_second" not in line
+        assert abs(line["generated_tokens_per_second"] * line["seconds_generate"] - n) < 1e-6 * n
+    assert first["gate_on"] == 0.0 and first["lambda"] == 0.0 and second["gate_on"] == 1.0   # warm-up of 1
+
+
+def test_full_estimator_logs_no_per_token_term(tmp_path):
+    antisd.main(small_run(tmp_path) + ["--steps", "1", "--estimator", "full", "--out-dir", str(tmp_path / "run")])
+    line = json.loads((tmp_path / "run" / "metrics.jsonl").read_text())
+    assert line["sd_term_mean"] is None and line["jsd_mean"] > 0
+
+
+# -----------------------------------------------------------------------------
+# kernels.py: the torch reference, the fused Triton kernels and the chunked lm_head, against float64
+
+IGNORE = -100
+
+# The Triton tests run on the CPU through the interpreter (or on a GPU when one is present and the
+# interpreter is switched off). The interpreter only applies if TRITON_INTERPRET=1 was set before
+# kernels.py was first imported (see the top of this file).
+if kernels.INTERPRETED:
+    DEVICE = "cpu"
+elif kernels.HAS_TRITON and torch.cuda.is_available():
+    DEVICE = "cuda"
+else:
+    DEVICE = None
+needs_triton = pytest.mark.skipif(DEVICE is None, reason="needs triton and either a GPU or "
+                                  "TRITON_INTERPRET=1 set before kernels.py is imported")
+
+# One vocabulary block per row where possible: the interpreter is slow per block, fast per element.
+BLOCK_CAP = 65536
+
+
+def block_for(V):
+    return min(1 << (V - 1).bit_length(), BLOCK_CAP) if DEVICE == "cpu" else None
+
+
+# -----------------------------------------------------------------------------
+# kernels.py: independent float64 definition (deliberately not calling kernels.py)
+
+def stats_float64(logits, targets, teacher_logits, beta, temperature):
+    """Float64 brute force of the five statistics, differentiable through `logits`."""
+    valid = targets != IGNORE
+    idx = targets.clamp(min=0)[:, None]
+    log_p = torch.log_softmax(logits.double() / temperature, dim=-1)
+    p = log_p.exp()
+    out = {"logp": log_p.gather(1, idx)[:, 0], "entropy": -(p * log_p).sum(-1)}
+    if teacher_logits is not None:
+        log_q = torch.log_softmax(teacher_logits.double() / temperature, dim=-1)
+        q = log_q.exp()
+        log_m = torch.logaddexp(log_q + math.log(beta), log_p + math.log(1.0 - beta))
+        out["t_logp"] = log_q.gather(1, idx)[:, 0]
+        out["t_entropy"] = -(q * log_q).sum(-1)
+        out["jsd"] = beta * (q * (log_q - log_m)).sum(-1) + (1 - beta) * (p * (log_p - log_m)).sum(-1)
+    return {k: torch.where(valid, v, torch.zeros_like(v)) for k, v in out.items()}
+
+
+def run(fn, logits, targets, teacher, upstream, **kwargs):
+    """Outputs (float64 copies) and the gradient of sum(upstream * output) over logp/entropy/jsd."""
+    leaf = logits.detach().clone()
+    if fn is stats_float64:          # keep the exact gradient in float64 (no rounding to the input dtype)
+        leaf = leaf.double().cpu()
+        upstream = {k: v.cpu() for k, v in upstream.items()}
+    leaf.requires_grad_()
+    out = fn(leaf, targets, teacher, **kwargs)
+    names = [n for n in ("logp", "entropy", "jsd") if n in out]
+    grad, = torch.autograd.grad([out[n] for n in names], leaf, [upstream[n].to(out[n]) for n in names])
+    return {k: v.detach().double().cpu() for k, v in out.items()}, grad, out
+
+
+def make_rows(V, dtype, seed, device="cpu"):
+    """Five kinds of rows: ordinary, ignored, huge |logits| (~3e4), a near-certain target (+30
+    above the rest), and a teacher identical to the student. Returns logits, targets, teacher."""
+    g = torch.Generator().manual_seed(seed)
+    s = torch.randn(5, V, generator=g, dtype=torch.float64) * 2
+    t = torch.randn(5, V, generator=g, dtype=torch.float64) * 2
+    y = torch.randint(0, V, (5,), generator=g)
+    y[1] = IGNORE
+    s[2] = (torch.randn(V, generator=g, dtype=torch.float64) * 1e4).clamp(-3e4, 3e4)
+    t[2] = (torch.randn(V, generator=g, dtype=torch.float64) * 1e4).clamp(-3e4, 3e4)
+    s[3, y[3]] = s[3].max() + 30
+    t[3, y[3]] = t[3].max() + 25
+    t[4] = s[4]
+    return s.to(dtype).to(device), y.to(device), t.to(dtype).to(device)
+
+
+def random_upstream(n, seed, device="cpu"):
+    g = torch.Generator().manual_seed(seed)
+    return {name: torch.randn(n, generator=g).to(device) for name in ("logp", "entropy", "jsd")}
+
+
+def max_err(a, b):
+    return (a.double().cpu() - b.double().cpu()).abs().max().item()
+
+
+# -----------------------------------------------------------------------------
+# kernels.py: the torch reference against float64
+
+@pytest.mark.parametrize("with_teacher", [True, False])
+def test_torch_reference_matches_float64_on_peaked_and_huge_logit_rows(with_teacher):
+    V, beta, T = 1000, 0.3, 0.7
+    logits, targets, teacher = make_rows(V, torch.float32, seed=1)
+    teacher = teacher if with_teacher else None
+    up = random_upstream(5, seed=2)
+    chunked = functools.partial(kernels.token_stats_torch, chunk_rows=2)   # several chunks per call
+    out, grad, _ = run(chunked, logits, targets, teacher, up, beta=beta, temperature=T)
+    ref, ref_grad, _ = run(stats_float64, logits, targets, teacher, up, beta=beta, temperature=T)
+    assert set(out) == set(ref)
+    for name in ref:
+        # float32 rounding of z / T costs up to ~|z| * 6e-8 ~ 3e-3 on the 3e4-scale row
+        assert torch.allclose(out[name], ref[name], rtol=1e-5, atol=5e-3), name
+    assert grad.dtype == torch.float32
+    assert torch.allclose(grad.double(), ref_grad, rtol=1e-4, atol=1e-6)
+    assert grad[1].abs().max() == 0          # ignored row
+
+
+def test_jsd_gradient_formula_matches_autograd_in_float64():
+    """The closed form used by the fused backward:
+    d jsd / dz = (1-beta) p_S (log p_S - log M - KL(p_S || M)) / T."""
+    V, beta, T = 257, 0.3, 0.7
+    g = torch.Generator().manual_seed(3)
+    z = (torch.randn(4, V, generator=g, dtype=torch.float64) * 3).requires_grad_()
+    zt = torch.randn(4, V, generator=g, dtype=torch.float64) * 3
+    targets = torch.zeros(4, dtype=torch.long)
+    jsd = stats_float64(z, targets, zt, beta, T)["jsd"]
+    auto, = torch.autograd.grad(jsd.sum(), z)
+    with torch.no_grad():
+        log_p = torch.log_softmax(z / T, -1)
+        log_q = torch.log_softmax(zt / T, -1)
+        log_m = torch.log(beta * log_q.exp() + (1 - beta) * log_p.exp())
+        kl_s = (log_p.exp() * (log_p - log_m)).sum(-1, keepdim=True)
+        closed = (1 - beta) * log_p.exp() * (log_p - log_m - kl_s) / T
+    assert torch.allclose(auto, closed, rtol=1e-10, atol=1e-14)
+
+
+def test_torch_token_stats_keeps_memory_bounded_by_chunks():
+    # the backward recomputes chunk by chunk: autograd keeps only the inputs, not [N, V] temporaries
+    logits = torch.randn(64, 1000, requires_grad=True)
+    targets = torch.randint(0, 1000, (64,))
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+        out = kernels.token_stats_torch(logits, targets, torch.randn(64, 1000), chunk_rows=16)
+    assert sum(saved) <= 2 * 64 * 1000 + 64      # logits and teacher logits, nothing more
+    out["jsd"].sum().backward()
+    assert logits.grad.shape == logits.shape
+
+
+# -----------------------------------------------------------------------------
+# kernels.py: fused kernels against float64
+
+CASES = [(V, dtype) for V in (1000, 32003) for dtype in (torch.float32, torch.bfloat16)]
+CASES += [(151936, torch.float32), (151936, torch.bfloat16), (1000, torch.float16)]
+
+
+@needs_triton
+@pytest.mark.parametrize("V,dtype", CASES, ids=[f"V{v}-{str(d)[6:]}" for v, d in CASES])
+def test_triton_values_and_gradients_match_float64_incl_peaked_huge_and_ignored_rows(V, dtype):
+    beta, T = 0.3, 0.7
+    logits, targets, teacher = make_rows(V, dtype, seed=V, device=DEVICE)
+    if V == 151936:        # keep the interpreter fast: ordinary, ignored, huge, peaked rows only
+        logits, targets, teacher = logits[:4], targets[:4], teacher[:4]
+    up = random_upstream(len(targets), seed=V + 1, device=DEVICE)
+    out, grad, raw = run(kernels.token_stats_triton, logits, targets, teacher, up, beta=beta,
+                         temperature=T, block=block_for(V))
+    ref, ref_grad, _ = run(kernels.token_stats_torch, logits, targets, teacher, up, beta=beta,
+                           temperature=T)
+    exact, exact_grad, _ = run(stats_float64, logits, targets, teacher, up, beta=beta, temperature=T)
+
+    assert all(v.dtype == torch.float32 and v.shape == targets.shape for v in raw.values())
+    assert set(out) == set(exact)
+    for name in exact:
+        err, ref_err = max_err(out[name], exact[name]), max_err(ref[name], exact[name])
+        # No worse than the float32 torch reference, up to two float32 ulps of the largest value:
+        # on the huge-logit row logp reaches ~1e5 nats, where one ulp is already 8e-3.
+        two_ulps = 2.5e-7 * exact[name].abs().max().item()
+        assert err <= 1.05 * ref_err + 2e-5 + two_ulps, (name, err, ref_err)
+        assert torch.allclose(out[name], exact[name], rtol=3e-7, atol=2e-5), name
+    ignored = targets.cpu() == IGNORE
+    assert all((out[name][ignored] == 0).all() for name in out)
+
+    assert grad.dtype == dtype and grad.shape == logits.shape
+    err, ref_err = max_err(grad, exact_grad), max_err(ref_grad, exact_grad)
+    assert err <= 1.05 * ref_err + 1e-7, (err, ref_err)
+    # elementwise: one rounding to the logits' dtype on top of float32-accurate values
+    rel = {torch.float32: 1e-5, torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -10}[dtype]
+    scale = exact_grad.abs().amax(-1, keepdim=True)
+    assert ((grad.double().cpu() - exact_grad).abs() <= rel * exact_grad.abs() + 1e-6 * scale + 1e-7).all()
+    assert (grad.cpu()[ignored] == 0).all()
+
+
+@needs_triton
+def test_triton_gradient_matches_float64_at_confident_targets():
+    """p(target) ~ 1 - 1e-13: the target entry's gradient a (1 - p) must be formed in float32 and
+    rounded once; a bf16 softmax would give garbage there."""
+    V, T = 4099, 1.0
+    g = torch.Generator().manual_seed(7)
+    base = torch.randn(3, V, generator=g, dtype=torch.float64)
+    targets = torch.tensor([5, 17, 4000])
+    base[torch.arange(3), targets] = base.max() + 30
+    for dtype in (torch.float32, torch.bfloat16):
+        logits = base.to(dtype)
+        up = random_upstream(3, seed=8)
+        up["logp"] = torch.tensor([1.0, -2.0, 0.5])
+        _, grad, _ = run(kernels.token_stats_triton, logits.to(DEVICE), targets.to(DEVICE), None,
+                         {k: v.to(DEVICE) for k, v in up.items()}, temperature=T, block=block_for(V))
+        _, ref_grad, _ = run(kernels.token_stats_torch, logits, targets, None, up, temperature=T)
+        _, exact, _ = run(stats_float64, logits, targets, None, up, beta=0.5, temperature=T)
+        at_target = grad.cpu().double()[torch.arange(3), targets]
+        exact_target = exact[torch.arange(3), targets]
+        assert (at_target - exact_target).abs().max() <= 1e-6
+        assert max_err(grad, exact) <= 1.05 * max_err(ref_grad, exact) + 1e-9
+
+
+@needs_triton
+def test_triton_default_temperature_and_beta_without_teacher():
+    V = 32003
+    logits, targets, _ = make_rows(V, torch.bfloat16, seed=11, device=DEVICE)
+    up = random_upstream(5, seed=12, device=DEVICE)
+    out, grad, raw = run(kernels.token_stats_triton, logits, targets, None, up, block=block_for(V))
+    exact, exact_grad, _ = run(stats_float64, logits, targets, None, up, beta=0.5, temperature=1.0)
+    assert set(raw) == {"logp", "entropy"}
+    for name in exact:
+        assert torch.allclose(out[name], exact[name], rtol=1e-6, atol=2e-5), name
+    scale = exact_grad.abs().amax(-1, keepdim=True)
+    # + 1e-7 absolute: (1 - p) at a near-certain target is below float32 resolution (upstream ~ 1)
+    assert ((grad.double().cpu() - exact_grad).abs() <= 2.0 ** -8 * exact_grad.abs() + 1e-6 * scale + 1e-7).all()
+
+
+# -----------------------------------------------------------------------------
+# kernels.py: layout, partial upstream gradients, write coverage
+
+@needs_triton
+def test_triton_handles_strided_rows_from_sliced_and_reshaped_views():
+    B, S, V, pad = 2, 3, 1003, 37
+    g = torch.Generator().manual_seed(21)
+    wide = (torch.randn(B, S, V + pad, generator=g) * 2).to(DEVICE).requires_grad_()
+    teacher_wide = (torch.randn(B * S, V + 2 * pad, generator=g) * 2).to(DEVICE)
+    logits = wide[..., :V].flatten(0, 1)             # [6, V] view, row stride V + pad
+    teacher = teacher_wide[:, pad:pad + V]            # row stride V + 2 pad, offset start
+    assert logits.stride(0) == V + pad and teacher.stride(0) == V + 2 * pad
+    targets = torch.tensor([3, IGNORE, 1002, 0, 500, 7], device=DEVICE, dtype=torch.int32)
+    up = random_upstream(6, seed=22, device=DEVICE)
+    out = kernels.token_stats_triton(logits, targets, teacher, 0.4, 1.3, block=block_for(V))
+    torch.autograd.backward([out["logp"], out["entropy"], out["jsd"]],
+                            [up["logp"], up["entropy"], up["jsd"]])
+    dense = logits.detach().contiguous()
+    out_c, grad_c, _ = run(kernels.token_stats_triton, dense, targets, teacher.contiguous(), up,
+                           beta=0.4, temperature=1.3, block=block_for(V))
+    for name in out_c:
+        assert torch.equal(out[name].detach().double().cpu(), out_c[name]), name
+    assert torch.equal(wide.grad[..., :V].flatten(0, 1), grad_c)
+    assert (wide.grad[..., V:] == 0).all()
+
+
+@needs_triton
+@pytest.mark.parametrize("used", [("logp",), ("entropy",), ("jsd",), ("logp", "jsd")])
+def test_triton_gradient_with_some_outputs_unused_matches_reference(used):
+    V = 1000
+    logits, targets, teacher = make_rows(V, torch.float32, seed=31)
+    results = []
+    for fn, kw in ((kernels.token_stats_triton, {"block": block_for(V)}), (kernels.token_stats_torch, {})):
+        leaf = logits.to(DEVICE).requires_grad_()
+        out = fn(leaf, targets.to(DEVICE), teacher.to(DEVICE), 0.3, 0.7, **kw)
+        # .sum() hands the backward an expanded (stride 0) upstream gradient
+        sum(out[name].sum() * (i + 1) for i, name in enumerate(used)).backward()
+        results.append(leaf.grad.cpu())
+    assert torch.allclose(results[0], results[1], rtol=1e-4, atol=1e-7)
+
+
+@needs_triton
+def test_triton_writes_every_output_and_gradient_element(monkeypatch):
+    """Outputs, saved row statistics and the gradient are allocated NaN-filled: any element the
+    kernels forget to write (ignored rows, the ragged last block, unused teacher slots) shows up."""
+    monkeypatch.setattr(kernels, "_poison", True)
+    V = 1003
+    logits, targets, teacher = make_rows(V, torch.bfloat16, seed=41, device=DEVICE)
+    up = random_upstream(5, seed=42, device=DEVICE)
+    for t in (teacher, None):
+        for block in (block_for(V), 256):            # one block per row, and a ragged last block
+            out, grad, raw = run(kernels.token_stats_triton, logits, targets, t, up, beta=0.3,
+                                 temperature=0.7, block=block)
+            assert all(not v.isnan().any() for v in raw.values())
+            assert not grad.isnan().any()
+            assert (grad[1] == 0).all()              # ignored row
+
+
+@needs_triton
+def test_triton_small_block_matches_single_block():
+    """Many blocks per row exercise the online rescaling (the max moves between blocks)."""
+    V = 5000
+    logits, targets, teacher = make_rows(V, torch.float32, seed=51, device=DEVICE)
+    logits[0] = torch.linspace(-5, 20, V, device=DEVICE)          # max keeps moving to the right
+    up = random_upstream(5, seed=52, device=DEVICE)
+    one, g_one, _ = run(kernels.token_stats_triton, logits, targets, teacher, up, block=8192)
+    many, g_many, _ = run(kernels.token_stats_triton, logits, targets, teacher, up, block=512)
+    for name in one:
+        assert torch.allclose(one[name], many[name], rtol=1e-5, atol=1e-5), name
+    assert torch.allclose(g_one, g_many, rtol=1e-5, atol=1e-8)
+
+
+@needs_triton
+def test_triton_empty_batch_and_all_ignored_rows():
+    V = 100
+    empty = torch.zeros(0, V, device=DEVICE, requires_grad=True)
+    out = kernels.token_stats_triton(empty, torch.zeros(0, dtype=torch.long, device=DEVICE), empty.detach())
+    assert all(v.shape == (0,) for v in out.values())
+    logits = torch.randn(3, V, device=DEVICE, requires_grad=True)
+    targets = torch.full((3,), IGNORE, device=DEVICE)
+    out = kernels.token_stats_triton(logits, targets, torch.randn(3, V, device=DEVICE))
+    assert all((v == 0).all() for v in out.values())
+    (out["logp"] + out["entropy"] + out["jsd"]).sum().backward()
+    assert (logits.grad == 0).all()
+
+
+@needs_triton
+def test_teacher_gets_no_gradient_and_teacher_stats_are_not_differentiable():
+    V = 300
+    logits = torch.randn(2, V, device=DEVICE, requires_grad=True)
+    teacher = torch.randn(2, V, device=DEVICE, requires_grad=True)
+    out = kernels.token_stats_triton(logits, torch.tensor([1, 2], device=DEVICE), teacher)
+    assert not out["t_logp"].requires_grad and not out["t_entropy"].requires_grad
+    out["jsd"].sum().backward()
+    assert teacher.grad is None and logits.grad is not None
+
+
+def test_token_stats_dispatch_follows_device_and_interpreter_flag(monkeypatch):
+    calls = []
+    monkeypatch.setattr(kernels, "token_stats_triton", lambda *a, **k: calls.append("triton"))
+    monkeypatch.setattr(kernels, "token_stats_torch", lambda *a, **k: calls.append("torch"))
+    x, y = torch.randn(2, 5), torch.tensor([0, 1])
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    kernels.token_stats(x, y)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    kernels.token_stats(x, y)
+    assert calls == ["torch", "triton" if kernels.INTERPRETED else "torch"]
+
+
+@needs_triton
+def test_triton_out_of_range_target_gives_nan_instead_of_reading_outside_the_row():
+    V = 100
+    logits = torch.randn(3, V, device=DEVICE)
+    targets = torch.tensor([V, 5, V + 1000], device=DEVICE)
+    out = kernels.token_stats_triton(logits, targets, logits + 1)
+    assert out["logp"][[0, 2]].isnan().all() and out["t_logp"][[0, 2]].isnan().all()
+    assert torch.isfinite(out["logp"][1]) and torch.isfinite(out["entropy"]).all()
+
+
+# -----------------------------------------------------------------------------
+# kernels.py: logits projected from the hidden states chunk by chunk (the chunked lm_head)
 
 def float64_stats(logits, targets, teacher_logits, beta, temperature):
     """The five statistics in float64 by their definitions, all rows at once."""
@@ -2428,6 +1545,793 @@ def test_chunked_lm_head_memory_stays_flat_as_rows_grow_while_unchunked_memory_g
     assert unchunked[1] - unchunked[0] >= 28, (chunked, unchunked)
 
 
+# -----------------------------------------------------------------------------
+# eval.py: metrics against brute force, benchmark loading on the real files, sampling, the command line
+
+# -----------------------------------------------------------------------------
+# eval.py: pass@k, avg@n, maj@n
+
+def test_pass_at_k_matches_enumeration_of_all_k_subsets():
+    for n in range(1, 9):
+        for c in range(n + 1):
+            for k in range(1, n + 1):
+                subsets = list(itertools.combinations(range(n), k))  # samples 0..c-1 are the correct ones
+                brute = sum(any(i < c for i in subset) for subset in subsets) / len(subsets)
+                assert evaluation.pass_at_k(n, c, k) == pytest.approx(brute, abs=1e-12), (n, c, k)
+
+
+def test_pass_at_k_stays_exact_where_binomials_would_overflow_a_float():
+    n, c, k = 2000, 3, 1024  # C(2000, 1024) ~ 1e600
+    exact = 1 - Fraction(math.comb(n - c, k), math.comb(n, k))
+    assert evaluation.pass_at_k(n, c, k) == pytest.approx(float(exact), rel=1e-12)
+    assert evaluation.pass_at_k(32, 5, 1) == pytest.approx(5 / 32, abs=1e-15)  # pass@1 is the accuracy
+
+
+def test_metric_names_are_literal_and_values_match_a_hand_count():
+    # 2 problems x 4 samples: c = 1 and c = 4
+    records = [
+        {"correct": [1.0, 0.0, 0.0, 0.0], "extracted": ["5", None, "6", "6"], "majority_correct": 0.0,
+         "truncated": [False, True, False, False], "lengths": [10, 16, 12, 2]},
+        {"correct": [1.0, 1.0, 1.0, 1.0], "extracted": ["1", "1", "1", "1"], "majority_correct": 1.0,
+         "truncated": [False, False, False, False], "lengths": [4, 4, 4, 4]},
+    ]
+    metrics = evaluation.benchmark_metrics(records, 4)
+    assert list(metrics) == ["problems", "avg@4", "pass@1", "pass@2", "pass@4", "maj@4",
+                             "no_box", "truncated", "mean_length"]
+    assert metrics["problems"] == 2
+    assert metrics["avg@4"] == pytest.approx((1 / 4 + 1) / 2)
+    assert metrics["pass@1"] == pytest.approx(metrics["avg@4"])
+    assert metrics["pass@2"] == pytest.approx((1 / 2 + 1) / 2)  # 3 of the 6 pairs hold the one correct sample
+    assert metrics["pass@4"] == pytest.approx(1.0)
+    assert metrics["maj@4"] == pytest.approx(0.5)
+    assert metrics["no_box"] == pytest.approx(1 / 8)
+    assert metrics["truncated"] == pytest.approx(1 / 8)
+    assert metrics["mean_length"] == pytest.approx(56 / 8)
+    assert list(evaluation.benchmark_metrics(records[:1] * 1, 4)) == list(metrics)
+    # n that is not a power of two: pass@k for k = 1, 2, 4 only
+    assert [m for m in evaluation.benchmark_metrics(
+        [{**records[1], "correct": [1.0] * 6, "extracted": ["1"] * 6, "truncated": [False] * 6, "lengths": [1] * 6}], 6)
+        if m.startswith("pass@")] == ["pass@1", "pass@2", "pass@4"]
+
+
+def test_mean_is_unweighted_over_benchmarks_and_counts_all_problems():
+    per_benchmark = {"a": {"problems": 10, "avg@2": 0.2}, "b": {"problems": 30, "avg@2": 0.6}}
+    assert evaluation.mean_metrics(per_benchmark) == {"problems": 40, "avg@2": pytest.approx(0.4)}
+
+
+def test_majority_vote_counts_equivalent_answers_written_differently_as_one():
+    # \frac12, 0.5 and \dfrac{1}{2} are one answer with 3 votes; "3" has 2
+    answers = ["3", "\\frac12", "0.5", "3", "\\dfrac{1}{2}"]
+    correct = [0.0, 1.0, 1.0, 0.0, 1.0]
+    assert evaluation.majority_is_correct(answers, correct) == 1.0
+
+
+def test_majority_vote_tie_goes_to_the_answer_seen_first():
+    assert evaluation.majority_is_correct(["3", "0.5", "\\frac{1}{2}", "3"], [0.0, 1.0, 1.0, 0.0]) == 0.0
+    assert evaluation.majority_is_correct(["0.5", "3", "3", "\\frac{1}{2}"], [1.0, 0.0, 0.0, 1.0]) == 1.0
+
+
+def test_responses_without_a_box_do_not_vote():
+    assert evaluation.majority_is_correct([None, None, None, "7"], [0.0, 0.0, 0.0, 1.0]) == 1.0
+    assert evaluation.majority_is_correct([None, None], [0.0, 0.0]) == 0.0
+
+
+# -----------------------------------------------------------------------------
+# eval.py: loading: each benchmark's own fields, hub and local
+
+def test_local_files_map_each_benchmarks_own_fields(tmp_path):
+    write_jsonl(tmp_path / "amc23.jsonl", [{"id": 0, "problem": "P", "answer": 27.0, "question": "P"}])
+    write_jsonl(tmp_path / "aime24.jsonl", [{"problem": "P", "answer": "025"}])
+    write_jsonl(tmp_path / "minerva_math.jsonl", [{"problem": "P", "solution": "so \\boxed{1} no, \\boxed{4.5e33}", "idx": 0}])
+    write_jsonl(tmp_path / "gsm8k.jsonl", [{"question": "P", "answer": "2 * 500 = <<2*500=1000>>1000\n#### 1,000"}])
+    write_jsonl(tmp_path / "olympiadbench.jsonl", [{"question": "P", "final_answer": ["$\\frac{1}{2 n+2}$"]}])
+    expected = {"amc23": "\\boxed{27}", "aime24": "\\boxed{25}", "minerva_math": "\\boxed{4.5\\times 10^{33}}",
+                "gsm8k": "\\boxed{1000}", "olympiadbench": "\\boxed{\\frac{1}{2n+2}}"}
+    for name, response in expected.items():
+        [item] = evaluation.load_benchmark(name, data_dir=tmp_path)
+        assert item["problem"] == "P"
+        assert antisd.verify(response, item["answer"]) == 1.0, (name, item["answer"])
+    # the e-notation gold must not shrink to its mantissa
+    [minerva] = evaluation.load_benchmark("minerva_math", data_dir=tmp_path)
+    assert antisd.verify("\\boxed{4.5}", minerva["answer"]) == 0.0
+
+
+def test_hub_schemas_map_each_benchmarks_own_columns(monkeypatch):
+    hub_rows = {  # one row per benchmark in the hub's schema (facts.md 2), which differs from the local files
+        ("math-ai/amc23", None, "test"): {"id": 0, "question": "P", "answer": 27.0, "url": "u"},
+        ("math-ai/minervamath", None, "test"): {"question": "P", "answer": "1.6"},
+        ("Hothan/OlympiadBench", "OE_TO_maths_en_COMP", "train"): {"id": 1, "question": "P", "final_answer": ["$2$"]},
+        ("openai/gsm8k", "main", "test"): {"question": "P", "answer": "x\n#### 18"},
+        ("MathArena/hmmt_feb_2025", None, "train"): {"problem_idx": 1, "problem": "P", "answer": "\\frac{1}{2}"},
+    }
+    calls = []
+
+    def fake_load_dataset(hub_id, config=None, split=None):
+        calls.append((hub_id, config, split))
+        return datasets.Dataset.from_list([hub_rows[(hub_id, config, split)]])
+
+    monkeypatch.setattr(evaluation.datasets, "load_dataset", fake_load_dataset)
+    golds = {"amc23": "27", "minerva_math": "1.6", "olympiadbench": "2", "gsm8k": "18", "hmmt25": "0.5"}
+    for name, gold in golds.items():
+        [item] = evaluation.load_benchmark(name)
+        assert item["problem"] == "P"
+        assert antisd.verify("\\boxed{" + gold + "}", item["answer"]) == 1.0, (name, item["answer"])
+    assert calls == list(hub_rows)
+
+
+def test_missing_field_error_names_benchmark_file_and_field(tmp_path):
+    write_jsonl(tmp_path / "amc23.jsonl", [{"question": "P", "answer": 27.0}])  # the hub's column name, not the local one
+    with pytest.raises(ValueError, match=r"amc23.*amc23\.jsonl.*'problem'"):
+        evaluation.load_benchmark("amc23", data_dir=tmp_path)
+    write_jsonl(tmp_path / "gsm8k.jsonl", [{"question": "P", "answer": "no final answer line"}])
+    with pytest.raises(ValueError, match=r"gsm8k.*'answer'"):
+        evaluation.load_benchmark("gsm8k", data_dir=tmp_path)
+
+
+def test_unparsable_gold_is_skipped_with_a_warning_not_scored_as_a_miss(tmp_path, capsys):
+    write_jsonl(tmp_path / "gsm8k.jsonl", [{"question": "P0", "answer": "#### 3"}, {"question": "P1", "answer": "lost"},
+                                           {"question": "P2", "answer": "#### 5"}])
+    assert [p["problem"] for p in evaluation.load_benchmark("gsm8k", data_dir=tmp_path)] == ["P0", "P2"]
+    assert "skipped 1 of 3" in capsys.readouterr().err
+
+
+def test_missing_file_or_unreachable_hub_error_says_what_to_pass(tmp_path, monkeypatch):
+    with pytest.raises(antisd.UserError, match=r"aime25.*aime25\.jsonl"):
+        evaluation.load_benchmark("aime25", data_dir=tmp_path)
+
+    def offline(*args, **kwargs):  # what datasets raises with HF_DATASETS_OFFLINE=1 and nothing cached
+        raise ConnectionError("Couldn't reach 'math-ai/aime25' on the Hub (OfflineModeIsEnabled)")
+
+    monkeypatch.setattr(evaluation.datasets, "load_dataset", offline)
+    with pytest.raises(antisd.UserError, match=r"aime25.*math-ai/aime25.*--data-dir"):
+        evaluation.load_benchmark("aime25")
+    with pytest.raises(ValueError, match="unknown benchmark"):
+        evaluation.load_benchmark("aime2025", data_dir=tmp_path)
+
+
+def test_limit_keeps_the_first_k_problems_in_file_order(tmp_path):
+    write_jsonl(tmp_path / "aime25.jsonl", [{"problem": f"P{i}", "answer": i, "id": str(i)} for i in range(5)])
+    assert [p["problem"] for p in evaluation.load_benchmark("aime25", data_dir=tmp_path, limit=3)] == ["P0", "P1", "P2"]
+
+
+def test_eval_negative_limit_is_refused_instead_of_dropping_the_last_problem(tmp_path):
+    write_jsonl(tmp_path / "aime24.jsonl", [{"problem": f"P{i}", "answer": i} for i in range(3)])
+    assert len(evaluation.load_benchmark("aime24", data_dir=tmp_path, limit=None)) == 3
+    with pytest.raises(antisd.UserError, match="limit must be at least 1"):
+        evaluation.load_benchmark("aime24", data_dir=tmp_path, limit=-1)
+
+
+@pytest.fixture(scope="module")
+def real_benchmarks():
+    """Every real benchmark file present, as eval.py loads it, and the golds that, boxed, are not
+    judged equal to themselves: computed once (about 30 s of parsing real golds) for the tests below."""
+    found = {}
+    for name in EVAL_BENCHMARKS:
+        if (BENCH_DIR / f"{name}.jsonl").is_file():
+            started = time.time()
+            problems = evaluation.load_benchmark(name, data_dir=BENCH_DIR)
+            misses = [p["answer"] for p in problems if antisd.verify("\\boxed{" + p["answer"] + "}", p["answer"]) != 1.0]
+            found[name] = problems, misses, time.time() - started
+    return found
+
+
+@pytest.mark.parametrize("name", EVAL_BENCHMARKS)
+def test_every_real_gold_answer_verifies_against_itself(name, real_benchmarks):
+    """The real benchmark files load, and each gold, boxed, is judged equal to itself: catches
+    wrong column mapping and gold formats that the parser cannot read (a problem nobody can solve)."""
+    if name not in real_benchmarks:
+        pytest.skip(f"no {BENCH_DIR}/{name}.jsonl")
+    problems, misses, seconds = real_benchmarks[name]
+    assert len(problems) == len(antisd.read_jsonl(BENCH_DIR / f"{name}.jsonl")), "some rows were skipped"
+    print(f"{name}: {len(problems) - len(misses)}/{len(problems)} golds verify against themselves ({seconds:.1f} s)")
+    assert not misses, f"{name}: {len(misses)} golds do not verify against themselves, e.g. {misses[:5]}"
+
+
+# golds of the real files that math-verify could read as a bare number, so that number would score as
+# correct: (benchmark, row, the gold as written, a wrong answer). The strict expected failures are
+# still misread today; the day they are handled they pass, pytest reports it, and the mark must go.
+still_misread = pytest.mark.xfail(strict=True, reason="math-verify misreads this gold")
+MISREAD_GOLDS = [
+    ("olympiadbench", 76, "$(-\\infty, 0) \\cup\\{1\\}$.", "0"),   # fixed: a trailing '.' kept the '$' in
+    ("minerva_math", 268, "\\frac{1}{3} E_{1}+\\frac{2}{3} E_{2}", "\\frac{2}{3}"),  # fixed: read as 2/3 inside \boxed{}
+    pytest.param("olympiadbench", 73, "$f(x)=a x+b$, where $b$ is an arbitrary integer, ... $\\mho(a)=0$", "0",
+                 marks=still_misread),                                  # prose, read as 0
+    pytest.param("olympiadbench", 117, "$6m$", "6", marks=still_misread),  # m (a variable) taken for metres
+    pytest.param("minerva_math", 104, "\\frac{37}{4} m", "\\frac{37}{4}", marks=still_misread),  # likewise
+    pytest.param("minerva_math", 261, "\\hbar \\omega(v+1 / 2)-\\frac{E_{0}^{2} e^{2}}{2 m \\omega^{2}}", "2",
+                 marks=still_misread),                                  # read as 2
+]
+
+
+@pytest.mark.parametrize("name, row, written, wrong", MISREAD_GOLDS)
+def test_a_misread_gold_does_not_accept_a_bare_number(name, row, written, wrong, real_benchmarks):
+    if name not in real_benchmarks:
+        pytest.skip(f"no {BENCH_DIR}/{name}.jsonl")
+    gold = real_benchmarks[name][0][row]["answer"]
+    assert antisd.verify("\\boxed{" + gold + "}", gold) == 1.0
+    assert antisd.verify("\\boxed{" + wrong + "}", gold) == 0.0, f"{written} accepts {wrong}"
+
+
+# -----------------------------------------------------------------------------
+# eval.py: sampling on the tiny model: in process and through the command line
+
+def test_evaluate_restores_training_mode_and_leaves_the_callers_rng_alone():
+    model, tokenizer = antisd.load_model("tiny-random", torch.device("cpu"))
+    benchmarks = {"toy": [{"problem": "1+1?", "answer": "2"}, {"problem": "2+2?", "answer": "4"}]}
+    settings = dict(n=2, temperature=1.0, top_p=1.0, max_new_tokens=8, batch_size=3, enable_thinking=False, seed=7)
+    model.train()
+    torch.manual_seed(123)
+    rng_before = torch.get_rng_state()
+    results, samples = evaluation.evaluate(model, tokenizer, benchmarks, **settings)
+    assert model.training
+    assert torch.equal(torch.get_rng_state(), rng_before)
+    assert set(results) == {"benchmarks", "mean"} and set(results["benchmarks"]) == {"toy"}
+    assert [len(s["responses"]) for s in samples] == [2, 2]
+    _, again = evaluation.evaluate(model, tokenizer, benchmarks, **settings)
+    assert [s["responses"] for s in again] == [s["responses"] for s in samples]  # same seed, same samples
+
+
+def test_command_line_on_tiny_model_writes_results_and_one_sample_line_per_problem(tmp_path, capsys):
+    data_dir = tmp_path / "bench"
+    data_dir.mkdir()
+    write_jsonl(data_dir / "aime24.jsonl", [{"id": 60 + i, "problem": f"What is {i}+{i}?", "answer": f"{2 * i:03d}",
+                                             "solution": "s", "url": "u", "question": "q"} for i in range(3)])
+    write_jsonl(data_dir / "minerva_math.jsonl", [{"problem": f"Compute {i}.", "solution": f"\\boxed{{{i}e3}}",
+                                                   "type": "t", "idx": i} for i in range(3)])
+    out_dir = tmp_path / "out"
+    # in process (a second interpreter would import torch again): the same argv, the same main
+    evaluation.main(["--model", "tiny-random", "--device", "cpu", "--data-dir", str(data_dir),
+                     "--benchmarks", "aime24,minerva_math", "--limit", "2", "--n", "2", "--max-new-tokens", "16",
+                     "--batch-size", "3", "--out-dir", str(out_dir)])
+    assert "| mean |" in capsys.readouterr().out
+
+    results = json.loads((out_dir / "results.json").read_text())
+    assert results["model"] == "tiny-random" and results["settings"]["seed"] == 0
+    assert {"torch", "transformers", "datasets", "math-verify"} <= set(results["versions"])
+    keys = ["problems", "avg@2", "pass@1", "pass@2", "maj@2", "no_box", "truncated", "mean_length"]
+    for name in ["aime24", "minerva_math", "mean"]:
+        metrics = results["mean"] if name == "mean" else results["benchmarks"][name]
+        assert list(metrics) == keys
+        assert all(0.0 <= metrics[k] <= 1.0 for k in keys[1:-1]), metrics
+        assert 0 < metrics["mean_length"] <= 16
+    assert results["benchmarks"]["aime24"]["problems"] == 2 and results["mean"]["problems"] == 4
+
+    lines = (out_dir / "samples.jsonl").read_text().splitlines()
+    assert len(lines) == 4
+    assert all(len(json.loads(line)["responses"]) == 2 for line in lines)
+
+
+# -----------------------------------------------------------------------------
+# Infrastructure: data loading, the model, the checker worker, logging, checkpoints, resuming and
+# failures, the tiny models and the laptop demo, torchrun + FSDP2, the command line
+
+SMALL_RUN = ["--model", "tiny-random", "--gate-warmup", "1", "--device", "cpu", "--prompts-per-step", "2",
+             "--group-size", "2", "--micro-batch-size", "4", "--max-new-tokens", "8"]
+
+
+def failure_message(capsys, main, argv):
+    """What the command line shows for argv: (exit status, text), through the scripts' one wrapper."""
+    with pytest.raises(SystemExit) as raised:
+        antisd.run_command(main, argv)
+    code, err = raised.value.code, capsys.readouterr().err
+    return code, (code if isinstance(code, str) else err)
+
+
+# -----------------------------------------------------------------------------
+# Infrastructure: data loading
+
+def test_unparsable_gold_rows_are_dropped_and_counted(tmp_path):
+    path = tmp_path / "mixed.jsonl"
+    rows = [{"problem": "1+1?", "answer": "2"},
+            {"problem": "no answer in the solution", "solution": "we give up"},
+            {"problem": "2+2?", "solution": r"so \boxed{4}"},
+            {"question": "3+3?", "answer": "It is 6.\n#### 6"}]
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    problems, dropped = antisd.load_problems(str(path), seed=0)
+    assert dropped == 1
+    assert [p["answer"] for p in problems] == ["2", "4", "6"]
+    assert problems[2]["solution"].endswith(r"\boxed{6}.")
+
+
+def test_hub_rows_of_each_training_set_become_problems():
+    dapo = ("Solve the following math problem step by step. The last line of your response should be of the "
+            "form Answer: $Answer (without quotes) where $Answer is the answer to the problem.\n\n"
+            "Let $x$ be 3.\n\nCompute $x^2$.\n\nRemember to put your answer on its own line after \"Answer:\".")
+    assert antisd.dapo_problem(dapo) == "Let $x$ be 3.\n\nCompute $x^2$."
+    gsm8k = antisd.problem_from_row({"question": "Q?", "answer": "16 - 3 = <<16-3=13>>13 eggs.\n#### 1,300"}, "gsm8k")
+    assert gsm8k == {"problem": "Q?", "answer": "1300", "solution": "16 - 3 = 13 eggs.\nThe answer is \\boxed{1300}."}
+    math_row = antisd.problem_from_row({"problem": "P", "level": "Level 1", "type": "Algebra",
+                                        "solution": "So $x = \\boxed{\\frac{1}{2}}$."}, "math")
+    assert math_row["answer"] == "\\frac{1}{2}" and math_row["solution"].startswith("So $x")
+
+
+@pytest.mark.parametrize("content, message", [
+    ('{"problem": "1+1?", "answer": "2"}\n\n{"problem": "2+2?", "answer": 4\n', r"bad\.jsonl, line 3: invalid JSON"),
+    ('{"problem": "1+1?", "answer": "2"}\n{"problem": "2+2?"}\n', r"bad\.jsonl, line 2: missing field 'answer'"),
+    ('{"answer": "2"}\n', r"bad\.jsonl, line 1: missing field 'problem'"),
+    ('{"problem": "1+1?", "answer": ""}\n{"problem": "2+2?", "solution": "no box"}\n', r"all 2 rows were dropped"),
+])
+def test_bad_jsonl_names_the_file_line_and_field(tmp_path, content, message):
+    path = tmp_path / "bad.jsonl"
+    path.write_text(content)
+    with pytest.raises(ValueError, match=message):
+        antisd.load_problems(str(path), seed=0)
+
+
+def test_oversized_problem_or_solution_is_refused_at_load_time_naming_row_and_field(tmp_path, capsys):
+    big = "x" * (antisd.MAX_TEXT_CHARS + 1)
+    fine = "y" * antisd.MAX_TEXT_CHARS
+    write_jsonl(tmp_path / "problem.jsonl", [{"problem": fine, "answer": "1"}, {"problem": big, "answer": "1"}])
+    write_jsonl(tmp_path / "solution.jsonl", [{"problem": "P", "solution": fine + big + "\\boxed{1}"}])
+    start = time.time()
+    with pytest.raises(antisd.UserError, match=r"problem\.jsonl, line 2: field 'problem' has 100,001 characters"):
+        antisd.load_problems(str(tmp_path / "problem.jsonl"), seed=0)
+    with pytest.raises(antisd.UserError, match=r"solution\.jsonl, line 1: field 'solution' has 200,010 characters"):
+        antisd.load_problems(str(tmp_path / "solution.jsonl"), seed=0)
+    write_jsonl(tmp_path / "math500.jsonl", [{"problem": big, "answer": "1"}])
+    with pytest.raises(antisd.UserError, match=r"math500\.jsonl line 1: field 'problem' has 100,001 characters"):
+        evaluation.load_benchmark("math500", data_dir=tmp_path)
+    assert time.time() - start < 5
+
+
+# -----------------------------------------------------------------------------
+# Infrastructure: the model
+
+def test_init_random_builds_the_checkpoint_shape_with_fresh_weights_and_its_stop_tokens(tmp_path, capsys):
+    model, tokenizer = antisd.build_tiny(seed=5)
+    model.generation_config.eos_token_id = [tokenizer.eos_token_id, tokenizer.pad_token_id]
+    model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    loaded, loaded_tokenizer = antisd.load_model(str(tmp_path), torch.device("cpu"), init="random")
+    assert "RANDOM WEIGHTS" in capsys.readouterr().out
+    assert loaded.config.to_dict()["num_hidden_layers"] == 2 and loaded.config.hidden_size == 64
+    saved = dict(model.named_parameters())
+    assert all(p.shape == saved[name].shape for name, p in loaded.named_parameters())
+    assert all(not torch.equal(p, saved[name]) for name, p in loaded.named_parameters() if p.dim() == 2)
+    assert antisd.stop_token_ids(loaded, loaded_tokenizer) == sorted(model.generation_config.eos_token_id)
+    (tmp_path / "config.json").unlink()
+    with pytest.raises(SystemExit):
+        antisd.get_args(["--model", str(tmp_path), "--init", "random"])
+
+
+# -----------------------------------------------------------------------------
+# Infrastructure: the checker worker
+
+def test_checker_worker_survives_ctrl_c_and_ends_on_terminate_under_the_runs_signal_handlers():
+    """A worker (re)started in the step loop inherits its handlers: with them, Ctrl-C would score the
+    check in flight 0, and multiprocessing's terminate-then-join at exit would wait forever."""
+    import signal
+    previous = {signal.SIGINT: signal.signal(signal.SIGINT, signal.default_int_handler),   # KeyboardInterrupt
+                signal.SIGTERM: signal.signal(signal.SIGTERM, lambda *a: None)}               # finish the step
+    try:
+        process, connection = antisd._start_verifier()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    try:
+        os.kill(process.pid, signal.SIGINT)
+        connection.send(("verify", "2", "2"))
+        assert connection.poll(10) and connection.recv() is True
+        process.terminate()
+        process.join(5)
+        assert not process.is_alive(), "the worker ignored SIGTERM"
+    finally:
+        process.kill()
+        process.join()
+
+
+def test_killed_run_leaves_no_checker_worker_and_releases_its_output_pipe(tmp_path):
+    """kill -9 of the trainer: the answer-checking worker must exit too, and must not hold the
+    trainer's stdout, or `python antisd.py | tee log` would never return."""
+    import signal
+    # golds that are not plain numbers, so that loading them starts the worker
+    write_jsonl(tmp_path / "data.jsonl", [{"problem": "1+1?", "answer": "\\frac{4}{2}"}, {"problem": "2+2?", "answer": "\\frac{8}{2}"}])
+    process = subprocess.Popen([sys.executable, str(HERE / "antisd.py"), *SMALL_RUN, "--dataset", str(tmp_path / "data.jsonl"),
+                                "--steps", "1000", "--out-dir", str(tmp_path / "run")], stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    children = Path(f"/proc/{process.pid}/task/{process.pid}/children")
+    if not children.exists():
+        process.kill()
+        pytest.skip("needs Linux /proc to find the worker")
+    for line in process.stdout:   # the worker has checked every gold of the dataset by then
+        if line.startswith(b"dataset "):
+            break
+    workers = [int(pid) for pid in children.read_text().split()]
+    assert workers, "the checker worker did not start"
+
+    def running(pid):
+        try:
+            return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
+        except FileNotFoundError:
+            return False
+    try:
+        os.kill(process.pid, signal.SIGKILL)
+        killed = time.time()
+        process.communicate(timeout=30)           # end of file on the pipe: no process holds it any more
+        pipe_seconds = time.time() - killed
+        while any(running(pid) for pid in workers) and time.time() < killed + 10:
+            time.sleep(0.1)
+        assert not any(running(pid) for pid in workers), "the checker worker outlived its parent"
+        assert pipe_seconds < 10
+    finally:   # a failing run must not leave the orphan behind either
+        for pid in workers:
+            if running(pid):
+                os.kill(pid, signal.SIGKILL)
+
+
+# -----------------------------------------------------------------------------
+# Infrastructure: logging: torn logs, rollouts and their token view, the comparison table
+
+def test_torn_last_log_line_is_dropped_and_a_killed_rewrite_keeps_the_old_file(tmp_path, monkeypatch):
+    path = tmp_path / "metrics.jsonl"
+    whole = "".join(json.dumps({"step": step, "loss": 0.5}) + "\n" for step in (1, 2, 3))
+    path.write_text(whole + '{"step": 4, "lo')   # killed while writing step 4
+    real_replace = os.replace
+
+    def killed(src, dst):
+        raise KeyboardInterrupt("killed during the rewrite")
+    monkeypatch.setattr(os, "replace", killed)
+    with pytest.raises(KeyboardInterrupt):
+        antisd.keep_log_lines_up_to(str(path), 2)
+    assert path.read_text() == whole + '{"step": 4, "lo'          # the old file, whole
+    monkeypatch.setattr(os, "replace", real_replace)
+    antisd.keep_log_lines_up_to(str(path), 2)
+    assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 2]
+    assert path.read_text().endswith("\n") and not list(tmp_path.glob("*.tmp"))
+    path.write_text('{"step": 1}\n{"ste\n{"step": 2}\n')           # damage inside the file is not a torn end
+    with pytest.raises(antisd.UserError, match=r"metrics\.jsonl, line 2: not a log line"):
+        antisd.keep_log_lines_up_to(str(path), 2)
+
+
+def test_rollouts_keep_every_token_with_its_u_and_tokens_html_colours_them(tmp_path):
+    out = tmp_path / "run"
+    antisd.main(["--model", "tiny-random", "--dataset", "arith", "--steps", "2", "--method", "sd", "--group-size", "2",
+                 "--prompts-per-step", "2", "--micro-batch-size", "4", "--max-new-tokens", "12", "--out-dir", str(out)])
+    rollouts = [json.loads(line) for line in (out / "rollouts.jsonl").read_text().splitlines()]
+    _, tokenizer = antisd.build_tiny()
+    for r in rollouts:
+        joined = "".join(text for text, _ in r["tokens"])  # a random model emits broken UTF-8: compare the rest
+        assert joined.replace("\ufffd", "") == (r["response"] + "<|im_end|>" * (not r["truncated"])).replace("\ufffd", "")
+        us = [u for _, u in r["tokens"]]
+        assert min(us) == pytest.approx(r["most_negative_u"][0][1], abs=1e-3) and max(us) == pytest.approx(r["most_positive_u"][0][1], abs=1e-3)
+        assert any(u != 0 for u in us)  # sd scores a teacher
+    evaluation.show_tokens(str(out), str(tmp_path / "view"))
+    page = (tmp_path / "view" / "tokens.html").read_text()
+    spans = re.findall(r'<span title="u = ([-+.\d]+)" style="background:rgb\((\d+),(\d+),(\d+)\)">', page)
+    assert len(spans) == sum(len(r["tokens"]) for r in rollouts)
+    for u, red, green, blue in spans:
+        u, red, blue = float(u), int(red), int(blue)
+        if abs(u) >= 0.01:  # blue for negative u, red for positive; a shade of white near 0
+            assert (blue == 255 and red < 255) if u < 0 else (red == 255 and blue < 255), (u, red, blue)
+        else:
+            assert min(red, blue) >= 250
+    assert "step 1" in page and "step 2" in page and "legend" in page
+
+
+def test_compare_table_numbers_equal_metrics_jsonl_and_the_figure_is_written(tmp_path):
+    runs = []
+    for name, rewards in [("grpo", [0.1, 0.5, 0.3]), ("antisd", [0.2, 0.1, 0.4])]:
+        run = tmp_path / name
+        run.mkdir()
+        lines = [{"step": 0, "eval/arith/avg@4": 0.25, "eval/mean/avg@4": 0.25}]
+        for step, reward in enumerate(rewards, 1):
+            lines.append({"step": step, "reward_mean": reward, "response_length_mean": 40.0 + step, "u_mean": -0.1 * step,
+                          "u_p01": -2.0, "u_p99": 1.0, "jsd_mean": 0.01, "teacher_entropy_median": 0.5,
+                          "student_entropy_median": 0.6, "lambda": 0.5, "gate_on": 1.0})
+        lines[3]["eval/mean/avg@4"] = 0.5 if name == "grpo" else 0.125
+        write_jsonl(run / "metrics.jsonl", lines)
+        runs.append(str(run))
+    evaluation.compare_runs(runs, str(tmp_path / "out"))
+    assert (tmp_path / "out" / "compare.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    table = {}
+    for row in (tmp_path / "out" / "compare.md").read_text().splitlines()[2:]:
+        run, metric, first, best, last = [cell.strip() for cell in row.strip("|").split("|")]
+        table[run, metric] = (first, best, last)
+    assert table["grpo", "reward_mean"] == ("0.1000 (step 1)", "0.5000 (step 2)", "0.3000 (step 3)")
+    assert table["antisd", "reward_mean"] == ("0.2000 (step 1)", "0.4000 (step 3)", "0.4000 (step 3)")
+    assert table["grpo", "eval/mean/avg@4"] == ("0.2500 (step 0)", "0.5000 (step 3)", "0.5000 (step 3)")
+    assert table["antisd", "eval/mean/avg@4"] == ("0.2500 (step 0)", "0.2500 (step 0)", "0.1250 (step 3)")
+    assert table["antisd", "u_mean"] == ("-0.1000 (step 1)", "", "-0.3000 (step 3)")
+
+
+# -----------------------------------------------------------------------------
+# Infrastructure: checkpoints, resuming and failures
+
+TIMING_KEYS = {"seconds_generate", "seconds_score", "seconds_update", "generated_tokens_per_second"}
+TINY_RUN = ["--model", "tiny-random", "--dataset", "arith", "--gate-warmup", "1", "--device", "cpu"]
+
+
+def metrics_lines(out_dir):
+    lines = [json.loads(line) for line in (Path(out_dir) / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in line.items() if k not in TIMING_KEYS} for line in lines]
+
+
+def weights(path):
+    from safetensors.torch import load_file
+    return load_file(str(Path(path) / "model.safetensors"))
+
+
+def test_resumed_run_ends_exactly_where_an_uninterrupted_run_does(tmp_path, capsys):
+    straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
+    antisd.main(TINY_RUN + ["--steps", "4", "--save-every", "2", "--lr", "1e-3", "--out-dir", str(straight)])
+    antisd.main(TINY_RUN + ["--steps", "2", "--lr", "1e-3", "--out-dir", str(interrupted)])
+    capsys.readouterr()
+    antisd.main(TINY_RUN + ["--steps", "4", "--lr", "1e-3", "--out-dir", str(interrupted), "--resume"])
+    assert f"resumed from {interrupted / 'checkpoint-2'}: continuing at step 3" in capsys.readouterr().out
+    assert metrics_lines(straight) == metrics_lines(interrupted)   # steps 1-4, lambda > 0 from step 2
+    assert [line["lambda"] for line in metrics_lines(straight)] == [0.0, 0.5, 0.5, 0.5]
+    a, b = weights(straight / "checkpoint-4"), weights(interrupted / "checkpoint-4")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    before = weights(straight / "checkpoint-2")
+    assert any(not torch.equal(before[k], a[k]) for k in a)          # the steps did change the weights
+
+
+def test_resume_with_other_settings_is_refused_naming_the_difference(tmp_path):
+    antisd.main(TINY_RUN + ["--steps", "1", "--out-dir", str(tmp_path)])
+    with pytest.raises(SystemExit, match=r"--method 'antisd' -> 'grpo'"):
+        antisd.main(TINY_RUN + ["--steps", "2", "--method", "grpo", "--out-dir", str(tmp_path), "--resume"])
+    with pytest.raises(SystemExit, match="pass --resume to continue it"):
+        antisd.main(TINY_RUN + ["--steps", "2", "--out-dir", str(tmp_path)])
+
+
+def test_resume_restores_the_sibling_choice_of_the_teacher_prompts(tmp_path, monkeypatch):
+    # the tiny model never earns reward by itself: half the rollouts are declared correct, so that the
+    # teacher's solution is a sibling drawn at random (M7), and that draw changes u, the loss and the weights
+    monkeypatch.setattr(antisd, "verify", lambda text, gold: float(sum(map(ord, text)) % 2))
+    prompts = []
+    real_build = antisd.build_teacher_prompt
+    monkeypatch.setattr(antisd, "build_teacher_prompt", lambda *a, **k: prompts.append(real_build(*a, **k)) or prompts[-1])
+    run = small_run(tmp_path) + ["--lr", "1e-3"]
+    antisd.main(run + ["--steps", "2", "--out-dir", str(tmp_path / "straight")])
+    straight_prompts, prompts[:] = prompts[8:], []
+    antisd.main(run + ["--steps", "1", "--out-dir", str(tmp_path / "resumed")])
+    prompts[:] = []
+    antisd.main(run + ["--steps", "2", "--out-dir", str(tmp_path / "resumed"), "--resume"])
+    assert any("Your answer is correct." in p for p in straight_prompts)
+    assert prompts == straight_prompts                                   # step 2 saw the same siblings
+    assert metrics_lines(tmp_path / "straight") == metrics_lines(tmp_path / "resumed")
+    for name in ("rollouts.jsonl",):
+        assert (tmp_path / "straight" / name).read_text() == (tmp_path / "resumed" / name).read_text()
+
+
+def test_a_save_killed_half_way_leaves_the_previous_checkpoint_usable(tmp_path, monkeypatch):
+    real_replace = os.replace
+    saves = []
+
+    def replace_then_die(src, dst):
+        saves.append(dst)
+        if len(saves) == 2:   # the second save dies after its temporary folder is written
+            raise KeyboardInterrupt("killed during save")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        antisd.main(TINY_RUN + ["--steps", "3", "--save-every", "1", "--out-dir", str(tmp_path)])
+    monkeypatch.setattr(os, "replace", real_replace)
+    assert antisd.list_checkpoints(tmp_path) == [str(tmp_path / "checkpoint-1")]
+    from transformers import AutoModelForCausalLM
+    AutoModelForCausalLM.from_pretrained(tmp_path / "checkpoint-1")
+    antisd.main(TINY_RUN + ["--steps", "2", "--out-dir", str(tmp_path), "--resume"])
+    assert [line["step"] for line in metrics_lines(tmp_path)] == [1, 2]
+
+
+def test_only_the_newest_checkpoints_are_kept(tmp_path):
+    antisd.main(TINY_RUN + ["--steps", "4", "--save-every", "1", "--keep-checkpoints", "2", "--out-dir", str(tmp_path)])
+    assert antisd.list_checkpoints(tmp_path) == [str(tmp_path / "checkpoint-3"), str(tmp_path / "checkpoint-4")]
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_nan_steps_are_not_applied_and_stop_the_run(tmp_path, monkeypatch):
+    antisd.main(TINY_RUN + ["--steps", "1", "--out-dir", str(tmp_path)])
+    good = weights(tmp_path / "checkpoint-1")
+    real_loss = antisd.policy_loss
+    monkeypatch.setattr(antisd, "policy_loss",
+                        lambda *a, **k: (real_loss(*a, **k)[0] * float("nan"), real_loss(*a, **k)[1]))
+    with pytest.raises(SystemExit, match="3 consecutive steps had a non-finite loss"):
+        antisd.main(TINY_RUN + ["--steps", "10", "--save-every", "1", "--out-dir", str(tmp_path), "--resume"])
+    lines = metrics_lines(tmp_path)
+    assert [line["update_applied"] for line in lines] == [True, False, False, False]
+    assert lines[1]["loss"] is None   # written as null, not NaN
+    assert antisd.list_checkpoints(tmp_path)[-1] == str(tmp_path / "checkpoint-3")
+    after = weights(tmp_path / "checkpoint-3")   # saved after two refused steps: weights unchanged
+    assert all(torch.equal(good[k], after[k]) for k in good)
+
+
+@pytest.mark.parametrize("phase, flag", [("generate", "--gen-batch-size 16"), ("policy_gradient", "--micro-batch-size 8")])
+def test_out_of_memory_names_the_flag_to_lower(tmp_path, monkeypatch, phase, flag):
+    def run_out_of_memory(*args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+    monkeypatch.setattr(antisd, phase, run_out_of_memory)
+    with pytest.raises(SystemExit, match=f"with {flag}: lower {flag.split()[0]}"):
+        antisd.main(TINY_RUN + ["--steps", "1", "--out-dir", str(tmp_path)])
+
+
+def test_interrupted_run_saves_and_says_how_to_resume(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+    out_dir = tmp_path / "run"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    process = subprocess.Popen([sys.executable, "antisd.py", *TINY_RUN, "--steps", "1000", "--out-dir", str(out_dir)],
+                               cwd=Path(__file__).parent, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    metrics = out_dir / "metrics.jsonl"
+    deadline = time.time() + 120
+    while not (metrics.exists() and metrics.read_text().strip()) and time.time() < deadline:
+        time.sleep(0.2)
+    process.send_signal(signal.SIGTERM)
+    output, _ = process.communicate(timeout=120)
+    assert process.returncode == 0, output
+    steps = len(metrics.read_text().splitlines())
+    assert f"stopped after step {steps}, saved {out_dir / f'checkpoint-{steps}'}" in output
+    assert "--resume" in output
+    assert antisd.list_checkpoints(out_dir) == [str(out_dir / f"checkpoint-{steps}")]
+
+
+# a finished two-step run on a small local dataset, with a checkpoint after each step; tests copy it
+@pytest.fixture(scope="module")
+def two_step_run(tmp_path_factory):
+    base = tmp_path_factory.mktemp("two_step_run")
+    write_jsonl(base / "data.jsonl", [{"problem": f"What is {i} + {i}?", "answer": str(2 * i)} for i in range(8)])
+    cwd = os.getcwd()
+    os.chdir(base)   # relative paths: a copy of the folder is the same run
+    try:
+        antisd.main(SMALL_RUN + ["--dataset", "data.jsonl", "--steps", "2", "--save-every", "1", "--lr", "1e-3",
+                                 "--out-dir", "run"])
+    finally:
+        os.chdir(cwd)
+    return base
+
+
+def copy_of(run, tmp_path, monkeypatch):
+    import shutil
+    shutil.copytree(run, tmp_path / "copy")
+    monkeypatch.chdir(tmp_path / "copy")
+    return Path("run")
+
+
+def truncate(path):
+    path.write_bytes(path.read_bytes()[:path.stat().st_size // 2])
+
+
+@pytest.mark.parametrize("damage, named", [
+    (lambda c: truncate(c / "trainer_state.pt"), r"checkpoint-2/trainer_state\.pt cannot be read"),
+    (lambda c: truncate(c / "model.safetensors"), r"checkpoint-2/model\.safetensors cannot be read"),
+    (lambda c: (c / "model.safetensors").unlink(), r"checkpoint-2: model\.safetensors missing"),
+    (lambda c: (c / "config.json").unlink(), r"checkpoint-2: config\.json missing"),
+    (lambda c: (c / "tokenizer.json").unlink(), r"checkpoint-2: tokenizer\.json missing"),
+    (lambda c: (c / "trainer_state.pt").unlink(), r"checkpoint-2: trainer_state\.pt missing"),
+    (lambda c: truncate(c / "config.json"), r"checkpoint-2/config\.json cannot be read"),
+])
+def test_each_kind_of_damaged_checkpoint_is_named(two_step_run, tmp_path, monkeypatch, damage, named):
+    run = copy_of(two_step_run, tmp_path, monkeypatch)
+    damage(run / "checkpoint-2")
+    with pytest.raises(antisd.UserError, match=named):
+        antisd.load_checkpoint(str(run / "checkpoint-2"), torch.device("cpu"))
+    state, model, tokenizer = antisd.load_checkpoint(str(run / "checkpoint-1"), torch.device("cpu"))
+    assert state["step"] == 1 and tokenizer.padding_side == "left"
+
+
+def test_resume_falls_back_from_a_damaged_checkpoint_and_redoes_its_step_exactly(two_step_run, tmp_path,
+                                                                                 monkeypatch, capsys):
+    run = copy_of(two_step_run, tmp_path, monkeypatch)
+    logged = metrics_lines(run)
+    saved = weights(run / "checkpoint-2")
+    truncate(run / "checkpoint-2" / "trainer_state.pt")
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write('{"step": 3, "reward_me')                      # and a torn line from the kill
+    capsys.readouterr()
+    antisd.main(SMALL_RUN + ["--dataset", "data.jsonl", "--steps", "2", "--save-every", "1", "--lr", "1e-3",
+                             "--out-dir", "run", "--resume"])
+    out, err = capsys.readouterr()
+    assert "checkpoint run/checkpoint-2 is damaged: run/checkpoint-2/trainer_state.pt cannot be read" in err
+    assert "resumed from run/checkpoint-1: continuing at step 2" in out
+    assert metrics_lines(run) == logged                         # step 2 redone, bit for bit
+    again = weights(run / "checkpoint-2")
+    assert all(torch.equal(saved[k], again[k]) for k in saved)
+
+    for checkpoint in ("checkpoint-1", "checkpoint-2"):         # none whole: say which files
+        (run / checkpoint / "config.json").unlink()
+    code, text = failure_message(capsys, antisd.main, SMALL_RUN + ["--dataset", "data.jsonl", "--steps", "3",
+                                                                    "--lr", "1e-3", "--out-dir", "run", "--resume"])
+    assert re.search(r"no checkpoint is whole: run/checkpoint-2: config\.json missing; "
+                     r"run/checkpoint-1: config\.json missing", code), code
+
+
+def test_resume_on_an_edited_dataset_is_refused(two_step_run, tmp_path, monkeypatch):
+    run = copy_of(two_step_run, tmp_path, monkeypatch)
+    rows = antisd.read_jsonl("data.jsonl")
+    rows[5]["answer"] = "11"
+    write_jsonl(Path("data.jsonl"), rows)
+    with pytest.raises(SystemExit, match=r"different settings: the problems of --dataset \(fingerprint\) '\w+' -> '\w+'"):
+        antisd.main(SMALL_RUN + ["--dataset", "data.jsonl", "--steps", "3", "--lr", "1e-3", "--out-dir", "run", "--resume"])
+    assert antisd.list_checkpoints(run) == ["run/checkpoint-1", "run/checkpoint-2"]
+
+
+# -----------------------------------------------------------------------------
+# Infrastructure: the tiny models and the laptop demo (the arith task and its held-out benchmark)
+
+def test_arith_problems_are_seeded_and_their_solutions_are_correct():
+    first, again = antisd.make_arith_problems(50, seed=3), antisd.make_arith_problems(50, seed=3)
+    assert first == again
+    for item in first:
+        assert antisd.verify(item["solution"], item["answer"]) == 1.0
+
+
+def arith_numbers(problem_text):
+    """(start, boxes, per_box, given), read back from the problem's words."""
+    return tuple(int(n) for n in re.findall(r"\d+", problem_text))
+
+
+def test_arith_benchmark_never_shares_a_problem_with_training():
+    benchmark = evaluation.load_benchmark("arith", limit=500)
+    assert len(benchmark) == 500 == len({item["problem"] for item in benchmark})
+    held_out = {arith_numbers(item["problem"]) for item in benchmark}
+    training = {arith_numbers(item["problem"]) for seed in (0, 1, 2) for item in antisd.make_arith_problems(2000, seed)}
+    supervised = {arith_numbers(item["problem"])  # the default supervised start
+                  for item in antisd.make_arith_problems(antisd.TINY_SFT_STEPS * antisd.TINY_SFT_BATCH, seed=10_000)}
+    assert held_out.isdisjoint(training) and held_out.isdisjoint(supervised)
+    assert all(antisd.arith_is_held_out(numbers) for numbers in held_out)
+    every_tuple = list(itertools.product(range(1, 15), range(2, 5), range(2, 5), range(1, 10)))
+    assert 0.18 < sum(map(antisd.arith_is_held_out, every_tuple)) / len(every_tuple) < 0.22  # a fifth is held out
+    start, boxes, per_box, given = arith_numbers(benchmark[0]["problem"])
+    assert int(benchmark[0]["answer"]) == start + boxes * per_box - given
+
+
+def test_slipped_solutions_compute_each_step_correctly_and_are_judged_wrong():
+    item = antisd.make_arith_problems(1, seed=4)[0]
+    start, boxes, per_box, given = item["numbers"]
+    for slips, expected in [((False, False), start + boxes * per_box - given), ((True, False), start + boxes + per_box - given),
+                            ((False, True), start + boxes * per_box + given), ((True, True), start + boxes + per_box + given)]:
+        text, answer = antisd.arith_solution(item["name"], item["thing"], item["numbers"], slips)
+        assert answer == expected and antisd.last_boxed(text) == str(expected)
+        assert antisd.verify(text, item["answer"]) == float(slips == (False, False))
+
+
+def test_supervised_start_lowers_the_response_loss_and_is_trained_only_once(tmp_path, monkeypatch):
+    import torch.nn.functional as F
+    calls, full_start = [], antisd.train_tiny_arith
+
+    def small_start(path):
+        calls.append(path)
+        return full_start(path, steps=30, batch_size=8, lr=1e-2, hidden_size=32, log_every=0)
+
+    monkeypatch.setattr(antisd, "TINY_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(antisd, "train_tiny_arith", small_start)
+    model, tokenizer = antisd.load_model("tiny", torch.device("cpu"))
+    antisd.load_model("tiny", torch.device("cpu"))  # the second load reads the cache
+    assert len(calls) == 1 and (tmp_path / "cache" / antisd.TINY_ARITH_RECIPE / "model.safetensors").exists()
+    assert tokenizer.tokenize(" 1234") == ["Ġ1", "2", "3", "4"]  # one digit per token
+    problems = antisd.make_arith_problems(8, seed=99)
+    students = antisd.supervised_examples(tokenizer, problems, random.Random(0), as_teacher=False)
+    teachers = antisd.supervised_examples(tokenizer, problems, random.Random(0), as_teacher=True)
+    examples = students + teachers
+    # the prompts are the ones RL will use, token for token, though tokenized in one batch
+    assert [prompt for prompt, _ in students] == [antisd.student_prompt_ids(tokenizer, p["problem"], False) for p in problems]
+    rng = random.Random(0)
+    for p, (prompt, response) in zip(problems, teachers):
+        slips = (rng.random() < antisd.SLIP_RATE, rng.random() < antisd.SLIP_RATE)
+        sloppy, answer = antisd.arith_solution(p["name"], p["thing"], p["numbers"], slips)
+        message = antisd.build_teacher_prompt(p["problem"], 0, [float(answer == int(p["answer"]))], [sloppy],
+                                              p["solution"], p["answer"], rng)
+        assert prompt == antisd.render_prompt(tokenizer, message, False)
+        assert response == tokenizer(p["solution"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+
+    def response_loss(m):  # one example at a time, no padding: mean cross-entropy of the response tokens
+        losses = []
+        with torch.no_grad():
+            for prompt, response in examples:
+                logits = m(torch.tensor([prompt + response])).logits[0, len(prompt) - 1:-1]  # [R, V]
+                losses.append(F.cross_entropy(logits, torch.tensor(response)))
+        return float(torch.stack(losses).mean())
+
+    untrained = type(model)(model.config)
+    assert response_loss(model) < response_loss(untrained) - 1.0
+
+
+# -----------------------------------------------------------------------------
+# Infrastructure: several processes (torchrun + FSDP2)
+
 TWO_RANKS = '''
 import argparse, json, os, sys
 import torch
@@ -2509,3 +2413,130 @@ def test_two_processes_give_one_process_gradient_gate_signal_and_token_count_and
         antisd.main(["--model", "tiny-random", "--dataset", "arith", "--device", "cpu", "--prompts-per-step", "2",
                      "--group-size", "2", "--max-new-tokens", "6", "--micro-batch-size", "2", "--out-dir", str(run),
                      "--steps", "3", "--resume"])
+
+
+# -----------------------------------------------------------------------------
+# Infrastructure: the command line: bad input is one paragraph without a traceback
+
+@pytest.mark.parametrize("argv, message", [
+    (["--dataset", "nope"], "expected one of math, gsm8k, dapo, arith, or a path"),
+    (["--model", "not a model"], "expected 'tiny', 'tiny-random', a local checkpoint directory, or a hub id"),
+    (["--micro-batch-size", "5"], r"--prompts-per-step \* --group-size = 16 must be divisible by --micro-batch-size \(5\)"),
+    (["--group-size", "1"], "--group-size must be at least 2"),
+    (["--estimator", "full", "--method", "grpo"], "--estimator full is the JSD gradient itself"),
+    (["--dataset", "missing.jsonl"], "--dataset missing.jsonl: file not found"),
+    (["--dataset", "math"], "--dataset math: could not load DigitalLearningGmbH/MATH-lighteval"),  # offline
+])
+def test_bad_flags_are_refused_with_a_message_naming_them(tmp_path, capsys, argv, message):
+    import re
+    with pytest.raises((SystemExit, ValueError)) as raised:
+        antisd.main(TINY_RUN + ["--steps", "1", "--out-dir", str(tmp_path)] + argv)
+    assert re.search(message, str(raised.value) + capsys.readouterr().err)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--method", "sd", "--estimator", "full"], "--estimator full .* needs --method antisd"),
+    (["--estimator", "full", "--ppo-epochs", "2"], "--estimator full needs --ppo-epochs 1"),
+    (["--method", "grpo", "--divergence", "rkl"], "--divergence has no effect with --method grpo"),
+    (["--method", "grpo", "--compose", "mult", "--lambda-max", "0.3"], "--compose, --lambda-max have no effect with --method grpo"),
+    (["--method", "grpo", "--gate", "entropy"], "--gate has no effect with --method grpo"),
+    (["--method", "sd", "--divergence", "rkl"], "--divergence has no effect with --method sd"),
+])
+def test_flags_without_effect_in_the_chosen_method_are_refused(capsys, argv, message):
+    import re
+    with pytest.raises(SystemExit):
+        step_args(*argv)
+    assert re.search(message, capsys.readouterr().err)
+    for accepted in (["--method", "grpo", "--gate", "none"], ["--method", "sd", "--compose", "mult"]):
+        step_args(*accepted)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--dataset", "{tmp}/latin1.jsonl"], r"latin1\.jsonl, line 2: not UTF-8 text \(byte 0xe9"),
+    (["--dataset", "{tmp}/folder.jsonl"], r"folder\.jsonl: cannot read it \(Is a directory\)"),
+    (["--dataset", "{tmp}/empty.jsonl"], r"empty\.jsonl: the file holds no rows"),
+    (["--dataset", "{tmp}/list.jsonl"], r"list\.jsonl, line 1: expected a JSON object, got list"),
+    (["--out-dir", "{tmp}/a_file"], r"--out-dir .*a_file: cannot create it \(File exists\)"),
+    (["--out-dir", "{tmp}/a_file/run"], r"--out-dir .*a_file/run: cannot create it \(Not a directory\)"),
+    (["--device", "bogus"], r"--device 'bogus': expected cuda, cuda:N or cpu"),
+    (["--lr", "nan"], r"--lr must be a finite number, got nan"),
+    (["--lr=inf"], r"--lr must be a finite number, got inf"),
+    (["--grad-clip=nan"], r"--grad-clip must be a finite number, got nan"),
+    (["--temperature", "nan"], r"--temperature must be a finite number"),
+    (["--clip", "nan"], r"--clip must be a finite number"),
+    (["--lambda-max", "nan"], r"--lambda-max must be a finite number"),
+    (["--top-p=-inf"], r"--top-p must be a finite number"),
+])
+def test_bad_input_to_antisd_is_one_paragraph_without_a_traceback(tmp_path, capsys, argv, message):
+    (tmp_path / "latin1.jsonl").write_bytes(b'{"problem": "1+1?", "answer": "2"}\n{"problem": "caf\xe9", "answer": "1"}\n')
+    (tmp_path / "folder.jsonl").mkdir()
+    (tmp_path / "empty.jsonl").write_text("\n")
+    (tmp_path / "list.jsonl").write_text("[1, 2]\n")
+    (tmp_path / "a_file").write_text("")
+    argv = SMALL_RUN + ["--dataset", "arith", "--steps", "1", "--out-dir", str(tmp_path / "run")] + \
+        [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    code, text = failure_message(capsys, antisd.main, argv)
+    assert code != 0 and re.search(message, text), (code, text)
+    assert "Traceback" not in text and not (isinstance(code, str) and "\n" in code)   # one paragraph
+
+
+def test_cuda_device_without_a_gpu_is_refused_by_name(capsys):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    code, text = failure_message(capsys, antisd.main, SMALL_RUN + ["--dataset", "arith", "--device", "cuda:0"])
+    assert code.startswith("error: --device cuda:0: no CUDA GPU")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--benchmarks", "aime2024"], r"unknown benchmark 'aime2024'; known: math500"),
+    (["--data-dir", "{tmp}/nowhere"], r"aime24: the data folder .*nowhere does not exist"),
+    (["--benchmarks", "amc23"], r"amc23\.jsonl line 3 has no field 'problem'"),        # the file's own line number
+    (["--model", "{tmp}/no_such_checkpoint"], r"--model .*no_such_checkpoint: could not load it \(no such local folder"),
+    (["--temperature", "0"], r"--temperature must be a finite number > 0"),
+    (["--temperature", "nan"], r"--temperature must be a finite number > 0"),
+    (["--top-p", "0"], r"--top-p in \(0, 1\], got 0.7 and 0.0"),
+    (["--max-new-tokens", "0"], r"--max-new-tokens must be at least 1"),
+    (["--benchmarks", ""], r"--benchmarks names no benchmark"),
+    (["--limit", "-1"], r"--limit must be >= 0 \(0: all problems\), got -1"),
+    (["--out-dir", "{tmp}/aime24.jsonl"], r"--out-dir .*aime24\.jsonl: cannot create it"),
+])
+def test_bad_input_to_eval_is_one_paragraph_without_a_traceback(tmp_path, capsys, argv, message):
+    write_jsonl(tmp_path / "aime24.jsonl", [{"problem": "P", "answer": "1"}])
+    (tmp_path / "amc23.jsonl").write_text('{"problem": "P", "answer": 1}\n\n{"question": "P", "answer": 2}\n')
+    argv = ["--model", "tiny-random", "--device", "cpu", "--data-dir", str(tmp_path), "--benchmarks", "aime24",
+            "--out-dir", str(tmp_path / "out")] + [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    code, text = failure_message(capsys, evaluation.main, argv)
+    assert code != 0 and re.search(message, text), (code, text)
+    assert "Traceback" not in text
+
+
+def test_scripts_run_their_main_through_the_one_wrapper(tmp_path, capsys, monkeypatch):
+    """The __main__ blocks themselves: an expected failure exits with the message only."""
+    import runpy
+    for script, argv in [("antisd.py", ["--model", "tiny-random", "--dataset", str(tmp_path / "missing.jsonl"), "--out-dir", str(tmp_path)]),
+                         ("eval.py", ["--data-dir", str(tmp_path), "--benchmarks", "aime24"])]:
+        monkeypatch.setattr(sys, "argv", [script] + argv)
+        with pytest.raises(SystemExit) as raised:
+            runpy.run_path(str(HERE / script), run_name="__main__")
+        assert isinstance(raised.value.code, str) and raised.value.code.startswith("error: "), raised.value.code
+
+
+def test_a_real_bug_keeps_its_traceback_and_ctrl_c_at_start_up_does_not(tmp_path, capsys, monkeypatch):
+    def bug(*args):
+        raise ZeroDivisionError("a bug")
+    monkeypatch.setattr(antisd, "load_problems", bug)
+    argv = SMALL_RUN + ["--dataset", "arith", "--out-dir", str(tmp_path)]
+    with pytest.raises(ZeroDivisionError):
+        antisd.run_command(antisd.main, argv)
+
+    def interrupted(*args):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(antisd, "load_problems", interrupted)
+    code, text = failure_message(capsys, antisd.main, argv)
+    assert code == 130 and text.startswith("interrupted: stopped at once")
+
+    def out_of_memory(*args):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    monkeypatch.setattr(antisd, "load_problems", out_of_memory)
+    code, text = failure_message(capsys, antisd.main, argv)
+    assert code.startswith("CUDA out of memory (CUDA out of memory. Tried to allocate 2.00 GiB): lower the batch sizes")
