@@ -50,6 +50,16 @@ import kernels
 
 evaluation = importlib.import_module("eval")  # `import eval` would shadow the builtin eval
 
+if kernels.INTERPRETED:
+    # Triton imports triton.experimental.gluon at its first kernel launch (to specialise the arguments),
+    # and that import asserts that the interpreter is on, reading TRITON_INTERPRET at that moment. It is
+    # switched off below, so the first launch would fail in any test run before the `token_stats_path`
+    # fixture has switched it on again: import it now, while it is still on, whichever test runs first.
+    try:
+        importlib.import_module("triton.experimental.gluon")
+    except ImportError:   # a Triton without Gluon: nothing to import
+        pass
+
 # The interpreter is slow per program: by default CPU tensors take the torch reference, the kernel
 # tests call kernels.token_stats_triton directly, and the `token_stats_path` fixture sends a few
 # model-level tests (scoring alignment, micro-batching, the full estimator) through the kernel too.
