@@ -10,8 +10,11 @@ of the paper's equations and settings that this file follows):
   5. gate: switch the self-distillation term off while the teacher's entropy has collapsed (M6)
   6. per-token advantage = group advantage + lambda * (-phi(u)),  u = teacher - student log-prob (M4, M5)
   7. one clipped policy-gradient step, token-mean over the whole batch               (M2)
-GRPO (--method grpo) and default self-distillation (--method sd, advantage +u, M3) run through the
-same code; only step 6 changes.
+The file follows that order: one section per step, then `main` (the loop, steps 1-7 once per
+optimizer step), then the infrastructure the steps call (data, model, the checker's worker, logging,
+checkpoints, the tiny CPU models, torchrun, the command line). Default self-distillation
+(--method sd, advantage +u, M3) runs the same code with another term in step 6. GRPO (--method grpo)
+skips the teacher: no teacher prompts or scoring in step 4, no gate in step 5, no term in step 6.
 
 Design decisions:
   1. The teacher is the student's own current weights with a longer prompt (M1); it scores the
@@ -48,7 +51,7 @@ Run:  python antisd.py                                        # Qwen3-1.7B on MA
       python antisd.py --method grpo --out-dir runs/grpo      # the GRPO baseline, same code
       python antisd.py --method sd --out-dir runs/sd          # default self-distillation
       python antisd.py --resume                               # continue runs/antisd after a stop
-      python antisd.py --model tiny --method grpo            # CPU, offline, minutes: a small model trained on
+      python antisd.py --model tiny --method grpo             # CPU, offline, minutes: a small model trained on
                                                               # arith (cached on first use), RL on held-out-checked arith
       python antisd.py --model tiny-random --dataset arith --steps 3  # CPU, seconds: an untrained model, shapes only
       torchrun --nproc_per_node 8 antisd.py --eval-every 0    # FSDP2 over 8 GPUs (see World)
@@ -56,6 +59,7 @@ Run:  python antisd.py                                        # Qwen3-1.7B on MA
 """
 
 import argparse
+import contextlib
 import hashlib
 import importlib
 import inspect
@@ -77,8 +81,12 @@ import torch.nn.functional as F
 
 from kernels import IGNORE_INDEX, lm_head_token_stats
 
+
 # -----------------------------------------------------------------------------
-# 0. Configuration
+# Configuration: every setting is a command-line flag (get_args, in the last section), named after
+# the paper's symbol where it has one (README: "Flags and the paper's symbols"). The defaults are a
+# one-GPU run (design decision 6); `--model tiny` and `--model tiny-random` shrink them to a CPU
+# (tiny_run_defaults).
 
 class UserError(ValueError):
     """A failure the user can fix (a bad flag, file, row or checkpoint, settings that break training):
@@ -86,159 +94,152 @@ class UserError(ValueError):
     keeps its traceback (run_command, at the end of this file)."""
 
 
-# what defines a run: resuming with any of these changed would silently make it another run
-RUN_DEFINING = ["model", "dataset", "enable_thinking", "max_solution_tokens", "method", "estimator",
-                "divergence", "compose", "lambda_max", "gate", "gate_warmup", "tau_ratio",
-                "prompts_per_step", "group_size", "max_new_tokens", "temperature", "top_p", "lr",
-                "clip", "ppo_epochs", "grad_clip", "seed", "dataset_fingerprint"]
+# -----------------------------------------------------------------------------
+# 1. Sample G rollouts per problem from the student (M1), kept as token ids
+
+STUDENT_INSTRUCTION = "Solve the following math problem step by step. Put your final answer within \\boxed{}.\n\n"
 
 
-def setting_name(key):
-    """How a RUN_DEFINING setting is named in messages: its flag, or what it is."""
-    return "the problems of --dataset (fingerprint)" if key == "dataset_fingerprint" else "--" + key.replace("_", "-")
+def student_message(problem):
+    return STUDENT_INSTRUCTION + problem
 
 
-# the tiny model's RL defaults: minutes on a CPU; the README has the measured runs (with them held-out
-# accuracy rises by 22-29 points in 20 steps, for grpo, sd and antisd; on an earlier, weaker tiny model
-# lr 6e-4 collapsed it and 32 problems x 20 steps beat 16 x 40 at the same cost)
-TINY_PROMPTS_PER_STEP, TINY_STEPS, TINY_LR, TINY_EVAL_EVERY = 32, 20, 3e-4, 10
+def render_prompt(tokenizer, user_message, enable_thinking):
+    """Token ids of a one-turn chat ending in the assistant header. Student and teacher use the same
+    settings, or the first response tokens see different contexts and get a spurious u (M7)."""
+    encoded = tokenizer.apply_chat_template([{"role": "user", "content": user_message}],
+                                            add_generation_prompt=True, tokenize=True,
+                                            return_dict=True, enable_thinking=enable_thinking)
+    return list(encoded["input_ids"])
 
 
-def get_args(argv=None):
-    p = argparse.ArgumentParser(description="AntiSD / self-distillation / GRPO on one GPU",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    # model and data
-    p.add_argument("--model", default="Qwen/Qwen3-1.7B", help="hub id, local checkpoint dir, 'tiny' (CPU demo: a small model trained on arith, cached) or 'tiny-random' (untrained, for tests)")
-    p.add_argument("--init", default="pretrained", choices=["pretrained", "random"], help="random: --model's config.json and tokenizer with random weights, to time a real-shaped run (benchmarks only)")
-    p.add_argument("--dataset", default="math", help="math | gsm8k | dapo | arith | path/to/file.jsonl")
-    p.add_argument("--enable-thinking", action="store_true", help="Qwen3 thinking mode (off: answers stay short enough for one GPU)")
-    p.add_argument("--max-solution-tokens", type=int, default=1024, help="budget of the solution shown to the teacher (M7); the problem is never cut")
-    # method
-    p.add_argument("--method", default="antisd", choices=["antisd", "sd", "grpo"], help="per-token term: -phi(u) | +u | none")
-    p.add_argument("--estimator", default="token", choices=["token", "full"], help="token: the sampled-token term (the paper); full (antisd only): exact full-vocabulary JSD gradient, one more teacher forward")
-    p.add_argument("--divergence", default="jsd", choices=["jsd", "rkl"], help="antisd term: -phi(u) (JSD ascent, M4) or -u (reverse-KL ascent, M5 ablation)")
-    p.add_argument("--compose", default="add", choices=["add", "mult"], help="A_seq + lam*a (M5) or A_seq*(1 + lam*a) (M5 ablation)")
-    p.add_argument("--lambda-max", type=float, default=0.5, help="lambda_max (M5)")
-    p.add_argument("--gate", default=None, choices=["entropy", "perplexity", "none"], help="default: entropy for antisd, none for sd (M6, M8)")
-    p.add_argument("--gate-warmup", type=int, default=5, help="W: steps with lambda=0 that calibrate H_warm (M6)")
-    p.add_argument("--tau-ratio", type=float, default=0.93, help="tau_down = tau_ratio * H_warm (M6)")
-    # sampling
-    p.add_argument("--prompts-per-step", type=int, default=16, help="problems per step (paper: 32)")
-    p.add_argument("--group-size", type=int, default=8, help="G rollouts per problem (M2)")
-    p.add_argument("--max-new-tokens", type=int, default=1536, help="response length cap (paper: 32K)")
-    p.add_argument("--temperature", type=float, default=1.0, help="training sampling temperature (M9)")
-    p.add_argument("--top-p", type=float, default=1.0, help="training nucleus sampling (M9)")
-    p.add_argument("--gen-batch-size", type=int, default=64, help="sequences generated at once; lower it on out-of-memory")
-    p.add_argument("--generate-with", default="eager", choices=["eager", "compiled"], help="compiled: static KV cache + torch.compile (CUDA graphs), compiled once per run; eager until measured faster")
-    # optimisation
-    p.add_argument("--steps", type=int, default=200, help="optimizer steps (M9)")
-    p.add_argument("--lr", type=float, default=1e-6, help="AdamW learning rate (M9)")
-    p.add_argument("--clip", type=float, default=0.2, help="PPO ratio clip epsilon (M2)")
-    p.add_argument("--ppo-epochs", type=int, default=1, help="passes over each batch; 1 = the paper (ratio 1, REINFORCE)")
-    p.add_argument("--micro-batch-size", type=int, default=8, help="sequences per forward/backward; lower it on out-of-memory")
-    p.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm")
-    p.add_argument("--max-bad-steps", type=int, default=3, help="stop after this many consecutive steps with a non-finite loss or gradient (they are not applied)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--offload", action="store_true", help="FSDP2 CPU offload of weights, gradients and optimizer state (CUDA): a 4B-8B model on one GPU, slower steps")
-    # evaluation during training (eval.py)
-    p.add_argument("--eval-every", type=int, default=50, help="evaluate every N steps; 0 = never")
-    p.add_argument("--eval-benchmarks", default="math500", help="comma-separated eval.py benchmarks (held out from training data)")
-    p.add_argument("--eval-n", type=int, default=4, help="samples per problem: avg@n, pass@k, maj@n")
-    p.add_argument("--eval-limit", type=int, default=100, help="first N problems of each benchmark")
-    p.add_argument("--eval-data-dir", default=None, help="read benchmarks from <dir>/<name>.jsonl instead of the hub")
-    # logging and checkpoints
-    p.add_argument("--out-dir", default="runs/antisd", help="metrics.jsonl, rollouts.jsonl and checkpoints go here")
-    p.add_argument("--save-every", type=int, default=50, help="checkpoint every N steps (and at the end)")
-    p.add_argument("--keep-checkpoints", type=int, default=2, help="keep the newest N checkpoints")
-    p.add_argument("--resume", action="store_true", help="continue the run saved in --out-dir from its newest checkpoint")
-    p.add_argument("--device", default=None, help="cuda | cpu (default: cuda if available)")
-    # the tiny models are CPU demos: unless set explicitly, shrink the run to minutes (tiny) or seconds
-    model_name = p.parse_known_args(argv)[0].model
-    if model_name == "tiny":  # measured to raise held-out arith accuracy on a 2-core CPU (README)
-        p.set_defaults(dataset="arith", prompts_per_step=TINY_PROMPTS_PER_STEP, max_new_tokens=64,
-                       gen_batch_size=128, micro_batch_size=64, steps=TINY_STEPS, lr=TINY_LR,
-                       save_every=1000, eval_benchmarks="arith", eval_limit=200,
-                       # in-loop evaluation runs in one process only (torchrun: evaluate the checkpoints)
-                       eval_every=TINY_EVAL_EVERY if os.environ.get("WORLD_SIZE", "1") == "1" else 0)
-    elif model_name == "tiny-random":  # shapes only: the tests
-        p.set_defaults(prompts_per_step=2, max_new_tokens=32, gen_batch_size=16, micro_batch_size=8,
-                       save_every=1000, eval_every=0)
-    args = p.parse_args(argv)
-    # argparse reads "nan" and "inf" as floats, and every comparison with NaN is False
-    for key, value in vars(args).items():
-        if isinstance(value, float) and not math.isfinite(value):
-            p.error(f"--{key.replace('_', '-')} must be a finite number, got {value}")
+def student_prompt_ids(tokenizer, problem, enable_thinking):
+    return render_prompt(tokenizer, student_message(problem), enable_thinking)
 
-    # refuse inconsistent flags now, not after the model has loaded
-    n_rollouts = args.prompts_per_step * args.group_size
-    for flag, value in [("--prompts-per-step", args.prompts_per_step), ("--max-new-tokens", args.max_new_tokens),
-                        ("--gen-batch-size", args.gen_batch_size), ("--micro-batch-size", args.micro_batch_size),
-                        ("--steps", args.steps), ("--ppo-epochs", args.ppo_epochs), ("--save-every", args.save_every),
-                        ("--keep-checkpoints", args.keep_checkpoints), ("--max-bad-steps", args.max_bad_steps),
-                        ("--max-solution-tokens", args.max_solution_tokens), ("--eval-n", args.eval_n)]:
-        if value < 1:
-            p.error(f"{flag} must be at least 1, got {value}")
-    if args.group_size < 2:
-        p.error(f"--group-size must be at least 2 (group advantages compare rollouts), got {args.group_size}")
-    if n_rollouts % args.micro_batch_size:
-        p.error(f"--prompts-per-step * --group-size = {n_rollouts} must be divisible by --micro-batch-size ({args.micro_batch_size})")
-    # a flag the chosen method never reads is refused: a run that silently ignores it would be mislabelled
-    if args.method == "grpo":
-        ignored = [f"--{name.replace('_', '-')}" for name in ("divergence", "compose", "lambda_max")
-                   if getattr(args, name) != p.get_default(name)]
-        ignored += ["--gate"] if args.gate not in (None, "none") else []
-        if ignored:
-            p.error(f"{', '.join(ignored)} {'has' if len(ignored) == 1 else 'have'} no effect with --method grpo (no per-token term)")
-    if args.method == "sd" and args.divergence != "jsd":
-        p.error("--divergence has no effect with --method sd: its term is always +u (M3)")
-    if args.gate is None:
-        args.gate = "entropy" if args.method == "antisd" else "none"
-    if args.temperature <= 0 or not 0 < args.top_p <= 1:
-        p.error(f"--temperature must be > 0 and --top-p in (0, 1], got {args.temperature} and {args.top_p}")
-    if args.lr <= 0 or args.clip <= 0 or args.grad_clip <= 0 or args.lambda_max < 0:
-        p.error("--lr, --clip and --grad-clip must be > 0 and --lambda-max >= 0")
-    if args.gate != "none" and args.method != "grpo" and (args.gate_warmup < 1 or not 0 < args.tau_ratio <= 1):
-        p.error(f"--gate-warmup must be >= 1 and --tau-ratio in (0, 1], got {args.gate_warmup} and {args.tau_ratio}")
-    if args.estimator == "full" and (args.method != "antisd" or args.divergence != "jsd" or args.compose != "add"):
-        p.error("--estimator full is the JSD gradient itself: it needs --method antisd, --divergence jsd, --compose add "
-                "(for --method sd it would descend the JSD, not the reverse KL of M3: use --estimator token)")
-    if args.estimator == "full" and args.ppo_epochs > 1:
-        p.error("--estimator full needs --ppo-epochs 1: the exact JSD term has no ratio or clip, and later epochs "
-                "would re-score the teacher with already-updated weights")
-    if args.eval_every < 0 or args.eval_limit < 0:
-        p.error("--eval-every and --eval-limit must be >= 0")
-    if not (args.model in ("tiny", "tiny-random") or os.path.isdir(args.model) or re.fullmatch(r"[\w.-]+/[\w.-]+", args.model)):
-        p.error(f"--model {args.model!r}: expected 'tiny', 'tiny-random', a local checkpoint directory, or a hub id such as Qwen/Qwen3-1.7B")
-    if args.init == "random" and not os.path.exists(os.path.join(args.model, "config.json")):
-        p.error(f"--init random builds the model from <--model>/config.json, but {args.model!r} has none")
-    return args
+
+def left_pad(sequences, pad_id, device):
+    width = max(len(s) for s in sequences)
+    input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        input_ids[row, width - len(seq):] = torch.tensor(seq)
+        attention_mask[row, width - len(seq):] = 1
+    return input_ids.to(device), attention_mask.to(device)
+
+
+# --generate-with compiled: transformers decodes from a static KV cache with its forward under
+# torch.compile (mode "reduce-overhead": CUDA graphs, so one token step is a few graph launches instead
+# of hundreds of Python-issued kernels). The prefill stays eager. It compiles again whenever a shape
+# changes, and CUDA graphs are recorded again whenever the cache moves in memory, so both are fixed
+# for the whole run: every call is padded to exactly batch_size rows and decodes into one cache,
+# allocated once (STATIC_CACHE_BUCKET-rounded prompt width + max_new_tokens) and emptied in place
+# before each call. Weights are read by address, so in-place optimizer steps need no recompilation.
+STATIC_CACHE_BUCKET = 512
+COMPILE_OPTIONS = {"mode": "reduce-overhead", "fullgraph": False, "dynamic": False}
+
+
+def reusable_static_cache(model, batch_size, prompt_width, max_new_tokens):
+    """The model's one static KV cache, emptied; a new one only for a new batch size or a longer
+    prompt than it holds (then the decode step compiles again)."""
+    from transformers import StaticCache
+    needed = prompt_width + max_new_tokens
+    cache, size = getattr(model, "_rollout_cache", (None, None))
+    if cache is None or size[0] != batch_size or size[1] < needed:
+        model._rollout_cache = None  # free the old one first
+        length = -(-prompt_width // STATIC_CACHE_BUCKET) * STATIC_CACHE_BUCKET + max_new_tokens
+        cache, size = StaticCache(config=model.config, max_cache_len=length), (batch_size, length)
+        model._rollout_cache = (cache, size)
+    cache.reset()
+    return cache
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompt_ids, max_new_tokens, temperature, top_p, batch_size, generate_with="eager",
+             synced_gpus=False):
+    """One sampled response per prompt: (token ids up to and including the stop token, truncated).
+    Prompts are generated in length order to cut padding; results come back in input order."""
+    from transformers import CompileConfig, GenerationConfig
+    stop_ids = stop_token_ids(model, tokenizer)
+    # every sampling setting is explicit: unset ones would be filled from the model's own
+    # generation_config (Qwen3 ships top_k=20), and the rollouts would not come from pi_theta
+    config = GenerationConfig(do_sample=True, temperature=temperature, top_p=top_p, top_k=0,
+                              min_p=0.0, repetition_penalty=1.0, max_new_tokens=max_new_tokens,
+                              eos_token_id=stop_ids, pad_token_id=tokenizer.pad_token_id)
+    compiled = generate_with == "compiled"
+    if compiled:
+        config.compile_config = CompileConfig(**COMPILE_OPTIONS)
+        config.compile_config._compile_all_devices = True  # transformers compiles on CUDA only unless told
+        # transformers 5.17 calls the cache argument past_key_values, later versions cache
+        cache_argument = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    was_training = model.training
+    model.eval()  # in train mode with gradient checkpointing, transformers turns the KV cache off
+    order = sorted(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]))
+    results = [None] * len(prompt_ids)
+    for start in range(0, len(order), batch_size):
+        rows = order[start:start + batch_size]
+        batch = [prompt_ids[i] for i in rows]
+        extra = {}
+        if compiled:  # a short last batch would be a new shape: fill it with copies, dropped below
+            batch += [batch[-1]] * (batch_size - len(batch))
+            extra[cache_argument] = reusable_static_cache(model, batch_size, max(map(len, batch)), max_new_tokens)
+        input_ids, attention_mask = left_pad(batch, tokenizer.pad_token_id, model.device)
+        # synced_gpus (torchrun): a rank whose batch has finished keeps stepping with the others
+        output = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config,
+                                synced_gpus=synced_gpus, **extra)
+        for i, new_tokens in zip(rows, output[:, input_ids.shape[1]:].tolist()):
+            stop = next((k for k, tok in enumerate(new_tokens) if tok in stop_ids), None)
+            # the stop token stays in the response: the policy must learn when to stop
+            results[i] = (new_tokens[:stop + 1], False) if stop is not None else (new_tokens, True)
+    model.train(was_training)
+    return results
+
+
+def decode_response(tokenizer, ids):
+    return tokenizer.decode(ids, skip_special_tokens=True)
 
 
 # -----------------------------------------------------------------------------
-# 1. Data: every problem becomes {problem, answer, solution or None}
+# 2. Reward: 1 if the final \boxed{} answer is equivalent to the gold answer (M1)
 
-def read_jsonl(path, with_line_numbers=False):
-    """Rows of a JSONL file; a bad line is an error that names the file and the line."""
-    rows = []
-    try:
-        f = open(path, "rb")  # bytes: a line that is not UTF-8 is reported with its number
-    except OSError as e:  # missing, a directory, no permission
-        raise UserError(f"{path}: cannot read it ({e.strerror})") from None
-    with f:
-        for line_number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line.decode("utf-8"))
-            except UnicodeDecodeError as e:
-                raise UserError(f"{path}, line {line_number}: not UTF-8 text (byte {line[e.start]:#04x} at "
-                                f"position {e.start})") from None
-            except json.JSONDecodeError as e:
-                raise UserError(f"{path}, line {line_number}: invalid JSON ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise UserError(f"{path}, line {line_number}: expected a JSON object, got {type(row).__name__}")
-            rows.append((line_number, row) if with_line_numbers else row)
-    return rows
+def verify(response, gold):
+    """1.0 if the response's final answer equals the gold answer, else 0.0. The rules, in order:
+      1. the answer is what follows </think>; no answer while thinking is unfinished;
+      2. every \\boxed{} there, read together as one list; a cut-off last box means no answer;
+      3. a box is refused if it could hold two answers (clean_answer): an unescaped $, a line break
+         or & outside a matrix, a LaTeX command that answers are not written with (arrows,
+         strike-outs, \\tag, documents, environments other than matrices), an unpaired |, or text
+         between formulas other than "and"/"or";
+      4. both sides are normalised (normalise_math): whitespace and newlines, thin spaces as
+         thousands separators (10\\,000), \\mathrm{e} and \\mathrm{i} as e and i, % as \\%, \\$ dropped;
+      5. x = 5 is the answer 5, but a relation between two different numbers (6 = 5) is wrong;
+      6. math-verify decides equivalence, in the worker, within VERIFY_SECONDS.
+    A missing or refused answer and an unparsable gold are 0, never 1."""
+    answer = extract_boxed(response)
+    if answer is None or gold is None or len(answer) > MAX_ANSWER_CHARS:
+        return 0.0
+    return float(_check_math("verify", gold, answer))
+
+
+MAX_ANSWER_CHARS = 1000  # no real answer is longer; a runaway one is wrong, not worth 5 seconds
+
+
+def extract_boxed(response):
+    """The final answer: every \\boxed{} after the thinking block, read together as one list, whatever
+    stands between them ("\\boxed{1} and \\boxed{2}" is 1, 2; a repeated box counts once). Boxes that
+    hedge ("\\boxed{5}, no wait, \\boxed{6}") are then a list that equals no single gold. None while
+    thinking is unfinished, when there is no box, when the last box is cut off, or when a box is
+    refused by clean_answer."""
+    if "</think>" in response:
+        response = response.rsplit("</think>", 1)[1]
+    elif "<think>" in response:
+        return None
+    boxes = all_boxed(response, prose_between=True)
+    if boxes is None:  # no box, or one cut off (an earlier, retracted box is not the answer)
+        return None
+    answers = [clean_answer(box) for box in boxes]
+    if None in answers:
+        return None
+    return ", ".join(dict.fromkeys(answers))
 
 
 def last_boxed(text):
@@ -279,6 +280,110 @@ def all_boxed(text, prose_between=False):
     return boxes or None
 
 
+# What a box may hold. math-verify reads an unknown relation or arrow as its right side and skips what
+# it cannot parse, so "6 \to 5", "\cancel{6} 5", "6 \\ 5" or "6 \tag{x} 5" would all be read as 5: one
+# box, two answers. So a box may use only the LaTeX commands that answers are written with.
+ANSWER_COMMANDS = set("""
+    frac dfrac tfrac cfrac sqrt binom dbinom tbinom left right big Big bigg Bigg bigl bigr Bigl Bigr
+    cdot times div pm mp circ degree prime infty partial nabla hbar ell AA mho angle triangle odot star ast
+    alpha beta gamma delta epsilon varepsilon zeta eta theta vartheta iota kappa lambda mu nu xi omicron pi
+    varpi rho varrho sigma varsigma tau upsilon phi varphi chi psi omega Gamma Delta Theta Lambda Xi Pi
+    Sigma Upsilon Phi Psi Omega sin cos tan cot sec csc arcsin arccos arctan sinh cosh tanh log ln lg exp
+    max min gcd lcm det deg lim sum prod int pmod
+    text textbf textit textrm textnormal textup textsf mbox mathrm mathbf mathit mathsf mathcal mathbb
+    boldsymbol bold emph operatorname overline underline bar hat vec dot ddot tilde widehat widetilde
+    overrightarrow emptyset varnothing setminus cup cap in notin subset subseteq supset supseteq le leq ge
+    geq lt gt neq ne leqslant geqslant approx equiv sim simeq cong propto mid parallel perp lfloor rfloor
+    lceil rceil langle rangle lvert rvert vert Vert quad qquad dots ldots cdots displaystyle limits
+    begin end""".split())
+MATRIX = re.compile(r"\\begin\{([pbBvV]?matrix|smallmatrix|array)\}.*?\\end\{\1\}")  # their \\ and & are theirs
+TEXT = re.compile(r"(\\(?:text(?:bf|it|rm|sf|normal|up)?|mbox|mathrm)\s*\{[^{}]*\})")
+LIST_WORDS = {"and", "or", ",", ", and", "and also"}  # "6 \text{ and } 8" is the list 6, 8
+REFUSED_IN_ANSWER = re.compile(
+    r"(?<!\\)\$"                                     # a '$' splits the box into two formulas
+    r"|\\\\|&|\\&|:=|=:"                             # a line break or a column outside a matrix
+    r"|\\operatorname\s*\{[^{}]*[^a-zA-Z{}][^{}]*\}"  # \operatorname{6}: a name is letters
+    r"|(?<![,+\-=])(?<![,+\-=] )\\[lc]?dots(?! ?[,+\-=])")  # "6 \dots 5"; "1, 2, \dots" is a list
+
+
+# relations whose two sides, both numbers, must be equal: "6 = 5" is not the answer 5
+RELATION = re.compile(r"(?<![<>!\\])=(?!=)|\\(?:equiv|approx|sim|simeq|cong|propto|in|mid|parallel|perp|cup|cap"
+                      r"|setminus|subset|subseteq|supset|supseteq)(?![a-zA-Z])")
+
+
+def normalise_math(text):
+    """What both golds and answers go through: whitespace, thousands separators, e and i, % and \\$."""
+    text = re.sub(r"\s+", " ", text).strip()  # a newline inside a box is layout, not a second answer
+    # thin spaces as thousands separators: 10\,000, 11,\!111, 1{,}000
+    text = re.sub(r"(?<=\d)(?:\{,\}|,\\!|\\,|\\!|\\ |\\;|~) ?(?=\d{3}(?!\d))", "", text)
+    text = re.sub(r"(?<![\d.])(\d{1,3}(?: \d{3})+)(?![\d.])", lambda m: m.group(1).replace(" ", ""), text)  # 1 000
+    text = re.sub(r"\\(?:mathrm|text)\s*\{\s*([ei])\s*\}", r"\1", text)  # Euler's e and i, not units
+    text = re.sub(r"(?<!\\)%", r"\\%", text)  # a bare % starts a LaTeX comment: it would hide the rest
+    text = text.replace("\\$", "")  # a dollar sign is a unit
+    text = re.sub(r"~|\\[>:;]|\\h?space\*?\{[^{}]*\}", " ", text)  # spacing commands are spaces
+    return text.strip()
+
+
+def clean_answer(box):
+    """The content of a final \\boxed{} ready for math-verify, or None if it is refused because one box
+    could hold two answers: an unescaped $, a line break or & outside a matrix, any LaTeX command but
+    those of ANSWER_COMMANDS (arrows, strike-outs, \\tag, \\color, documents, other environments), an
+    unpaired |, text between two formulas other than "and"/"or" (read as a list), a text before a
+    formula that is not its label, or a number inside a text."""
+    box = normalise_math(box)
+    while re.fullmatch(r"\\boxed\{(.*)\}", box) and all_boxed(box) == [box[7:-1]]:
+        box = box[7:-1].strip()  # \boxed{\boxed{5}} is 5
+    outside = TEXT.sub(" ", MATRIX.sub(" ", box))  # what is not a matrix and not in a \text{}
+    commands = set(re.findall(r"\\([a-zA-Z]+)", outside))
+    if (not box or not commands <= ANSWER_COMMANDS or {"begin", "end"} & commands
+            or REFUSED_IN_ANSWER.search(outside) or (outside.count("|") + outside.count("\\vert")) % 2):
+        return None  # an unknown command, an environment other than a matrix, or an unpaired |
+    # text between two formulas: a list word becomes a comma; anything else ("no wait") is refused
+    pieces = TEXT.split(box)  # formula, text, formula, text, ..., formula
+    formulas = [p.strip() for p in pieces[0::2]]
+    has_formula = [bool(re.sub(r"[\s,.;:]|\\quad|\\qquad", "", f)) and not f.startswith(("^", "_")) for f in formulas]
+    for k, text in enumerate(pieces[1::2]):
+        preceding = "".join(pieces[:2 * k + 1])
+        if preceding.count("{") > preceding.count("}"):
+            continue  # inside a subscript or an argument (\lambda_{\text{red}}): a label, not prose
+        before, after = any(has_formula[:k + 1]), has_formula[k + 1]
+        words = " ".join(text[text.index("{") + 1:-1].split()).strip(" .").lower()
+        if (before or after) and re.search(r"\d", words):
+            return None  # "5 \text{ (or 6)}": a number in the prose is a second answer
+        if before and after:
+            if words not in LIST_WORDS:
+                return None
+            pieces[2 * k] = pieces[2 * k].rstrip().rstrip(",")  # "7, -2, \text{ and } -5": one comma
+            pieces[2 * k + 1] = ", "
+        elif after and not formulas[k + 1].startswith(("=", ":", "\\in", "<", ">", "\\le", "\\ge")):
+            return None  # a label before a formula ("answer: 2") leaves a second reading
+    return re.sub(r"\s+", " ", "".join(pieces)).strip()
+
+
+def states_two_different_numbers(text, math_verify):
+    """True for "6 = 5" or "x = 5+5 = 7": a relation between two numbers that are not equal. Runs in
+    the worker (it parses); a formula without a relation costs nothing."""
+    if "\\begin" in text:
+        return False
+    sides, start = [], 0
+    for match in RELATION.finditer(text):  # split at relations outside braces
+        depth_here = text.count("{", 0, match.start()) - text.count("}", 0, match.start())
+        if depth_here == 0:
+            sides.append(text[start:match.start()])
+            start = match.end()
+    if not sides:
+        return False
+    sides.append(text[start:])
+    values = []  # each side's value if it is a number, else None
+    for side in sides:
+        parsed = math_verify.parse(f"${side}$", parsing_timeout=3) if side.strip() else []
+        value = parsed[0] if parsed else None
+        is_number = getattr(value, "is_number", False) and not getattr(value, "free_symbols", True)
+        values.append(value if is_number else None)
+    return any(a is not None and b is not None and not math_verify.verify([a], [b], timeout_seconds=3)
+               for a, b in zip(values, values[1:]))
+
+
 def clean_gold(value):
     """A gold answer as a string math-verify can parse, or None. Only strings and real numbers are
     golds: a dict, a bool or a NaN would otherwise become a string ("nan") that an answer can match."""
@@ -310,46 +415,510 @@ def clean_gold(value):
     return text
 
 
-ARITH_NAMES = ["Ana", "Ben", "Chen", "Dara", "Eli", "Fatima", "Goro", "Hana"]
-ARITH_THINGS = ["apples", "stamps", "marbles", "books", "coins", "shells"]
+# -----------------------------------------------------------------------------
+# 3. Group advantages (M2)
+
+def group_advantages(rewards, group_size, eps=1e-6):
+    """A_seq_i = (R_i - mean_group) / (std_group + eps); a group whose rewards are equal gives 0.
+    std is the sample standard deviation (divides by G - 1), as in verl, which the paper's code uses."""
+    grouped = torch.as_tensor(rewards, dtype=torch.float32).view(-1, group_size)  # [P, G]
+    centered = grouped - grouped.mean(dim=1, keepdim=True)
+    return (centered / (grouped.std(dim=1, keepdim=True) + eps)).flatten()  # [P*G]
 
 
-def arith_is_held_out(numbers):
-    """One fifth of all number tuples (start, boxes, per_box, given), chosen by a hash, belongs to the
-    held-out benchmark (eval.py arith); training problems and the supervised start never use them."""
-    return zlib.crc32(",".join(map(str, numbers)).encode()) % 5 == 0
+# -----------------------------------------------------------------------------
+# 4. Scoring: teacher prompts (M7), then student and teacher log-probs of the sampled tokens (M1)
+
+def strip_thinking(text):
+    """A sibling's text after its thinking block (M7). Everything up to the last </think> goes, with
+    or without a <think> opener: templates that put <think> in the prompt (Qwen3 *-Thinking-2507)
+    leave only the closing tag in the response."""
+    return text.rsplit("</think>", 1)[-1].strip()
 
 
-def arith_solution(name, thing, numbers, slips=(False, False)):
-    """The worked solution, and its final answer. slips: (adds the boxes instead of multiplying,
-    adds the given-away ones instead of subtracting); each slip is computed correctly."""
-    start, boxes, per_box, given = numbers
-    bought = boxes + per_box if slips[0] else boxes * per_box
-    have = start + bought
-    answer = have + given if slips[1] else have - given
-    return (f"The boxes hold {boxes} {'+' if slips[0] else '*'} {per_box} = {bought} {thing}. "
-            f"{name} then has {start} + {bought} = {have}. "
-            f"After giving away {given}: {have} {'+' if slips[1] else '-'} {given} = {answer}. "
-            f"The answer is \\boxed{{{answer}}}."), answer
+def truncate_to_tokens(tokenizer, text, budget):
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    return text if len(ids) <= budget else tokenizer.decode(ids[:budget])
 
 
-def make_arith_problems(count, seed, held_out=False):
-    """Small multi-step arithmetic word problems with correct worked solutions, offline and seeded,
-    from the training side (or with held_out=True, the benchmark side) of arith_is_held_out."""
-    rng = random.Random(seed)
-    problems = []
-    while len(problems) < count:
-        name, thing = rng.choice(ARITH_NAMES), rng.choice(ARITH_THINGS)
-        numbers = (rng.randint(1, 14), rng.randint(2, 4), rng.randint(2, 4), rng.randint(1, 9))  # small: a tiny model learns them
-        if arith_is_held_out(numbers) != held_out:
-            continue
-        start, boxes, per_box, given = numbers
-        problem = (f"{name} has {start} {thing}. {name} buys {boxes} boxes with {per_box} {thing} each, "
-                   f"then gives away {given}. How many {thing} does {name} have now?")
-        solution, answer = arith_solution(name, thing, numbers)
-        problems.append({"problem": problem, "answer": str(answer), "solution": solution,
-                         "name": name, "thing": thing, "numbers": numbers})
-    return problems
+def build_teacher_prompt(problem, index, rewards, sibling_texts, reference_solution, gold, rng,
+                         tokenizer=None, max_solution_tokens=None):
+    """The teacher's user message for rollout `index` of a group (M7).
+
+    The solution shown is a correct sibling chosen at random, never the rollout itself; without one,
+    the dataset's reference solution; without that, the gold answer. The feedback is about rollout
+    `index`. Only the solution is truncated to max_solution_tokens; the problem never is."""
+    correct_siblings = [j for j, r in enumerate(rewards) if r == 1 and j != index]
+    if correct_siblings:
+        solution = strip_thinking(sibling_texts[rng.choice(correct_siblings)])
+    elif reference_solution:
+        solution = reference_solution
+    else:
+        solution = f"The final answer is \\boxed{{{gold}}}."
+    if tokenizer is not None and max_solution_tokens is not None:
+        solution = truncate_to_tokens(tokenizer, solution, max_solution_tokens)
+    feedback = "Your answer is correct." if rewards[index] == 1 else "Your answer is incorrect."
+    return (student_message(problem)
+            + f"\nYour previous attempt:\n\n{solution}\n\n"
+            + f"\nPrevious assessment: {feedback}\n"
+            + "\n\nNow solve this problem step by step.\n")
+
+
+def teacher_prompts_for_step(tokenizer, problems, rewards, texts, rng, args):
+    """Token ids of each rollout's teacher prompt (M7), in rollout order: rollouts g*G .. g*G + G-1
+    are the group of problems[g], and each sees a sibling of its own group and its own feedback.
+    Rendered with the student's chat-template settings (render_prompt)."""
+    group_size, prompts = args.group_size, []
+    for i in range(len(texts)):
+        first = i - i % group_size
+        group = slice(first, first + group_size)
+        item = problems[i // group_size]
+        message = build_teacher_prompt(item["problem"], i - first, rewards[group], texts[group], item["solution"],
+                                       item["answer"], rng, tokenizer, args.max_solution_tokens)
+        prompts.append(render_prompt(tokenizer, message, args.enable_thinking))
+    return prompts
+
+
+def pack(prompts, responses, pad_id, device):
+    """Left-pad the prompts and right-pad the responses, so response token j of every row sits at
+    column P + j. targets[:, j] is response token j (IGNORE_INDEX past its end) and has one extra
+    IGNORE column, so that the R+1 kept logits reshape to rows without a copy."""
+    prompt_width = max(len(p) for p in prompts)
+    response_width = max(len(r) for r in responses)
+    input_ids = torch.full((len(prompts), prompt_width + response_width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros_like(input_ids)
+    targets = torch.full((len(prompts), response_width + 1), IGNORE_INDEX, dtype=torch.long)
+    for row, (prompt, response) in enumerate(zip(prompts, responses)):
+        input_ids[row, prompt_width - len(prompt):prompt_width] = torch.tensor(prompt)
+        input_ids[row, prompt_width:prompt_width + len(response)] = torch.tensor(response)
+        attention_mask[row, prompt_width - len(prompt):prompt_width + len(response)] = 1
+        targets[row, :len(response)] = torch.tensor(response)
+    position_ids = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)  # pads never shift a position
+    return input_ids.to(device), attention_mask.to(device), position_ids.to(device), targets.to(device)
+
+
+def response_mask(responses, device):
+    """[N, R] True on each response's tokens: the layout of score's outputs (zeros past each end)."""
+    lengths = torch.tensor([len(r) for r in responses], device=device)
+    return torch.arange(int(lengths.max()), device=device)[None, :] < lengths[:, None]
+
+
+def response_hidden(model, prompts, responses, pad_id):
+    """Final hidden states (after the last norm) at the positions that predict each response token:
+    [B, R+1, H], and targets [B, R+1]. The [B, R+1, V] logits are never formed:
+    `response_token_stats` projects them through the lm_head chunk by chunk."""
+    input_ids, attention_mask, position_ids, targets = pack(prompts, responses, pad_id, model.device)
+    # through the whole model's forward, not model.model's, so that FSDP2 (torchrun) gathers the root's
+    # weights; logits for no position (an empty index), the last hidden state is after the final norm
+    no_position = torch.zeros(0, dtype=torch.long, device=input_ids.device)
+    hidden = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False,
+                   logits_to_keep=no_position, output_hidden_states=True).hidden_states[-1]  # [B, P+R, H]
+    return hidden[:, -targets.shape[1]:], targets                                                # [B, R+1, H]
+
+
+def response_token_stats(model, prompts, responses, pad_id, temperature, teacher_prompts=None):
+    """Per response token of one micro-batch, [B, R] each: logp and entropy (differentiable), and with
+    teacher_prompts t_logp, t_entropy and jsd (the teacher's forward runs under no_grad, M1). The
+    lm_head projection is fused with kernels.token_stats per chunk of rows, so memory beyond the
+    hidden states is O(chunk x V) whatever the response length (design decision 3)."""
+    teacher_hidden = None
+    if teacher_prompts is not None:  # first: the student's forward is then the last before its backward
+        with torch.no_grad():
+            teacher_hidden = response_hidden(model, teacher_prompts, responses, pad_id)[0].flatten(0, 1)
+    hidden, targets = response_hidden(model, prompts, responses, pad_id)
+    stats = lm_head_token_stats(hidden.flatten(0, 1), model.get_output_embeddings().weight, targets.flatten(),
+                                teacher_hidden, temperature=temperature)
+    r = targets.shape[1] - 1  # the extra last column predicts past the response
+    return {name: value.view(targets.shape)[:, :r] for name, value in stats.items()}
+
+
+@torch.no_grad()
+def score(model, student_prompts, teacher_prompts, responses, pad_id, micro_batch_size, temperature):
+    """Per response token, padded to [N, R] with zeros past each end: logp (s_old, the student's
+    log-prob), entropy, and with teacher prompts t_logp (t), t_entropy and jsd. teacher_prompts=None
+    scores the student alone."""
+    width = max(len(r) for r in responses)
+    names = ("logp", "entropy") if teacher_prompts is None else ("logp", "entropy", "t_logp", "t_entropy", "jsd")
+    out = {name: torch.zeros(len(responses), width, device=model.device) for name in names}
+    for start in range(0, len(responses), micro_batch_size):
+        rows = slice(start, start + micro_batch_size)
+        stats = response_token_stats(model, student_prompts[rows], responses[rows], pad_id, temperature,
+                                     None if teacher_prompts is None else teacher_prompts[rows])
+        for name in names:
+            out[name][rows, :stats[name].shape[1]] = stats[name]  # [mb, R]
+    return out
+
+
+# -----------------------------------------------------------------------------
+# 5. The entropy-triggered gate (M6)
+
+def median(values):
+    """The median of a tensor's elements; for an even count the mean of the two middle ones, as
+    statistics.median (torch.median returns the lower one). The gate's H and H_warm both use it."""
+    ordered = values.flatten().sort().values
+    n = ordered.numel()
+    return (float(ordered[(n - 1) // 2]) + float(ordered[n // 2])) / 2
+
+
+class EntropyGate:
+    """Schmitt trigger on a per-step signal (the median teacher entropy, M6).
+
+    The first `warmup` steps return lambda 0 and record the signal; H_warm is their median and
+    tau_down = tau_ratio * H_warm. After that, with g starting at 1: g -> 0 when the signal falls
+    below tau_down, g -> 1 when it is back at reopen_ratio * H_warm or above. lambda = g * lambda_max."""
+
+    def __init__(self, warmup=5, tau_ratio=0.93, lambda_max=0.5, reopen_ratio=1.0):
+        if warmup < 1:
+            raise ValueError("--gate-warmup must be at least 1: the gate calibrates on the warm-up steps")
+        self.warmup, self.tau_ratio, self.lambda_max, self.reopen_ratio = warmup, tau_ratio, lambda_max, reopen_ratio
+        self.history, self.h_warm, self.tau_down, self.on = [], None, None, True
+
+    def update(self, signal):
+        if len(self.history) < self.warmup:
+            self.history.append(float(signal))
+            if len(self.history) == self.warmup:
+                self.h_warm = median(torch.tensor(self.history, dtype=torch.float64))
+                self.tau_down = self.tau_ratio * self.h_warm
+            return 0.0
+        if self.on and signal < self.tau_down:
+            self.on = False  # the teacher has collapsed: u is noise now
+        elif not self.on and signal >= self.reopen_ratio * self.h_warm:
+            self.on = True
+        return self.lambda_max if self.on else 0.0
+
+    def state_dict(self):
+        return {"history": list(self.history), "h_warm": self.h_warm, "tau_down": self.tau_down, "on": self.on}
+
+    def load_state_dict(self, state):
+        self.history, self.h_warm, self.tau_down, self.on = (list(state["history"]), state["h_warm"],
+                                                             state["tau_down"], state["on"])
+
+
+def make_gate(args):
+    """The run's gate: on the median teacher entropy (M6), or on the teacher perplexity, reopening at
+    1.07 times its warm-up value as in the official code (M8); None for grpo or --gate none."""
+    if args.method == "grpo" or args.gate == "none":
+        return None
+    return EntropyGate(args.gate_warmup, args.tau_ratio, args.lambda_max,
+                       reopen_ratio=1.07 if args.gate == "perplexity" else 1.0)
+
+
+# -----------------------------------------------------------------------------
+# 6. Per-token advantages (M3, M4, M5)
+
+def antisd_advantage(u):
+    """-phi(u), phi(u) = (softplus(u) - log 2) / 2: bounded above by log(2)/2 (M4)."""
+    return -0.5 * (F.softplus(u) - math.log(2.0))
+
+
+def token_advantages(seq_adv, u, lam, method, divergence, compose):
+    """A_{i,t} from the group advantage [N] and u [N, R] (M5)."""
+    if method == "grpo":
+        a = torch.zeros_like(u)
+    elif method == "sd":
+        a = u                                     # descend KL(pi_S || pi_T): +u (M3)
+    elif divergence == "jsd":
+        a = antisd_advantage(u)                   # ascend JSD: -phi(u) (M4)
+    else:
+        a = -u                                    # ascend reverse KL: -u, unbounded (M5 ablation)
+    if compose == "mult":
+        return seq_adv[:, None] * (1 + lam * a), a  # [N, R] M5 ablation
+    return seq_adv[:, None] + lam * a, a          # [N, R] additive (M5)
+
+
+def gate_and_advantages(stats, mask, seq_adv, gate, args):
+    """Steps 5 and 6 of Algorithm 1: from one batch's scoring statistics to the gate and the
+    per-token advantages. stats: `score`'s [N, R] tensors (logp, t_logp, t_entropy; None or student
+    only for grpo); mask [N, R]: response tokens; seq_adv [N]; gate: an EntropyGate (updated here,
+    once per step) or None. Returns a dict:
+      u [N, R]                t - s_old on response tokens, 0 past each end (M1)
+      teacher_entropy_median  H over the batch's response tokens (M6); 0.0 without a teacher
+      gate_signal             H, or the teacher perplexity with --gate perplexity (M8); 0.0 without a teacher
+      gate_on                 the per-token term is on this step: after warm-up with g = 1, or no gate
+      lam                     lambda = g * lambda_max (M5); 0 during warm-up and for grpo
+      a [N, R]                the per-token term (-phi(u), +u or -u); None with --estimator full
+      advantages [N, R]       A_seq + lam * a (M5), or A_seq alone with --estimator full; 0 past each end
+      jsd_weight              lam with --estimator full (the loss ascends the exact JSD, M4), else 0"""
+    if args.method == "grpo":
+        u = torch.zeros(mask.shape, device=mask.device)                        # [N, R]
+        teacher_entropy_median, signal_value, lam, gate_on = 0.0, 0.0, 0.0, False
+    else:
+        u = (stats["t_logp"] - stats["logp"]) * mask                            # [N, R] PMI, M1
+        teacher_entropy_median = median(stats["t_entropy"][mask])               # H, M6
+        signal_value = (teacher_entropy_median if args.gate != "perplexity"
+                        else math.exp(-float(stats["t_logp"][mask].mean())))    # M8
+        if gate is None:
+            lam, gate_on = args.lambda_max, True
+        else:
+            warming_up = len(gate.history) < gate.warmup  # g starts at 1, but lambda is 0 until H_warm is set
+            lam = gate.update(signal_value)
+            gate_on = not warming_up and gate.on
+    if args.estimator == "full":  # the exact JSD gradient replaces the sampled-token term
+        advantages, a, jsd_weight = seq_adv[:, None].expand(mask.shape), None, lam
+    else:
+        advantages, a = token_advantages(seq_adv, u, lam, args.method, args.divergence, args.compose)
+        jsd_weight = 0.0
+    return {"u": u, "teacher_entropy_median": teacher_entropy_median, "gate_signal": signal_value,
+            "gate_on": gate_on, "lam": lam, "a": a, "advantages": advantages * mask, "jsd_weight": jsd_weight}
+
+
+# -----------------------------------------------------------------------------
+# 7. The update: PPO clipped surrogate, token-mean over the batch (M2)
+
+def policy_loss(new_logp, old_logp, advantages, mask, total_tokens, clip):
+    """Sum over this micro-batch of the clipped surrogate, divided by the token count of the whole
+    batch: summed over micro-batches it is the batch token-mean. Also the number of tokens where
+    the clip binds: min() picks the clipped term and it is smaller (r > 1 + clip with A > 0, or
+    r < 1 - clip with A < 0), so that the token contributes no gradient."""
+    ratio = torch.exp(new_logp - old_logp)                                          # [mb, R]
+    unclipped, clipped = ratio * advantages, ratio.clamp(1 - clip, 1 + clip) * advantages
+    surrogate = torch.minimum(unclipped, clipped)
+    binding = (clipped < unclipped) & mask
+    return -(surrogate * mask).sum() / total_tokens, binding.sum()
+
+
+def policy_gradient(model, prompts, responses, advantages, mask, old_logp, pad_id, micro_batch_size,
+                    clip, temperature, teacher_prompts=None, jsd_weight=0.0, total_tokens=None):
+    """Accumulates into .grad the gradient of the batch's token-mean clipped surrogate, one
+    micro-batch at a time. old_logp=None means ratio 1 (one update per batch, no scoring pass).
+    With jsd_weight != 0 (--estimator full) the loss also has -jsd_weight * token-mean JSD over the
+    full vocabulary, the teacher re-scored under no_grad. Returns (loss, number of tokens where the
+    clip binds). total_tokens: the token count of the whole batch, when these rows are one process's
+    share of it (torchrun); by default mask's."""
+    total_tokens = int(mask.sum()) if total_tokens is None else total_tokens
+    loss_total, clipped_total = 0.0, 0
+    for start in range(0, len(responses), micro_batch_size):
+        rows = slice(start, start + micro_batch_size)
+        stats = response_token_stats(model, prompts[rows], responses[rows], pad_id, temperature,
+                                     teacher_prompts[rows] if jsd_weight else None)
+        new_logp = stats["logp"]                                                         # [mb, R]
+        r = new_logp.shape[1]
+        old = new_logp.detach() if old_logp is None else old_logp[rows, :r]
+        loss, clipped = policy_loss(new_logp, old, advantages[rows, :r], mask[rows, :r], total_tokens, clip)
+        if jsd_weight:  # ascend (antisd, weight > 0) or descend (sd, weight < 0) the exact JSD
+            loss = loss - jsd_weight * (stats["jsd"] * mask[rows, :r]).sum() / total_tokens
+        loss.backward()
+        loss_total += loss.item()
+        clipped_total += int(clipped)
+    return loss_total, clipped_total
+
+
+def update_policy(model, optimizer, prompts, responses, terms, mask, old_stats, teacher_prompts, pad_id, world, args):
+    """--ppo-epochs passes of policy_gradient + a clipped-norm optimizer step over this process's rows
+    (torchrun: its share; the loss is still divided by the whole batch's token count). An epoch whose
+    loss or gradient is not finite is not applied and ends the update. old_stats: score's statistics
+    (None: ratio 1, the old log-probs are the detached new ones). Returns the losses and gradient norms
+    of the epochs run, the tokens where the clip bound, and the number of epochs applied."""
+    my_rows, total_tokens = world.rows(len(mask)), int(mask.sum())
+    update = {"losses": [], "grad_norms": [], "clipped_tokens": 0, "epochs_applied": 0}
+    for epoch in range(args.ppo_epochs):
+        try:
+            loss, clipped = policy_gradient(
+                model, prompts, responses, terms["advantages"][my_rows], mask[my_rows],
+                None if old_stats is None else old_stats["logp"][my_rows], pad_id, args.micro_batch_size,
+                args.clip, args.temperature, teacher_prompts, terms["jsd_weight"], total_tokens)
+            loss, clipped = world.sum(loss), int(world.sum(clipped))  # global: every rank agrees
+        except torch.cuda.OutOfMemoryError:
+            raise out_of_memory("the update", "--micro-batch-size", args.micro_batch_size) from None
+        grad_norm = optimizer.clip_gradients(args.grad_clip)
+        update["losses"].append(loss)
+        update["grad_norms"].append(grad_norm)
+        update["clipped_tokens"] += clipped
+        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+            optimizer.zero_grad()
+            break
+        optimizer.step()
+        update["epochs_applied"] += 1
+    return update
+
+
+class MasterAdamW:
+    """AdamW on float32 master copies of low-precision weights (see design decision 5). Float32
+    weights are updated directly."""
+
+    def __init__(self, model, lr, world=None):
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.world = world
+        # FSDP2 (see World): the parameters are float32 shards, and each rank's shard is its master
+        self.sharded = hasattr(self.params[0], "to_local")
+        self.master = [p.to_local().detach() if self.sharded else p if p.dtype == torch.float32
+                       else p.detach().float().clone() for p in self.params]
+        self.copy_back = not self.sharded and any(m is not p for p, m in zip(self.params, self.master))
+        # weight decay 0.01 as in verl, which the paper's code builds on (negligible at lr 1e-6)
+        self.optimizer = torch.optim.AdamW(self.master, lr=lr, weight_decay=0.01)
+
+    def clip_gradients(self, max_norm):
+        """Moves the gradients onto the master copies and clips them; returns the norm before clipping."""
+        for p, m in zip(self.params, self.master):
+            if m is not p:
+                # FSDP2 averages over ranks; each rank's loss already has the global token count: sum
+                m.grad = None if p.grad is None else (p.grad.to_local() * self.world.size if self.sharded else p.grad).float()
+                p.grad = None
+        if not self.sharded:
+            return float(torch.nn.utils.clip_grad_norm_(self.master, max_norm))
+        # the norm of the whole gradient: each rank holds a disjoint shard of every parameter
+        grads = [m.grad for m in self.master if m.grad is not None]
+        norm = math.sqrt(self.world.sum(sum(float(g.double().pow(2).sum()) for g in grads)))
+        for g in grads:  # the same factor as clip_grad_norm_
+            g.mul_(min(1.0, max_norm / (norm + 1e-6)))
+        return norm
+
+    def step(self):
+        self.optimizer.step()
+        self.zero_grad()
+        # a finite loss and gradient can still overflow the weights (an absurd --lr): stop here, so that
+        # no later step, log line or checkpoint uses them (bf16 weights never even receive them)
+        finite = bool(torch.stack([m.isfinite().all() for m in self.master]).all())
+        if self.sharded:  # every rank must take the same branch
+            finite = self.world.sum(not finite) == 0
+        if not finite:
+            raise UserError("the update made some weights infinite or NaN although the loss and gradient "
+                            "were finite: the learning rate is too large for these weights. Nothing was "
+                            "saved after the last checkpoint; lower --lr and resume or restart.")
+        with torch.no_grad():
+            for p, m in zip(self.params, self.master):
+                if self.copy_back and m is not p:
+                    p.copy_(m)
+
+    def zero_grad(self):
+        self.optimizer.zero_grad(set_to_none=True)
+        for p in self.params:
+            p.grad = None
+
+    def state_dict(self):
+        return {"adamw": self.optimizer.state_dict(), "master": [m.detach().cpu() for m in self.master]}
+
+    def load_state_dict(self, state):
+        with torch.no_grad():
+            for p, m, saved in zip(self.params, self.master, state["master"]):
+                m.copy_(saved)
+                if self.copy_back and m is not p:
+                    p.copy_(m)
+        self.optimizer.load_state_dict(state["adamw"])
+
+
+# -----------------------------------------------------------------------------
+# The training loop: steps 1-7 once per optimizer step
+
+def main(argv=None):
+    args = get_args(argv)
+    device = pick_device(args.device, args.model)
+    world = World(device, args.offload)  # torchrun's processes; one process: rank 0 of 1
+    refuse_what_sharding_cannot_do(world, device, args)
+    checkpoints = prepare_out_dir(args)  # never silently over an existing run
+    problems, dropped = load_problems(args.dataset, args.seed)
+    args.dataset_fingerprint = dataset_fingerprint(problems)  # a run-defining setting, saved with the others
+    print(f"dataset {args.dataset}: {len(problems)} problems, {dropped} dropped (gold answer unparsable)")
+    evaluation, eval_sets = load_eval_sets(args)
+    stream = ProblemStream(len(problems), args.seed)
+    checkpoint, resumed, model, tokenizer = start_or_resume(args, checkpoints, device, world)
+    if device.type == "cuda":
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if world.sharded:
+        model = shard_model(model, world, device, args.offload)
+    model.train()
+    optimizer = MasterAdamW(model, args.lr, world)
+    gate = make_gate(args)
+    rng = random.Random(args.seed + world.rank)  # sibling choice and rollout logging
+    torch.manual_seed(args.seed + world.rank)  # each rank samples its own rollouts
+    first_step = 1
+    if resumed:
+        first_step = restore_trainer_state(resumed, optimizer, stream, gate, rng, device)
+        print(f"resumed from {checkpoint}: continuing at step {first_step}")
+    logs = RunLogs(args.out_dir, world, first_step)
+    timer, bad_steps, last_saved = PhaseTimer(device), 0, checkpoint if resumed else None
+    with logs, StopRequests() as stop:  # Ctrl-C / SIGTERM: finish the current step, save, exit
+        if eval_sets and first_step == 1:  # the starting model, so that the curves show the change
+            logs.write_metrics({"step": 0, **evaluate_in_loop(evaluation, model, tokenizer, eval_sets, args)})
+        progress = logs.progress_bar(first_step, args.steps, args.method)
+        for step in progress:
+            batch = [problems[i] for i in stream.next(args.prompts_per_step)]
+            my_problems = world.share(batch)  # torchrun: this rank's whole groups; one process: all
+
+            # ---- 1. sample G rollouts per problem from the student (M1)
+            student_prompts = [student_prompt_ids(tokenizer, item["problem"], args.enable_thinking)
+                               for item in my_problems for _ in range(args.group_size)]
+            with timer("generate", "--gen-batch-size", args.gen_batch_size), whole_weights_for_generation(model):
+                samples = generate(model, tokenizer, student_prompts, args.max_new_tokens, args.temperature,
+                                   args.top_p, args.gen_batch_size, args.generate_with, world.size > 1)
+            my_responses = [ids for ids, _ in samples]
+            my_texts = [decode_response(tokenizer, ids) for ids in my_responses]
+
+            # ---- 2. reward: 1 if the final boxed answer is equivalent to the gold (M1)
+            my_golds = [item["answer"] for item in my_problems for _ in range(args.group_size)]
+            my_rewards = [verify(text, gold) for text, gold in zip(my_texts, my_golds)]
+
+            # ---- 3. group advantages over the whole step (M2); torchrun: every rank's rollouts
+            responses, texts, rewards = (world.gather(x) for x in (my_responses, my_texts, my_rewards))
+            truncated = world.gather([cut for _, cut in samples])
+            seq_adv = group_advantages(rewards, args.group_size).to(device)                   # [N]
+
+            # ---- 4. score the sampled ids as student and as teacher (M1, M7): s_old, t, H, JSD
+            with timer("score", "--micro-batch-size", args.micro_batch_size):
+                teacher_prompts = None if args.method == "grpo" else teacher_prompts_for_step(
+                    tokenizer, my_problems, my_rewards, my_texts, rng, args)
+                stats = None  # grpo with one epoch: ratio 1, the old log-probs are the detached new ones
+                if args.method != "grpo" or args.ppo_epochs > 1:
+                    stats = score(model, student_prompts, teacher_prompts, my_responses, tokenizer.pad_token_id,
+                                  args.micro_batch_size, args.temperature)
+            if stats is not None:
+                stats = {name: world.gather(value).to(device) for name, value in stats.items()}  # [N, R]
+            mask = response_mask(responses, device)                                           # [N, R]
+
+            # ---- 5. gate (M6) and 6. per-token advantages A_seq + lambda * (-phi(u)) (M4, M5)
+            terms = gate_and_advantages(stats, mask, seq_adv, gate, args)
+
+            # ---- 7. clipped policy-gradient step(s), token-mean over the whole batch (M2)
+            with timer("update"):
+                update = update_policy(model, optimizer, student_prompts, my_responses, terms, mask, stats,
+                                       teacher_prompts, tokenizer.pad_token_id, world, args)
+
+            # ---- log, evaluate, save
+            bad_steps = 0 if update["epochs_applied"] == args.ppo_epochs else bad_steps + 1
+            record = step_metrics(step, rewards, truncated, mask, stats, terms, update, gate, timer, args)
+            if eval_sets and step % args.eval_every == 0:
+                record.update(evaluate_in_loop(evaluation, model, tokenizer, eval_sets, args))
+            logs.write_metrics(record)
+            logs.write_rollouts(step, rng, tokenizer, batch, responses, texts, rewards, truncated, terms["u"],
+                                args.group_size)
+            progress.set_postfix(reward=f"{record['reward_mean']:.3f}", lam=f"{terms['lam']:.2f}",
+                                 H_T=f"{record['teacher_entropy_median']:.3f}")
+            if bad_steps >= args.max_bad_steps:
+                raise too_many_bad_steps(step, bad_steps, last_saved, args)
+            if step % args.save_every == 0 or step == args.steps or stop.requested:
+                last_saved = save_checkpoint(args.out_dir, step, model, tokenizer,
+                                             trainer_state(step, args, optimizer, stream, gate, rng, device, world),
+                                             args.keep_checkpoints, world)
+            if stop.requested and step < args.steps:
+                return stop.say_how_to_resume(step, last_saved, argv)
+    print(f"done: {args.steps} steps, checkpoint in {last_saved}")
+
+
+# -----------------------------------------------------------------------------
+# Data loading: every problem becomes {problem, answer, solution or None}
+
+def read_jsonl(path, with_line_numbers=False):
+    """Rows of a JSONL file; a bad line is an error that names the file and the line."""
+    rows = []
+    try:
+        f = open(path, "rb")  # bytes: a line that is not UTF-8 is reported with its number
+    except OSError as e:  # missing, a directory, no permission
+        raise UserError(f"{path}: cannot read it ({e.strerror})") from None
+    with f:
+        for line_number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line.decode("utf-8"))
+            except UnicodeDecodeError as e:
+                raise UserError(f"{path}, line {line_number}: not UTF-8 text (byte {line[e.start]:#04x} at "
+                                f"position {e.start})") from None
+            except json.JSONDecodeError as e:
+                raise UserError(f"{path}, line {line_number}: invalid JSON ({e.msg})") from None
+            if not isinstance(row, dict):
+                raise UserError(f"{path}, line {line_number}: expected a JSON object, got {type(row).__name__}")
+            rows.append((line_number, row) if with_line_numbers else row)
+    return rows
 
 
 def gsm8k_solution(text):
@@ -488,39 +1057,7 @@ class ProblemStream:
 
 
 # -----------------------------------------------------------------------------
-# Model and tokenizer
-
-TINY_CHAT_TEMPLATE = (
-    "{%- for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
-    "{%- endfor %}"
-    "{%- if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}"
-    "{%- if enable_thinking is defined and enable_thinking is false %}{{ '<think>\\n\\n</think>\\n\\n' }}{%- endif %}"
-    "{%- endif %}")
-
-
-def build_tiny(seed=0):
-    """A random 2-layer Qwen3 and a byte-level tokenizer with a Qwen3-style chat template, built
-    offline. The vocabulary (320) is wider than the tokenizer (261), as with the real Qwen3."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
-    byte_alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    backend = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(byte_alphabet)}, merges=[]))
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    backend.decoder = decoders.ByteLevel()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|im_end|>",
-                                        pad_token="<|endoftext|>", additional_special_tokens=["<|im_start|>"])
-    tokenizer.add_tokens(["<think>", "</think>"])
-    tokenizer.chat_template = TINY_CHAT_TEMPLATE
-    config = Qwen3Config(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-                         max_position_embeddings=8192, tie_word_embeddings=True, bos_token_id=None,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    torch.manual_seed(seed)
-    model = Qwen3ForCausalLM(config)
-    model.generation_config.eos_token_id = [tokenizer.eos_token_id, tokenizer.pad_token_id]
-    return model, tokenizer
-
+# The model and its tokenizer
 
 def pick_device(requested, model_name):
     if requested:
@@ -584,155 +1121,12 @@ def stop_token_ids(model, tokenizer):
 
 
 # -----------------------------------------------------------------------------
-# 2. Prompts: the student sees the problem; the teacher also sees a solution and feedback (M7)
-
-STUDENT_INSTRUCTION = "Solve the following math problem step by step. Put your final answer within \\boxed{}.\n\n"
-
-
-def student_message(problem):
-    return STUDENT_INSTRUCTION + problem
-
-
-def render_prompt(tokenizer, user_message, enable_thinking):
-    """Token ids of a one-turn chat ending in the assistant header. Student and teacher use the same
-    settings, or the first response tokens see different contexts and get a spurious u (M7)."""
-    encoded = tokenizer.apply_chat_template([{"role": "user", "content": user_message}],
-                                            add_generation_prompt=True, tokenize=True,
-                                            return_dict=True, enable_thinking=enable_thinking)
-    return list(encoded["input_ids"])
-
-
-def student_prompt_ids(tokenizer, problem, enable_thinking):
-    return render_prompt(tokenizer, student_message(problem), enable_thinking)
-
-
-def strip_thinking(text):
-    """A sibling's text after its thinking block (M7). Everything up to the last </think> goes, with
-    or without a <think> opener: templates that put <think> in the prompt (Qwen3 *-Thinking-2507)
-    leave only the closing tag in the response."""
-    return text.rsplit("</think>", 1)[-1].strip()
-
-
-def truncate_to_tokens(tokenizer, text, budget):
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    return text if len(ids) <= budget else tokenizer.decode(ids[:budget])
-
-
-def build_teacher_prompt(problem, index, rewards, sibling_texts, reference_solution, gold, rng,
-                         tokenizer=None, max_solution_tokens=None):
-    """The teacher's user message for rollout `index` of a group (M7).
-
-    The solution shown is a correct sibling chosen at random, never the rollout itself; without one,
-    the dataset's reference solution; without that, the gold answer. The feedback is about rollout
-    `index`. Only the solution is truncated to max_solution_tokens; the problem never is."""
-    correct_siblings = [j for j, r in enumerate(rewards) if r == 1 and j != index]
-    if correct_siblings:
-        solution = strip_thinking(sibling_texts[rng.choice(correct_siblings)])
-    elif reference_solution:
-        solution = reference_solution
-    else:
-        solution = f"The final answer is \\boxed{{{gold}}}."
-    if tokenizer is not None and max_solution_tokens is not None:
-        solution = truncate_to_tokens(tokenizer, solution, max_solution_tokens)
-    feedback = "Your answer is correct." if rewards[index] == 1 else "Your answer is incorrect."
-    return (student_message(problem)
-            + f"\nYour previous attempt:\n\n{solution}\n\n"
-            + f"\nPrevious assessment: {feedback}\n"
-            + "\n\nNow solve this problem step by step.\n")
-
-
-# -----------------------------------------------------------------------------
-# 3. Generation: G samples per problem, kept as token ids
-
-def left_pad(sequences, pad_id, device):
-    width = max(len(s) for s in sequences)
-    input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    for row, seq in enumerate(sequences):
-        input_ids[row, width - len(seq):] = torch.tensor(seq)
-        attention_mask[row, width - len(seq):] = 1
-    return input_ids.to(device), attention_mask.to(device)
-
-
-# --generate-with compiled: transformers decodes from a static KV cache with its forward under
-# torch.compile (mode "reduce-overhead": CUDA graphs, so one token step is a few graph launches instead
-# of hundreds of Python-issued kernels). The prefill stays eager. It compiles again whenever a shape
-# changes, and CUDA graphs are recorded again whenever the cache moves in memory, so both are fixed
-# for the whole run: every call is padded to exactly batch_size rows and decodes into one cache,
-# allocated once (STATIC_CACHE_BUCKET-rounded prompt width + max_new_tokens) and emptied in place
-# before each call. Weights are read by address, so in-place optimizer steps need no recompilation.
-STATIC_CACHE_BUCKET = 512
-COMPILE_OPTIONS = {"mode": "reduce-overhead", "fullgraph": False, "dynamic": False}
-
-
-def reusable_static_cache(model, batch_size, prompt_width, max_new_tokens):
-    """The model's one static KV cache, emptied; a new one only for a new batch size or a longer
-    prompt than it holds (then the decode step compiles again)."""
-    from transformers import StaticCache
-    needed = prompt_width + max_new_tokens
-    cache, size = getattr(model, "_rollout_cache", (None, None))
-    if cache is None or size[0] != batch_size or size[1] < needed:
-        model._rollout_cache = None  # free the old one first
-        length = -(-prompt_width // STATIC_CACHE_BUCKET) * STATIC_CACHE_BUCKET + max_new_tokens
-        cache, size = StaticCache(config=model.config, max_cache_len=length), (batch_size, length)
-        model._rollout_cache = (cache, size)
-    cache.reset()
-    return cache
-
-
-@torch.no_grad()
-def generate(model, tokenizer, prompt_ids, max_new_tokens, temperature, top_p, batch_size, generate_with="eager",
-             synced_gpus=False):
-    """One sampled response per prompt: (token ids up to and including the stop token, truncated).
-    Prompts are generated in length order to cut padding; results come back in input order."""
-    from transformers import CompileConfig, GenerationConfig
-    stop_ids = stop_token_ids(model, tokenizer)
-    # every sampling setting is explicit: unset ones would be filled from the model's own
-    # generation_config (Qwen3 ships top_k=20), and the rollouts would not come from pi_theta
-    config = GenerationConfig(do_sample=True, temperature=temperature, top_p=top_p, top_k=0,
-                              min_p=0.0, repetition_penalty=1.0, max_new_tokens=max_new_tokens,
-                              eos_token_id=stop_ids, pad_token_id=tokenizer.pad_token_id)
-    compiled = generate_with == "compiled"
-    if compiled:
-        config.compile_config = CompileConfig(**COMPILE_OPTIONS)
-        config.compile_config._compile_all_devices = True  # transformers compiles on CUDA only unless told
-        # transformers 5.17 calls the cache argument past_key_values, later versions cache
-        cache_argument = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-    was_training = model.training
-    model.eval()  # in train mode with gradient checkpointing, transformers turns the KV cache off
-    order = sorted(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]))
-    results = [None] * len(prompt_ids)
-    for start in range(0, len(order), batch_size):
-        rows = order[start:start + batch_size]
-        batch = [prompt_ids[i] for i in rows]
-        extra = {}
-        if compiled:  # a short last batch would be a new shape: fill it with copies, dropped below
-            batch += [batch[-1]] * (batch_size - len(batch))
-            extra[cache_argument] = reusable_static_cache(model, batch_size, max(map(len, batch)), max_new_tokens)
-        input_ids, attention_mask = left_pad(batch, tokenizer.pad_token_id, model.device)
-        # synced_gpus (torchrun): a rank whose batch has finished keeps stepping with the others
-        output = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config,
-                                synced_gpus=synced_gpus, **extra)
-        for i, new_tokens in zip(rows, output[:, input_ids.shape[1]:].tolist()):
-            stop = next((k for k, tok in enumerate(new_tokens) if tok in stop_ids), None)
-            # the stop token stays in the response: the policy must learn when to stop
-            results[i] = (new_tokens[:stop + 1], False) if stop is not None else (new_tokens, True)
-    model.train(was_training)
-    return results
-
-
-def decode_response(tokenizer, ids):
-    return tokenizer.decode(ids, skip_special_tokens=True)
-
-
-# -----------------------------------------------------------------------------
-# 4. Reward: 1 if the final \boxed{} answer is mathematically equivalent to the gold answer (M1)
+# The answer checker's worker: math-verify in a process of its own (design decision 7)
 
 # math-verify's own time limit (signal.alarm) cannot interrupt a long big-integer power such as
 # 9^9^9^9, and a stuck check would stall training: every check runs in a worker process that is
 # killed and restarted after VERIFY_SECONDS, and that check counts as incorrect.
 VERIFY_SECONDS = 5.0
-MAX_ANSWER_CHARS = 1000  # no real answer is longer; a runaway one is wrong, not worth 5 seconds
 _verifier = None  # (process, connection) of the worker, started on first use
 
 
@@ -828,435 +1222,130 @@ def _check_math(*request):
     return False
 
 
-# What a box may hold. math-verify reads an unknown relation or arrow as its right side and skips what
-# it cannot parse, so "6 \to 5", "\cancel{6} 5", "6 \\ 5" or "6 \tag{x} 5" would all be read as 5: one
-# box, two answers. So a box may use only the LaTeX commands that answers are written with.
-ANSWER_COMMANDS = set("""
-    frac dfrac tfrac cfrac sqrt binom dbinom tbinom left right big Big bigg Bigg bigl bigr Bigl Bigr
-    cdot times div pm mp circ degree prime infty partial nabla hbar ell AA mho angle triangle odot star ast
-    alpha beta gamma delta epsilon varepsilon zeta eta theta vartheta iota kappa lambda mu nu xi omicron pi
-    varpi rho varrho sigma varsigma tau upsilon phi varphi chi psi omega Gamma Delta Theta Lambda Xi Pi
-    Sigma Upsilon Phi Psi Omega sin cos tan cot sec csc arcsin arccos arctan sinh cosh tanh log ln lg exp
-    max min gcd lcm det deg lim sum prod int pmod
-    text textbf textit textrm textnormal textup textsf mbox mathrm mathbf mathit mathsf mathcal mathbb
-    boldsymbol bold emph operatorname overline underline bar hat vec dot ddot tilde widehat widetilde
-    overrightarrow emptyset varnothing setminus cup cap in notin subset subseteq supset supseteq le leq ge
-    geq lt gt neq ne leqslant geqslant approx equiv sim simeq cong propto mid parallel perp lfloor rfloor
-    lceil rceil langle rangle lvert rvert vert Vert quad qquad dots ldots cdots displaystyle limits
-    begin end""".split())
-MATRIX = re.compile(r"\\begin\{([pbBvV]?matrix|smallmatrix|array)\}.*?\\end\{\1\}")  # their \\ and & are theirs
-TEXT = re.compile(r"(\\(?:text(?:bf|it|rm|sf|normal|up)?|mbox|mathrm)\s*\{[^{}]*\})")
-LIST_WORDS = {"and", "or", ",", ", and", "and also"}  # "6 \text{ and } 8" is the list 6, 8
-REFUSED_IN_ANSWER = re.compile(
-    r"(?<!\\)\$"                                     # a '$' splits the box into two formulas
-    r"|\\\\|&|\\&|:=|=:"                             # a line break or a column outside a matrix
-    r"|\\operatorname\s*\{[^{}]*[^a-zA-Z{}][^{}]*\}"  # \operatorname{6}: a name is letters
-    r"|(?<![,+\-=])(?<![,+\-=] )\\[lc]?dots(?! ?[,+\-=])")  # "6 \dots 5"; "1, 2, \dots" is a list
-# relations whose two sides, both numbers, must be equal: "6 = 5" is not the answer 5
-RELATION = re.compile(r"(?<![<>!\\])=(?!=)|\\(?:equiv|approx|sim|simeq|cong|propto|in|mid|parallel|perp|cup|cap"
-                      r"|setminus|subset|subseteq|supset|supseteq)(?![a-zA-Z])")
-
-
-def normalise_math(text):
-    """What both golds and answers go through: whitespace, thousands separators, e and i, % and \\$."""
-    text = re.sub(r"\s+", " ", text).strip()  # a newline inside a box is layout, not a second answer
-    # thin spaces as thousands separators: 10\,000, 11,\!111, 1{,}000
-    text = re.sub(r"(?<=\d)(?:\{,\}|,\\!|\\,|\\!|\\ |\\;|~) ?(?=\d{3}(?!\d))", "", text)
-    text = re.sub(r"(?<![\d.])(\d{1,3}(?: \d{3})+)(?![\d.])", lambda m: m.group(1).replace(" ", ""), text)  # 1 000
-    text = re.sub(r"\\(?:mathrm|text)\s*\{\s*([ei])\s*\}", r"\1", text)  # Euler's e and i, not units
-    text = re.sub(r"(?<!\\)%", r"\\%", text)  # a bare % starts a LaTeX comment: it would hide the rest
-    text = text.replace("\\$", "")  # a dollar sign is a unit
-    text = re.sub(r"~|\\[>:;]|\\h?space\*?\{[^{}]*\}", " ", text)  # spacing commands are spaces
-    return text.strip()
-
-
-def clean_answer(box):
-    """The content of a final \\boxed{} ready for math-verify, or None if it is refused because one box
-    could hold two answers: an unescaped $, a line break or & outside a matrix, any LaTeX command but
-    those of ANSWER_COMMANDS (arrows, strike-outs, \\tag, \\color, documents, other environments), an
-    unpaired |, text between two formulas other than "and"/"or" (read as a list), a text before a
-    formula that is not its label, or a number inside a text."""
-    box = normalise_math(box)
-    while re.fullmatch(r"\\boxed\{(.*)\}", box) and all_boxed(box) == [box[7:-1]]:
-        box = box[7:-1].strip()  # \boxed{\boxed{5}} is 5
-    outside = TEXT.sub(" ", MATRIX.sub(" ", box))  # what is not a matrix and not in a \text{}
-    commands = set(re.findall(r"\\([a-zA-Z]+)", outside))
-    if (not box or not commands <= ANSWER_COMMANDS or {"begin", "end"} & commands
-            or REFUSED_IN_ANSWER.search(outside) or (outside.count("|") + outside.count("\\vert")) % 2):
-        return None  # an unknown command, an environment other than a matrix, or an unpaired |
-    # text between two formulas: a list word becomes a comma; anything else ("no wait") is refused
-    pieces = TEXT.split(box)  # formula, text, formula, text, ..., formula
-    formulas = [p.strip() for p in pieces[0::2]]
-    has_formula = [bool(re.sub(r"[\s,.;:]|\\quad|\\qquad", "", f)) and not f.startswith(("^", "_")) for f in formulas]
-    for k, text in enumerate(pieces[1::2]):
-        preceding = "".join(pieces[:2 * k + 1])
-        if preceding.count("{") > preceding.count("}"):
-            continue  # inside a subscript or an argument (\lambda_{\text{red}}): a label, not prose
-        before, after = any(has_formula[:k + 1]), has_formula[k + 1]
-        words = " ".join(text[text.index("{") + 1:-1].split()).strip(" .").lower()
-        if (before or after) and re.search(r"\d", words):
-            return None  # "5 \text{ (or 6)}": a number in the prose is a second answer
-        if before and after:
-            if words not in LIST_WORDS:
-                return None
-            pieces[2 * k] = pieces[2 * k].rstrip().rstrip(",")  # "7, -2, \text{ and } -5": one comma
-            pieces[2 * k + 1] = ", "
-        elif after and not formulas[k + 1].startswith(("=", ":", "\\in", "<", ">", "\\le", "\\ge")):
-            return None  # a label before a formula ("answer: 2") leaves a second reading
-    return re.sub(r"\s+", " ", "".join(pieces)).strip()
-
-
-def extract_boxed(response):
-    """The final answer: every \\boxed{} after the thinking block, read together as one list, whatever
-    stands between them ("\\boxed{1} and \\boxed{2}" is 1, 2; a repeated box counts once). Boxes that
-    hedge ("\\boxed{5}, no wait, \\boxed{6}") are then a list that equals no single gold. None while
-    thinking is unfinished, when there is no box, when the last box is cut off, or when a box is
-    refused by clean_answer."""
-    if "</think>" in response:
-        response = response.rsplit("</think>", 1)[1]
-    elif "<think>" in response:
-        return None
-    boxes = all_boxed(response, prose_between=True)
-    if boxes is None:  # no box, or one cut off (an earlier, retracted box is not the answer)
-        return None
-    answers = [clean_answer(box) for box in boxes]
-    if None in answers:
-        return None
-    return ", ".join(dict.fromkeys(answers))
-
-
-def states_two_different_numbers(text, math_verify):
-    """True for "6 = 5" or "x = 5+5 = 7": a relation between two numbers that are not equal. Runs in
-    the worker (it parses); a formula without a relation costs nothing."""
-    if "\\begin" in text:
-        return False
-    sides, start = [], 0
-    for match in RELATION.finditer(text):  # split at relations outside braces
-        depth_here = text.count("{", 0, match.start()) - text.count("}", 0, match.start())
-        if depth_here == 0:
-            sides.append(text[start:match.start()])
-            start = match.end()
-    if not sides:
-        return False
-    sides.append(text[start:])
-    values = []  # each side's value if it is a number, else None
-    for side in sides:
-        parsed = math_verify.parse(f"${side}$", parsing_timeout=3) if side.strip() else []
-        value = parsed[0] if parsed else None
-        is_number = getattr(value, "is_number", False) and not getattr(value, "free_symbols", True)
-        values.append(value if is_number else None)
-    return any(a is not None and b is not None and not math_verify.verify([a], [b], timeout_seconds=3)
-               for a, b in zip(values, values[1:]))
-
-
-def verify(response, gold):
-    """1.0 if the response's final answer equals the gold answer, else 0.0. The rules, in order:
-      1. the answer is what follows </think>; no answer while thinking is unfinished;
-      2. every \\boxed{} there, read together as one list; a cut-off last box means no answer;
-      3. a box is refused if it could hold two answers (clean_answer): an unescaped $, a line break
-         or & outside a matrix, a LaTeX command that answers are not written with (arrows,
-         strike-outs, \\tag, documents, environments other than matrices), an unpaired |, or text
-         between formulas other than "and"/"or";
-      4. both sides are normalised (normalise_math): whitespace and newlines, thin spaces as
-         thousands separators (10\\,000), \\mathrm{e} and \\mathrm{i} as e and i, % as \\%, \\$ dropped;
-      5. x = 5 is the answer 5, but a relation between two different numbers (6 = 5) is wrong;
-      6. math-verify decides equivalence, in the worker, within VERIFY_SECONDS.
-    A missing or refused answer and an unparsable gold are 0, never 1."""
-    answer = extract_boxed(response)
-    if answer is None or gold is None or len(answer) > MAX_ANSWER_CHARS:
-        return 0.0
-    return float(_check_math("verify", gold, answer))
-
-
 # -----------------------------------------------------------------------------
-# 5. Group advantages (M2)
+# Logging: metrics.jsonl, rollouts.jsonl, timers, the in-loop evaluation
 
-def group_advantages(rewards, group_size, eps=1e-6):
-    """A_seq_i = (R_i - mean_group) / (std_group + eps); a group whose rewards are equal gives 0.
-    std is the sample standard deviation (divides by G - 1), as in verl, which the paper's code uses."""
-    grouped = torch.as_tensor(rewards, dtype=torch.float32).view(-1, group_size)  # [P, G]
-    centered = grouped - grouped.mean(dim=1, keepdim=True)
-    return (centered / (grouped.std(dim=1, keepdim=True) + eps)).flatten()  # [P*G]
-
-
-# -----------------------------------------------------------------------------
-# 6. Scoring: student and teacher log-probs of the same sampled tokens (M1)
-
-def pack(prompts, responses, pad_id, device):
-    """Left-pad the prompts and right-pad the responses, so response token j of every row sits at
-    column P + j. targets[:, j] is response token j (IGNORE_INDEX past its end) and has one extra
-    IGNORE column, so that the R+1 kept logits reshape to rows without a copy."""
-    prompt_width = max(len(p) for p in prompts)
-    response_width = max(len(r) for r in responses)
-    input_ids = torch.full((len(prompts), prompt_width + response_width), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros_like(input_ids)
-    targets = torch.full((len(prompts), response_width + 1), IGNORE_INDEX, dtype=torch.long)
-    for row, (prompt, response) in enumerate(zip(prompts, responses)):
-        input_ids[row, prompt_width - len(prompt):prompt_width] = torch.tensor(prompt)
-        input_ids[row, prompt_width:prompt_width + len(response)] = torch.tensor(response)
-        attention_mask[row, prompt_width - len(prompt):prompt_width + len(response)] = 1
-        targets[row, :len(response)] = torch.tensor(response)
-    position_ids = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)  # pads never shift a position
-    return input_ids.to(device), attention_mask.to(device), position_ids.to(device), targets.to(device)
+def load_eval_sets(args):
+    """(eval.py as a module, {benchmark: problems}) for the in-loop evaluation; (None, {}) without one."""
+    if not args.eval_every:
+        return None, {}
+    evaluation = importlib.import_module("eval")  # eval.py; `import eval` would shadow the builtin
+    return evaluation, {name: evaluation.load_benchmark(name, args.eval_data_dir, args.eval_limit or None)
+                        for name in args.eval_benchmarks.split(",")}
 
 
-def response_hidden(model, prompts, responses, pad_id):
-    """Final hidden states (after the last norm) at the positions that predict each response token:
-    [B, R+1, H], and targets [B, R+1]. The [B, R+1, V] logits are never formed:
-    `response_token_stats` projects them through the lm_head chunk by chunk."""
-    input_ids, attention_mask, position_ids, targets = pack(prompts, responses, pad_id, model.device)
-    # through the whole model's forward, not model.model's, so that FSDP2 (torchrun) gathers the root's
-    # weights; logits for no position (an empty index), the last hidden state is after the final norm
-    no_position = torch.zeros(0, dtype=torch.long, device=input_ids.device)
-    hidden = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False,
-                   logits_to_keep=no_position, output_hidden_states=True).hidden_states[-1]  # [B, P+R, H]
-    return hidden[:, -targets.shape[1]:], targets                                                # [B, R+1, H]
+def step_metrics(step, rewards, truncated, mask, stats, terms, update, gate, timer, args):
+    """One metrics.jsonl line: what the step saw and did (README: "Metrics")."""
+    rewards_grouped = torch.tensor(rewards).view(-1, args.group_size)      # [P, G]
+    lengths, total_tokens = mask.sum(dim=1), int(mask.sum())
+    u_valid = terms["u"][mask]
+    u_p01, u_p99 = masked_quantiles(terms["u"], mask, [0.01, 0.99])
+    losses, grad_norms = update["losses"], update["grad_norms"]
+    return {
+        "step": step,
+        "reward_mean": float(rewards_grouped.mean()),
+        "groups_with_signal": float((rewards_grouped.std(dim=1) > 0).float().mean()),
+        "response_length_mean": float(lengths.float().mean()),
+        "response_length_max": int(lengths.max()),
+        "truncation_rate": sum(truncated) / len(truncated),
+        "u_mean": float(u_valid.mean()),
+        "u_std": float(u_valid.std()) if u_valid.numel() > 1 else 0.0,
+        "u_frac_negative": float((u_valid < 0).float().mean()),
+        "u_p01": u_p01,
+        "u_p99": u_p99,
+        "sd_term_mean": float(terms["a"][mask].mean()) if terms["a"] is not None else None,
+        "teacher_entropy_median": terms["teacher_entropy_median"],
+        "student_entropy_median": median(stats["entropy"][mask]) if stats is not None else 0.0,
+        "jsd_mean": float(stats["jsd"][mask].mean()) if args.method != "grpo" else 0.0,
+        "gate_signal": terms["gate_signal"],
+        "gate_on": float(terms["gate_on"]),
+        "lambda": terms["lam"],
+        "h_warm": gate.h_warm if gate and gate.h_warm is not None else 0.0,
+        "tau_down": gate.tau_down if gate and gate.tau_down is not None else 0.0,
+        "loss": sum(losses) / len(losses),              # mean over the epochs run
+        "grad_norm": sum(grad_norms) / len(grad_norms),
+        "update_applied": update["epochs_applied"] > 0,
+        "epochs_applied": update["epochs_applied"],
+        "clip_fraction": update["clipped_tokens"] / (total_tokens * len(losses)),
+        "seconds_generate": timer.seconds["generate"],
+        "seconds_score": timer.seconds["score"],
+        "seconds_update": timer.seconds["update"],
+        "generated_tokens_per_second": total_tokens / timer.seconds["generate"],
+        "peak_gpu_memory_gb": max(timer.peak_gb.values()),
+        "peak_gpu_memory_gb_generate": timer.peak_gb["generate"],
+        "peak_gpu_memory_gb_score": timer.peak_gb["score"],
+        "peak_gpu_memory_gb_update": timer.peak_gb["update"],
+    }
 
 
-def response_token_stats(model, prompts, responses, pad_id, temperature, teacher_prompts=None):
-    """Per response token of one micro-batch, [B, R] each: logp and entropy (differentiable), and with
-    teacher_prompts t_logp, t_entropy and jsd (the teacher's forward runs under no_grad, M1). The
-    lm_head projection is fused with kernels.token_stats per chunk of rows, so memory beyond the
-    hidden states is O(chunk x V) whatever the response length (design decision 3)."""
-    teacher_hidden = None
-    if teacher_prompts is not None:  # first: the student's forward is then the last before its backward
-        with torch.no_grad():
-            teacher_hidden = response_hidden(model, teacher_prompts, responses, pad_id)[0].flatten(0, 1)
-    hidden, targets = response_hidden(model, prompts, responses, pad_id)
-    stats = lm_head_token_stats(hidden.flatten(0, 1), model.get_output_embeddings().weight, targets.flatten(),
-                                teacher_hidden, temperature=temperature)
-    r = targets.shape[1] - 1  # the extra last column predicts past the response
-    return {name: value.view(targets.shape)[:, :r] for name, value in stats.items()}
+class RunLogs:
+    """metrics.jsonl (one line per step), rollouts.jsonl (two sampled rollouts per step, every token
+    with its u) and the progress bar; written by rank 0 only. A resumed run first drops the lines
+    of the steps it will redo (keep_log_lines_up_to). A context manager: closes all three."""
+
+    def __init__(self, out_dir, world, first_step):
+        self.rank = world.rank
+        if self.rank == 0:
+            for name in ("metrics.jsonl", "rollouts.jsonl"):
+                keep_log_lines_up_to(os.path.join(out_dir, name), first_step - 1)
+        self.metrics = open(os.path.join(out_dir, "metrics.jsonl") if self.rank == 0 else os.devnull, "a")
+        self.rollouts = open(os.path.join(out_dir, "rollouts.jsonl") if self.rank == 0 else os.devnull, "a")
+        self.progress = None
+
+    def progress_bar(self, first_step, steps, method):
+        from tqdm import tqdm
+        self.progress = tqdm(range(first_step, steps + 1), initial=first_step - 1, total=steps, desc=method,
+                             dynamic_ncols=True, disable=self.rank > 0)
+        return self.progress
+
+    def write_metrics(self, record):
+        self.metrics.write(json.dumps({k: finite_or_none(v) for k, v in record.items()}) + "\n")
+        self.metrics.flush()
+
+    def write_rollouts(self, step, rng, tokenizer, batch, responses, texts, rewards, truncated, u, group_size):
+        """Two rollouts of the step drawn with the run's rng, each with its most negative and most
+        positive u and every token's u (eval.py --show colours them, the paper's Fig. 2)."""
+        for i in rng.sample(range(len(responses)), k=min(2, len(responses))):
+            most_negative, most_positive = extreme_tokens(tokenizer, responses[i], u[i])
+            self.rollouts.write(json.dumps({
+                "step": step, "problem": batch[i // group_size]["problem"], "gold": batch[i // group_size]["answer"],
+                "response": texts[i], "reward": rewards[i], "truncated": truncated[i],
+                "most_negative_u": most_negative, "most_positive_u": most_positive,
+                "tokens": token_u_pairs(tokenizer, responses[i], u[i])}) + "\n")
+        self.rollouts.flush()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if self.progress is not None:
+            self.progress.close()
+        self.metrics.close()
+        self.rollouts.close()
 
 
-@torch.no_grad()
-def score(model, student_prompts, teacher_prompts, responses, pad_id, micro_batch_size, temperature):
-    """Per response token (padded to [N, R], zeros past each end): s_old, t, student and teacher
-    entropy, JSD. teacher_prompts=None scores the student alone."""
-    width = max(len(r) for r in responses)
-    names = ("logp", "entropy") if teacher_prompts is None else ("logp", "entropy", "t_logp", "t_entropy", "jsd")
-    out = {name: torch.zeros(len(responses), width, device=model.device) for name in names}
-    for start in range(0, len(responses), micro_batch_size):
-        rows = slice(start, start + micro_batch_size)
-        stats = response_token_stats(model, student_prompts[rows], responses[rows], pad_id, temperature,
-                                     None if teacher_prompts is None else teacher_prompts[rows])
-        for name in names:
-            out[name][rows, :stats[name].shape[1]] = stats[name]  # [mb, R]
-    return out
+class PhaseTimer:
+    """Seconds and peak GPU memory of each phase of a step (generate, score, update). Out of memory in
+    a phase given a flag ends the run with a message naming that flag."""
+    WORDS = {"generate": "generation", "score": "scoring", "update": "the update"}
 
+    def __init__(self, device):
+        self.device, self.seconds, self.peak_gb = device, {}, {}
 
-# -----------------------------------------------------------------------------
-# 7. The entropy-triggered gate (M6)
+    @contextlib.contextmanager
+    def __call__(self, phase, flag=None, value=None):
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        start = time.time()
+        try:
+            yield
+        except torch.cuda.OutOfMemoryError:
+            if flag is None:
+                raise
+            raise out_of_memory(self.WORDS[phase], flag, value) from None
+        self.seconds[phase] = time.time() - start
+        self.peak_gb[phase] = phase_peak_memory_gb(self.device)
 
-def median(values):
-    """The median of a tensor's elements; for an even count the mean of the two middle ones, as
-    statistics.median (torch.median returns the lower one). The gate's H and H_warm both use it."""
-    ordered = values.flatten().sort().values
-    n = ordered.numel()
-    return (float(ordered[(n - 1) // 2]) + float(ordered[n // 2])) / 2
-
-
-class EntropyGate:
-    """Schmitt trigger on a per-step signal (the median teacher entropy, M6).
-
-    The first `warmup` steps return lambda 0 and record the signal; H_warm is their median and
-    tau_down = tau_ratio * H_warm. After that, with g starting at 1: g -> 0 when the signal falls
-    below tau_down, g -> 1 when it is back at reopen_ratio * H_warm or above. lambda = g * lambda_max."""
-
-    def __init__(self, warmup=5, tau_ratio=0.93, lambda_max=0.5, reopen_ratio=1.0):
-        if warmup < 1:
-            raise ValueError("--gate-warmup must be at least 1: the gate calibrates on the warm-up steps")
-        self.warmup, self.tau_ratio, self.lambda_max, self.reopen_ratio = warmup, tau_ratio, lambda_max, reopen_ratio
-        self.history, self.h_warm, self.tau_down, self.on = [], None, None, True
-
-    def update(self, signal):
-        if len(self.history) < self.warmup:
-            self.history.append(float(signal))
-            if len(self.history) == self.warmup:
-                self.h_warm = median(torch.tensor(self.history, dtype=torch.float64))
-                self.tau_down = self.tau_ratio * self.h_warm
-            return 0.0
-        if self.on and signal < self.tau_down:
-            self.on = False  # the teacher has collapsed: u is noise now
-        elif not self.on and signal >= self.reopen_ratio * self.h_warm:
-            self.on = True
-        return self.lambda_max if self.on else 0.0
-
-    def state_dict(self):
-        return {"history": list(self.history), "h_warm": self.h_warm, "tau_down": self.tau_down, "on": self.on}
-
-    def load_state_dict(self, state):
-        self.history, self.h_warm, self.tau_down, self.on = (list(state["history"]), state["h_warm"],
-                                                             state["tau_down"], state["on"])
-
-
-# -----------------------------------------------------------------------------
-# 8. Per-token advantages (M3, M4, M5)
-
-def antisd_advantage(u):
-    """-phi(u), phi(u) = (softplus(u) - log 2) / 2: bounded above by log(2)/2 (M4)."""
-    return -0.5 * (F.softplus(u) - math.log(2.0))
-
-
-def token_advantages(seq_adv, u, lam, method, divergence, compose):
-    """A_{i,t} from the group advantage [N] and u [N, R] (M5)."""
-    if method == "grpo":
-        a = torch.zeros_like(u)
-    elif method == "sd":
-        a = u                                     # descend KL(pi_S || pi_T): +u (M3)
-    elif divergence == "jsd":
-        a = antisd_advantage(u)                   # ascend JSD: -phi(u) (M4)
-    else:
-        a = -u                                    # ascend reverse KL: -u, unbounded (M5 ablation)
-    if compose == "mult":
-        return seq_adv[:, None] * (1 + lam * a), a  # [N, R] M5 ablation
-    return seq_adv[:, None] + lam * a, a          # [N, R] additive (M5)
-
-
-def gate_and_advantages(stats, mask, seq_adv, gate, args):
-    """Steps 5 and 6 of Algorithm 1: from one batch's scoring statistics to the gate and the
-    per-token advantages. stats: `score`'s [N, R] tensors (logp, t_logp, t_entropy; None or student
-    only for grpo); mask [N, R]: response tokens; seq_adv [N]; gate: an EntropyGate (updated here,
-    once per step) or None. Returns a dict:
-      u [N, R]                t - s_old on response tokens, 0 past each end (M1)
-      teacher_entropy_median  H over the batch's response tokens (M6); 0.0 without a teacher
-      gate_signal             H, or the teacher perplexity with --gate perplexity (M8); 0.0 without a teacher
-      gate_on                 the per-token term is on this step: after warm-up with g = 1, or no gate
-      lam                     lambda = g * lambda_max (M5); 0 during warm-up and for grpo
-      a [N, R]                the per-token term (-phi(u), +u or -u); None with --estimator full
-      advantages [N, R]       A_seq + lam * a (M5), or A_seq alone with --estimator full; 0 past each end
-      jsd_weight              lam with --estimator full (the loss ascends the exact JSD, M4), else 0"""
-    if args.method == "grpo":
-        u = torch.zeros(mask.shape, device=mask.device)                        # [N, R]
-        teacher_entropy_median, signal_value, lam, gate_on = 0.0, 0.0, 0.0, False
-    else:
-        u = (stats["t_logp"] - stats["logp"]) * mask                            # [N, R] PMI, M1
-        teacher_entropy_median = median(stats["t_entropy"][mask])               # H, M6
-        signal_value = (teacher_entropy_median if args.gate != "perplexity"
-                        else math.exp(-float(stats["t_logp"][mask].mean())))    # M8
-        if gate is None:
-            lam, gate_on = args.lambda_max, True
-        else:
-            warming_up = len(gate.history) < gate.warmup  # g starts at 1, but lambda is 0 until H_warm is set
-            lam = gate.update(signal_value)
-            gate_on = not warming_up and gate.on
-    if args.estimator == "full":  # the exact JSD gradient replaces the sampled-token term
-        advantages, a, jsd_weight = seq_adv[:, None].expand(mask.shape), None, lam
-    else:
-        advantages, a = token_advantages(seq_adv, u, lam, args.method, args.divergence, args.compose)
-        jsd_weight = 0.0
-    return {"u": u, "teacher_entropy_median": teacher_entropy_median, "gate_signal": signal_value,
-            "gate_on": gate_on, "lam": lam, "a": a, "advantages": advantages * mask, "jsd_weight": jsd_weight}
-
-
-# -----------------------------------------------------------------------------
-# 9. The update: PPO clipped surrogate, token-mean over the batch (M2)
-
-def policy_loss(new_logp, old_logp, advantages, mask, total_tokens, clip):
-    """Sum over this micro-batch of the clipped surrogate, divided by the token count of the whole
-    batch: summed over micro-batches it is the batch token-mean. Also the number of tokens where
-    the clip binds: min() picks the clipped term and it is smaller (r > 1 + clip with A > 0, or
-    r < 1 - clip with A < 0), so that the token contributes no gradient."""
-    ratio = torch.exp(new_logp - old_logp)                                          # [mb, R]
-    unclipped, clipped = ratio * advantages, ratio.clamp(1 - clip, 1 + clip) * advantages
-    surrogate = torch.minimum(unclipped, clipped)
-    binding = (clipped < unclipped) & mask
-    return -(surrogate * mask).sum() / total_tokens, binding.sum()
-
-
-def policy_gradient(model, prompts, responses, advantages, mask, old_logp, pad_id, micro_batch_size,
-                    clip, temperature, teacher_prompts=None, jsd_weight=0.0, total_tokens=None):
-    """Accumulates into .grad the gradient of the batch's token-mean clipped surrogate, one
-    micro-batch at a time. old_logp=None means ratio 1 (one update per batch, no scoring pass).
-    With jsd_weight != 0 (--estimator full) the loss also has -jsd_weight * token-mean JSD over the
-    full vocabulary, the teacher re-scored under no_grad. Returns (loss, number of tokens where the
-    clip binds). total_tokens: the token count of the whole batch, when these rows are one process's
-    share of it (torchrun); by default mask's."""
-    total_tokens = int(mask.sum()) if total_tokens is None else total_tokens
-    loss_total, clipped_total = 0.0, 0
-    for start in range(0, len(responses), micro_batch_size):
-        rows = slice(start, start + micro_batch_size)
-        stats = response_token_stats(model, prompts[rows], responses[rows], pad_id, temperature,
-                                     teacher_prompts[rows] if jsd_weight else None)
-        new_logp = stats["logp"]                                                         # [mb, R]
-        r = new_logp.shape[1]
-        old = new_logp.detach() if old_logp is None else old_logp[rows, :r]
-        loss, clipped = policy_loss(new_logp, old, advantages[rows, :r], mask[rows, :r], total_tokens, clip)
-        if jsd_weight:  # ascend (antisd, weight > 0) or descend (sd, weight < 0) the exact JSD
-            loss = loss - jsd_weight * (stats["jsd"] * mask[rows, :r]).sum() / total_tokens
-        loss.backward()
-        loss_total += loss.item()
-        clipped_total += int(clipped)
-    return loss_total, clipped_total
-
-
-class MasterAdamW:
-    """AdamW on float32 master copies of low-precision weights (see design decision 5). Float32
-    weights are updated directly."""
-
-    def __init__(self, model, lr, world=None):
-        self.params = [p for p in model.parameters() if p.requires_grad]
-        self.world = world
-        # FSDP2 (see World): the parameters are float32 shards, and each rank's shard is its master
-        self.sharded = hasattr(self.params[0], "to_local")
-        self.master = [p.to_local().detach() if self.sharded else p if p.dtype == torch.float32
-                       else p.detach().float().clone() for p in self.params]
-        self.copy_back = not self.sharded and any(m is not p for p, m in zip(self.params, self.master))
-        # weight decay 0.01 as in verl, which the paper's code builds on (negligible at lr 1e-6)
-        self.optimizer = torch.optim.AdamW(self.master, lr=lr, weight_decay=0.01)
-
-    def clip_gradients(self, max_norm):
-        """Moves the gradients onto the master copies and clips them; returns the norm before clipping."""
-        for p, m in zip(self.params, self.master):
-            if m is not p:
-                # FSDP2 averages over ranks; each rank's loss already has the global token count: sum
-                m.grad = None if p.grad is None else (p.grad.to_local() * self.world.size if self.sharded else p.grad).float()
-                p.grad = None
-        if not self.sharded:
-            return float(torch.nn.utils.clip_grad_norm_(self.master, max_norm))
-        # the norm of the whole gradient: each rank holds a disjoint shard of every parameter
-        grads = [m.grad for m in self.master if m.grad is not None]
-        norm = math.sqrt(self.world.sum(sum(float(g.double().pow(2).sum()) for g in grads)))
-        for g in grads:  # the same factor as clip_grad_norm_
-            g.mul_(min(1.0, max_norm / (norm + 1e-6)))
-        return norm
-
-    def step(self):
-        self.optimizer.step()
-        self.zero_grad()
-        # a finite loss and gradient can still overflow the weights (an absurd --lr): stop here, so that
-        # no later step, log line or checkpoint uses them (bf16 weights never even receive them)
-        finite = bool(torch.stack([m.isfinite().all() for m in self.master]).all())
-        if self.sharded:  # every rank must take the same branch
-            finite = self.world.sum(not finite) == 0
-        if not finite:
-            raise UserError("the update made some weights infinite or NaN although the loss and gradient "
-                            "were finite: the learning rate is too large for these weights. Nothing was "
-                            "saved after the last checkpoint; lower --lr and resume or restart.")
-        with torch.no_grad():
-            for p, m in zip(self.params, self.master):
-                if self.copy_back and m is not p:
-                    p.copy_(m)
-
-    def zero_grad(self):
-        self.optimizer.zero_grad(set_to_none=True)
-        for p in self.params:
-            p.grad = None
-
-    def state_dict(self):
-        return {"adamw": self.optimizer.state_dict(), "master": [m.detach().cpu() for m in self.master]}
-
-    def load_state_dict(self, state):
-        with torch.no_grad():
-            for p, m, saved in zip(self.params, self.master, state["master"]):
-                m.copy_(saved)
-                if self.copy_back and m is not p:
-                    p.copy_(m)
-        self.optimizer.load_state_dict(state["adamw"])
-
-
-# -----------------------------------------------------------------------------
-# Logging helpers
 
 def masked_quantiles(values, mask, qs):
     flat = values[mask].float()
@@ -1295,8 +1384,156 @@ def finite_or_none(value):
     return value if not isinstance(value, float) or math.isfinite(value) else None
 
 
+def keep_log_lines_up_to(path, step):
+    """A resumed run redoes the steps after its checkpoint: drop their old log lines. A kill can
+    leave the last line half-written; it is dropped too. The file is rewritten into a new file that
+    then replaces it, so a kill during the rewrite leaves the old one whole."""
+    if not os.path.exists(path):
+        return
+    with open(path, "rb") as f:
+        lines = f.read().split(b"\n")
+    kept = []
+    for line_number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            logged_step = json.loads(line)["step"]
+        except (ValueError, KeyError, TypeError):
+            if line_number == len(lines):  # no newline after it: torn by a kill mid-write
+                continue
+            raise UserError(f"{path}, line {line_number}: not a log line of this program "
+                            f"(move the file away to resume without it)") from None
+        if logged_step <= step:
+            kept.append(line + b"\n")
+    temporary = path + ".tmp"
+    with open(temporary, "wb") as f:
+        f.writelines(kept)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(temporary, path)
+
+
+def phase_peak_memory_gb(device):
+    """Peak GPU memory since the last call (then resets the peak), so each phase reports its own."""
+    if device.type != "cuda":
+        return 0.0
+    peak = torch.cuda.max_memory_allocated() / 2**30
+    torch.cuda.reset_peak_memory_stats()
+    return peak
+
+
+def out_of_memory(phase, flag, value):
+    return SystemExit(f"CUDA out of memory during {phase} with {flag} {value}: lower {flag} "
+                      f"(e.g. {flag} {max(1, value // 2)}), or --max-new-tokens.")
+
+
 # -----------------------------------------------------------------------------
-# Checkpoints: the model in Hugging Face format plus everything needed to continue exactly
+# Checkpoints and resuming: the model in Hugging Face format plus everything needed to continue exactly
+
+# what defines a run: resuming with any of these changed would silently make it another run
+RUN_DEFINING = ["model", "dataset", "enable_thinking", "max_solution_tokens", "method", "estimator",
+                "divergence", "compose", "lambda_max", "gate", "gate_warmup", "tau_ratio",
+                "prompts_per_step", "group_size", "max_new_tokens", "temperature", "top_p", "lr",
+                "clip", "ppo_epochs", "grad_clip", "seed", "dataset_fingerprint"]
+
+
+def setting_name(key):
+    """How a RUN_DEFINING setting is named in messages: its flag, or what it is."""
+    return "the problems of --dataset (fingerprint)" if key == "dataset_fingerprint" else "--" + key.replace("_", "-")
+
+
+def prepare_out_dir(args):
+    """--out-dir's checkpoints (oldest first), after refusing to start over an existing run without
+    --resume, or to resume none; creates the folder."""
+    checkpoints = list_checkpoints(args.out_dir)
+    if checkpoints and not args.resume:
+        raise SystemExit(f"--out-dir {args.out_dir} already holds a run ({os.path.basename(checkpoints[-1])}): "
+                         f"pass --resume to continue it, or choose another --out-dir")
+    if args.resume and not checkpoints:
+        raise SystemExit(f"--resume: no checkpoint in --out-dir {args.out_dir}")
+    try:
+        os.makedirs(args.out_dir, exist_ok=True)
+    except OSError as e:  # a file of that name, or a file on its path
+        raise UserError(f"--out-dir {args.out_dir}: cannot create it ({e.strerror})") from None
+    if not os.access(args.out_dir, os.W_OK):
+        raise UserError(f"--out-dir {args.out_dir}: not writable")
+    return checkpoints
+
+
+def start_or_resume(args, checkpoints, device, world):
+    """(checkpoint path, trainer state, model, tokenizer) of the newest whole checkpoint with --resume,
+    after refusing another process count or changed run-defining settings; else (None, None, the
+    --model, its tokenizer)."""
+    if not args.resume:
+        return (None, None, *load_model(args.model, device, args.init))
+    checkpoint, resumed, model, tokenizer = resume_from_newest_whole_checkpoint(
+        checkpoints, device, f"trainer_state-rank{world.rank}.pt" if world.rank else "trainer_state.pt")
+    if resumed.get("world_size", 1) != world.size:
+        raise UserError(f"{checkpoint} was written by {resumed.get('world_size', 1)} process(es), each with its "
+                        f"own optimizer shard and random state; resume it with that many "
+                        f"(torchrun --nproc_per_node {resumed.get('world_size', 1)}), not {world.size}")
+    changed = [f"{setting_name(key)} {resumed['args'].get(key)!r} -> {getattr(args, key)!r}"
+               for key in RUN_DEFINING if resumed["args"].get(key) != getattr(args, key)]
+    if changed:
+        raise SystemExit(f"refusing to resume {checkpoint} with different settings: " + "; ".join(changed))
+    return checkpoint, resumed, model, tokenizer
+
+
+def trainer_state(step, args, optimizer, stream, gate, rng, device, world):
+    """Everything besides the weights that the run needs to continue bit for bit."""
+    return {"step": step, "args": vars(args), "optimizer": optimizer.state_dict(),
+            "stream": stream.state_dict(), "gate": gate.state_dict() if gate else None,
+            "rng": rng.getstate(), "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state() if device.type == "cuda" else None,
+            "world_size": world.size}
+
+
+def restore_trainer_state(state, optimizer, stream, gate, rng, device):
+    """The inverse of trainer_state; returns the first step to run."""
+    optimizer.load_state_dict(state["optimizer"])
+    stream.load_state_dict(state["stream"])
+    if gate:
+        gate.load_state_dict(state["gate"])
+    rng.setstate(state["rng"])
+    torch.set_rng_state(state["torch_rng"])
+    if device.type == "cuda" and state["cuda_rng"] is not None:
+        torch.cuda.set_rng_state(state["cuda_rng"])
+    return state["step"] + 1
+
+
+class StopRequests:
+    """Ctrl-C or SIGTERM during the loop: finish the current step, save, exit (a second Ctrl-C stops
+    at once). A context manager that installs the handlers and puts the previous ones back."""
+
+    def __init__(self):
+        self.requested, self.previous = None, {}
+
+    def _request(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = signum
+        print(f"\n{signal.Signals(signum).name}: finishing this step, then saving (again to stop now)", flush=True)
+
+    def __enter__(self):
+        self.previous = {sig: signal.signal(sig, self._request) for sig in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+    def say_how_to_resume(self, step, last_saved, argv):
+        command = [a for a in (sys.argv[1:] if argv is None else argv) if a != "--resume"]
+        print(f"stopped after step {step}, saved {last_saved}. To continue:\n"
+              f"  python antisd.py {shlex.join(command + ['--resume'])}")
+
+
+def too_many_bad_steps(step, bad_steps, last_saved, args):
+    return SystemExit(f"stopping at step {step}: {bad_steps} consecutive steps had a non-finite loss "
+                      f"or gradient and were not applied (--max-bad-steps {args.max_bad_steps}). "
+                      f"The last good checkpoint is {last_saved or 'none (no save yet)'}; "
+                      f"lower --lr or inspect {args.out_dir}/rollouts.jsonl.")
+
 
 def list_checkpoints(out_dir):
     """Checkpoints in out_dir, oldest first (a save in progress is a .tmp folder, never listed)."""
@@ -1386,51 +1623,109 @@ def resume_from_newest_whole_checkpoint(checkpoints, device, state_file="trainer
     raise UserError("--resume: no checkpoint is whole: " + "; ".join(damaged))
 
 
-def keep_log_lines_up_to(path, step):
-    """A resumed run redoes the steps after its checkpoint: drop their old log lines. A kill can
-    leave the last line half-written; it is dropped too. The file is rewritten into a new file that
-    then replaces it, so a kill during the rewrite leaves the old one whole."""
-    if not os.path.exists(path):
-        return
-    with open(path, "rb") as f:
-        lines = f.read().split(b"\n")
-    kept = []
-    for line_number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            logged_step = json.loads(line)["step"]
-        except (ValueError, KeyError, TypeError):
-            if line_number == len(lines):  # no newline after it: torn by a kill mid-write
-                continue
-            raise UserError(f"{path}, line {line_number}: not a log line of this program "
-                            f"(move the file away to resume without it)") from None
-        if logged_step <= step:
-            kept.append(line + b"\n")
-    temporary = path + ".tmp"
-    with open(temporary, "wb") as f:
-        f.writelines(kept)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(temporary, path)
-
-
-def phase_peak_memory_gb(device):
-    """Peak GPU memory since the last call (then resets the peak), so each phase reports its own."""
-    if device.type != "cuda":
-        return 0.0
-    peak = torch.cuda.max_memory_allocated() / 2**30
-    torch.cuda.reset_peak_memory_stats()
-    return peak
-
-
-def out_of_memory(phase, flag, value):
-    return SystemExit(f"CUDA out of memory during {phase} with {flag} {value}: lower {flag} "
-                      f"(e.g. {flag} {max(1, value // 2)}), or --max-new-tokens.")
-
-
 # -----------------------------------------------------------------------------
-# The tiny arith model: a short supervised start, so that the CPU demo has a model RL can improve
+# The tiny models: CPU demos and test models, built offline
+#
+# `--model tiny-random` is an untrained 2-layer Qwen3 with a byte-level tokenizer: shapes only, for
+# the tests. `--model tiny` is a 2-layer Qwen3 with a BPE tokenizer trained on the arith text (digits
+# one per token), fine-tuned on worked solutions and cached on disk. The headroom left for RL is in
+# correctness, not format: every solution is boxed, but a student-format solution makes each of two
+# slips (adding where it should multiply or subtract) with probability SLIP_RATE, so the model learns
+# to box nearly every answer and to slip on a fraction of them. Teacher-format examples show a correct
+# solution and continue with it, so the teacher (the same weights, M1) has learned to use its context.
+
+# the tiny model's RL defaults, unless a flag says otherwise: minutes on a CPU, measured (README: "Learn
+# on a laptop")
+TINY_PROMPTS_PER_STEP, TINY_STEPS, TINY_LR, TINY_EVAL_EVERY = 32, 20, 3e-4, 10
+
+
+def tiny_run_defaults(model_name):
+    """Flag defaults that shrink a run of a tiny model to a CPU: minutes for tiny, seconds for
+    tiny-random (shapes only: the tests). {} for any other model."""
+    if model_name == "tiny":
+        return dict(dataset="arith", prompts_per_step=TINY_PROMPTS_PER_STEP, max_new_tokens=64,
+                    gen_batch_size=128, micro_batch_size=64, steps=TINY_STEPS, lr=TINY_LR,
+                    save_every=1000, eval_benchmarks="arith", eval_limit=200,
+                    # in-loop evaluation runs in one process only (torchrun: evaluate the checkpoints)
+                    eval_every=TINY_EVAL_EVERY if os.environ.get("WORLD_SIZE", "1") == "1" else 0)
+    if model_name == "tiny-random":
+        return dict(prompts_per_step=2, max_new_tokens=32, gen_batch_size=16, micro_batch_size=8,
+                    save_every=1000, eval_every=0)
+    return {}
+TINY_CHAT_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}"
+    "{%- if enable_thinking is defined and enable_thinking is false %}{{ '<think>\\n\\n</think>\\n\\n' }}{%- endif %}"
+    "{%- endif %}")
+
+
+def build_tiny(seed=0):
+    """A random 2-layer Qwen3 and a byte-level tokenizer with a Qwen3-style chat template, built
+    offline. The vocabulary (320) is wider than the tokenizer (261), as with the real Qwen3."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
+    byte_alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    backend = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(byte_alphabet)}, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    backend.decoder = decoders.ByteLevel()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|im_end|>",
+                                        pad_token="<|endoftext|>", additional_special_tokens=["<|im_start|>"])
+    tokenizer.add_tokens(["<think>", "</think>"])
+    tokenizer.chat_template = TINY_CHAT_TEMPLATE
+    config = Qwen3Config(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                         max_position_embeddings=8192, tie_word_embeddings=True, bos_token_id=None,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(seed)
+    model = Qwen3ForCausalLM(config)
+    model.generation_config.eos_token_id = [tokenizer.eos_token_id, tokenizer.pad_token_id]
+    return model, tokenizer
+
+
+ARITH_NAMES = ["Ana", "Ben", "Chen", "Dara", "Eli", "Fatima", "Goro", "Hana"]
+ARITH_THINGS = ["apples", "stamps", "marbles", "books", "coins", "shells"]
+
+
+def arith_is_held_out(numbers):
+    """One fifth of all number tuples (start, boxes, per_box, given), chosen by a hash, belongs to the
+    held-out benchmark (eval.py arith); training problems and the supervised start never use them."""
+    return zlib.crc32(",".join(map(str, numbers)).encode()) % 5 == 0
+
+
+def arith_solution(name, thing, numbers, slips=(False, False)):
+    """The worked solution, and its final answer. slips: (adds the boxes instead of multiplying,
+    adds the given-away ones instead of subtracting); each slip is computed correctly."""
+    start, boxes, per_box, given = numbers
+    bought = boxes + per_box if slips[0] else boxes * per_box
+    have = start + bought
+    answer = have + given if slips[1] else have - given
+    return (f"The boxes hold {boxes} {'+' if slips[0] else '*'} {per_box} = {bought} {thing}. "
+            f"{name} then has {start} + {bought} = {have}. "
+            f"After giving away {given}: {have} {'+' if slips[1] else '-'} {given} = {answer}. "
+            f"The answer is \\boxed{{{answer}}}."), answer
+
+
+def make_arith_problems(count, seed, held_out=False):
+    """Small multi-step arithmetic word problems with correct worked solutions, offline and seeded,
+    from the training side (or with held_out=True, the benchmark side) of arith_is_held_out."""
+    rng = random.Random(seed)
+    problems = []
+    while len(problems) < count:
+        name, thing = rng.choice(ARITH_NAMES), rng.choice(ARITH_THINGS)
+        numbers = (rng.randint(1, 14), rng.randint(2, 4), rng.randint(2, 4), rng.randint(1, 9))  # small: a tiny model learns them
+        if arith_is_held_out(numbers) != held_out:
+            continue
+        start, boxes, per_box, given = numbers
+        problem = (f"{name} has {start} {thing}. {name} buys {boxes} boxes with {per_box} {thing} each, "
+                   f"then gives away {given}. How many {thing} does {name} have now?")
+        solution, answer = arith_solution(name, thing, numbers)
+        problems.append({"problem": problem, "answer": str(answer), "solution": solution,
+                         "name": name, "thing": thing, "numbers": numbers})
+    return problems
+
+
 #
 # `--model tiny` is a 2-layer Qwen3 with a BPE tokenizer trained on the arith text (digits one per
 # token), fine-tuned on worked solutions and cached on disk. The headroom left for RL is in
@@ -1442,9 +1737,9 @@ def out_of_memory(phase, flag, value):
 TINY_CACHE = os.environ.get("ANTISD_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "antisd"))
 TINY_ARITH_RECIPE = "tiny-arith-v2"  # the cache folder's name: change it whenever the recipe changes
 SLIP_RATE = 0.3                      # chance of each slip in a student-format solution
-# The last subtraction is learnt late and suddenly: measured, 1,200 steps at lr 3e-3 with half the batches
-# teacher-format left it wrong in 51% of samples, with a fifth 43%, at lr 6e-3 15% (seed 1: 6%), while
-# 1,000 steps at 6e-3 or 1e-2 left it at 51-56%. Copying a shown solution (the teacher) is learnt quickly.
+
+
+# the supervised recipe, chosen by measurement (README: "Learn on a laptop" has the table)
 TINY_SFT_STEPS, TINY_SFT_BATCH, TINY_SFT_LR, TINY_SFT_TEACHER_SHARE = 1200, 16, 6e-3, 0.2
 
 
@@ -1621,6 +1916,17 @@ class World:
         return float(total)
 
 
+def refuse_what_sharding_cannot_do(world, device, args):
+    if not world.sharded:
+        return
+    if args.offload and device.type != "cuda":
+        raise UserError("--offload moves FSDP2 shards from a CUDA GPU to CPU memory: it needs --device cuda")
+    for flag, value, plain in [("--eval-every", args.eval_every, 0), ("--generate-with", args.generate_with, "eager")]:
+        if value != plain:
+            raise UserError(f"{flag} {value} is not supported under torchrun or --offload: pass {flag} {plain} "
+                            f"(evaluate the saved checkpoints with eval.py)")
+
+
 def shard_model(model, world, device, offload):
     """FSDP2: each decoder layer, then the root (embeddings, final norm, lm_head, tied or not).
     Parameters are float32 shards (the master weights); on CUDA the forward and backward run in
@@ -1669,288 +1975,108 @@ def full_state_dict(model, dtype):
 
 
 # -----------------------------------------------------------------------------
-# The training loop
+# The command line: flags, and expected failures as one paragraph without a traceback
 
-def main(argv=None):
-    args = get_args(argv)
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description="AntiSD / self-distillation / GRPO on one GPU",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    # model and data
+    p.add_argument("--model", default="Qwen/Qwen3-1.7B", help="hub id, local checkpoint dir, 'tiny' (CPU demo: a small model trained on arith, cached) or 'tiny-random' (untrained, for tests)")
+    p.add_argument("--init", default="pretrained", choices=["pretrained", "random"], help="random: --model's config.json and tokenizer with random weights, to time a real-shaped run (benchmarks only)")
+    p.add_argument("--dataset", default="math", help="math | gsm8k | dapo | arith | path/to/file.jsonl")
+    p.add_argument("--enable-thinking", action="store_true", help="Qwen3 thinking mode (off: answers stay short enough for one GPU)")
+    p.add_argument("--max-solution-tokens", type=int, default=1024, help="budget of the solution shown to the teacher (M7); the problem is never cut")
+    # method
+    p.add_argument("--method", default="antisd", choices=["antisd", "sd", "grpo"], help="per-token term: -phi(u) | +u | none")
+    p.add_argument("--estimator", default="token", choices=["token", "full"], help="token: the sampled-token term (the paper); full (antisd only): exact full-vocabulary JSD gradient, one more teacher forward")
+    p.add_argument("--divergence", default="jsd", choices=["jsd", "rkl"], help="antisd term: -phi(u) (JSD ascent, M4) or -u (reverse-KL ascent, M5 ablation)")
+    p.add_argument("--compose", default="add", choices=["add", "mult"], help="A_seq + lam*a (M5) or A_seq*(1 + lam*a) (M5 ablation)")
+    p.add_argument("--lambda-max", type=float, default=0.5, help="lambda_max (M5)")
+    p.add_argument("--gate", default=None, choices=["entropy", "perplexity", "none"], help="default: entropy for antisd, none for sd (M6, M8)")
+    p.add_argument("--gate-warmup", type=int, default=5, help="W: steps with lambda=0 that calibrate H_warm (M6)")
+    p.add_argument("--tau-ratio", type=float, default=0.93, help="tau_down = tau_ratio * H_warm (M6)")
+    # sampling
+    p.add_argument("--prompts-per-step", type=int, default=16, help="problems per step (paper: 32)")
+    p.add_argument("--group-size", type=int, default=8, help="G rollouts per problem (M2)")
+    p.add_argument("--max-new-tokens", type=int, default=1536, help="response length cap (paper: 32K)")
+    p.add_argument("--temperature", type=float, default=1.0, help="training sampling temperature (M9)")
+    p.add_argument("--top-p", type=float, default=1.0, help="training nucleus sampling (M9)")
+    p.add_argument("--gen-batch-size", type=int, default=64, help="sequences generated at once; lower it on out-of-memory")
+    p.add_argument("--generate-with", default="eager", choices=["eager", "compiled"], help="compiled: static KV cache + torch.compile (CUDA graphs), compiled once per run; eager until measured faster")
+    # optimisation
+    p.add_argument("--steps", type=int, default=200, help="optimizer steps (M9)")
+    p.add_argument("--lr", type=float, default=1e-6, help="AdamW learning rate (M9)")
+    p.add_argument("--clip", type=float, default=0.2, help="PPO ratio clip epsilon (M2)")
+    p.add_argument("--ppo-epochs", type=int, default=1, help="passes over each batch; 1 = the paper (ratio 1, REINFORCE)")
+    p.add_argument("--micro-batch-size", type=int, default=8, help="sequences per forward/backward; lower it on out-of-memory")
+    p.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm")
+    p.add_argument("--max-bad-steps", type=int, default=3, help="stop after this many consecutive steps with a non-finite loss or gradient (they are not applied)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--offload", action="store_true", help="FSDP2 CPU offload of weights, gradients and optimizer state (CUDA): a 4B-8B model on one GPU, slower steps")
+    # evaluation during training (eval.py)
+    p.add_argument("--eval-every", type=int, default=50, help="evaluate every N steps; 0 = never")
+    p.add_argument("--eval-benchmarks", default="math500", help="comma-separated eval.py benchmarks (held out from training data)")
+    p.add_argument("--eval-n", type=int, default=4, help="samples per problem: avg@n, pass@k, maj@n")
+    p.add_argument("--eval-limit", type=int, default=100, help="first N problems of each benchmark")
+    p.add_argument("--eval-data-dir", default=None, help="read benchmarks from <dir>/<name>.jsonl instead of the hub")
+    # logging and checkpoints
+    p.add_argument("--out-dir", default="runs/antisd", help="metrics.jsonl, rollouts.jsonl and checkpoints go here")
+    p.add_argument("--save-every", type=int, default=50, help="checkpoint every N steps (and at the end)")
+    p.add_argument("--keep-checkpoints", type=int, default=2, help="keep the newest N checkpoints")
+    p.add_argument("--resume", action="store_true", help="continue the run saved in --out-dir from its newest checkpoint")
+    p.add_argument("--device", default=None, help="cuda | cpu (default: cuda if available)")
+    # the tiny models are CPU demos: unless set explicitly, shrink the run to minutes (tiny) or seconds
+    p.set_defaults(**tiny_run_defaults(p.parse_known_args(argv)[0].model))
+    args = p.parse_args(argv)
+    # argparse reads "nan" and "inf" as floats, and every comparison with NaN is False
+    for key, value in vars(args).items():
+        if isinstance(value, float) and not math.isfinite(value):
+            p.error(f"--{key.replace('_', '-')} must be a finite number, got {value}")
+
+    # refuse inconsistent flags now, not after the model has loaded
     n_rollouts = args.prompts_per_step * args.group_size
-    device = pick_device(args.device, args.model)
-    world = World(device, args.offload)  # torchrun's processes; one process: rank 0 of 1
-    if world.sharded:
-        if args.offload and device.type != "cuda":
-            raise UserError("--offload moves FSDP2 shards from a CUDA GPU to CPU memory: it needs --device cuda")
-        for flag, value, plain in [("--eval-every", args.eval_every, 0), ("--generate-with", args.generate_with, "eager")]:
-            if value != plain:
-                raise UserError(f"{flag} {value} is not supported under torchrun or --offload: pass {flag} {plain} "
-                                f"(evaluate the saved checkpoints with eval.py)")
+    for flag, value in [("--prompts-per-step", args.prompts_per_step), ("--max-new-tokens", args.max_new_tokens),
+                        ("--gen-batch-size", args.gen_batch_size), ("--micro-batch-size", args.micro_batch_size),
+                        ("--steps", args.steps), ("--ppo-epochs", args.ppo_epochs), ("--save-every", args.save_every),
+                        ("--keep-checkpoints", args.keep_checkpoints), ("--max-bad-steps", args.max_bad_steps),
+                        ("--max-solution-tokens", args.max_solution_tokens), ("--eval-n", args.eval_n)]:
+        if value < 1:
+            p.error(f"{flag} must be at least 1, got {value}")
+    if args.group_size < 2:
+        p.error(f"--group-size must be at least 2 (group advantages compare rollouts), got {args.group_size}")
+    if n_rollouts % args.micro_batch_size:
+        p.error(f"--prompts-per-step * --group-size = {n_rollouts} must be divisible by --micro-batch-size ({args.micro_batch_size})")
+    # a flag the chosen method never reads is refused: a run that silently ignores it would be mislabelled
+    if args.method == "grpo":
+        ignored = [f"--{name.replace('_', '-')}" for name in ("divergence", "compose", "lambda_max")
+                   if getattr(args, name) != p.get_default(name)]
+        ignored += ["--gate"] if args.gate not in (None, "none") else []
+        if ignored:
+            p.error(f"{', '.join(ignored)} {'has' if len(ignored) == 1 else 'have'} no effect with --method grpo (no per-token term)")
+    if args.method == "sd" and args.divergence != "jsd":
+        p.error("--divergence has no effect with --method sd: its term is always +u (M3)")
+    if args.gate is None:
+        args.gate = "entropy" if args.method == "antisd" else "none"
+    if args.temperature <= 0 or not 0 < args.top_p <= 1:
+        p.error(f"--temperature must be > 0 and --top-p in (0, 1], got {args.temperature} and {args.top_p}")
+    if args.lr <= 0 or args.clip <= 0 or args.grad_clip <= 0 or args.lambda_max < 0:
+        p.error("--lr, --clip and --grad-clip must be > 0 and --lambda-max >= 0")
+    if args.gate != "none" and args.method != "grpo" and (args.gate_warmup < 1 or not 0 < args.tau_ratio <= 1):
+        p.error(f"--gate-warmup must be >= 1 and --tau-ratio in (0, 1], got {args.gate_warmup} and {args.tau_ratio}")
+    if args.estimator == "full" and (args.method != "antisd" or args.divergence != "jsd" or args.compose != "add"):
+        p.error("--estimator full is the JSD gradient itself: it needs --method antisd, --divergence jsd, --compose add "
+                "(for --method sd it would descend the JSD, not the reverse KL of M3: use --estimator token)")
+    if args.estimator == "full" and args.ppo_epochs > 1:
+        p.error("--estimator full needs --ppo-epochs 1: the exact JSD term has no ratio or clip, and later epochs "
+                "would re-score the teacher with already-updated weights")
+    if args.eval_every < 0 or args.eval_limit < 0:
+        p.error("--eval-every and --eval-limit must be >= 0")
+    if not (args.model in ("tiny", "tiny-random") or os.path.isdir(args.model) or re.fullmatch(r"[\w.-]+/[\w.-]+", args.model)):
+        p.error(f"--model {args.model!r}: expected 'tiny', 'tiny-random', a local checkpoint directory, or a hub id such as Qwen/Qwen3-1.7B")
+    if args.init == "random" and not os.path.exists(os.path.join(args.model, "config.json")):
+        p.error(f"--init random builds the model from <--model>/config.json, but {args.model!r} has none")
+    return args
 
-    # ---- resume, or start fresh (never silently over an existing run)
-    checkpoints = list_checkpoints(args.out_dir)
-    if checkpoints and not args.resume:
-        raise SystemExit(f"--out-dir {args.out_dir} already holds a run ({os.path.basename(checkpoints[-1])}): "
-                         f"pass --resume to continue it, or choose another --out-dir")
-    if args.resume and not checkpoints:
-        raise SystemExit(f"--resume: no checkpoint in --out-dir {args.out_dir}")
-    try:
-        os.makedirs(args.out_dir, exist_ok=True)
-    except OSError as e:  # a file of that name, or a file on its path
-        raise UserError(f"--out-dir {args.out_dir}: cannot create it ({e.strerror})") from None
-    if not os.access(args.out_dir, os.W_OK):
-        raise UserError(f"--out-dir {args.out_dir}: not writable")
-
-    problems, dropped = load_problems(args.dataset, args.seed)
-    args.dataset_fingerprint = dataset_fingerprint(problems)  # a run-defining setting, saved with the others
-    print(f"dataset {args.dataset}: {len(problems)} problems, {dropped} dropped (gold answer unparsable)")
-    eval_sets = {}
-    if args.eval_every:
-        evaluation = importlib.import_module("eval")  # eval.py; `import eval` would shadow the builtin
-        eval_sets = {name: evaluation.load_benchmark(name, args.eval_data_dir, args.eval_limit or None)
-                     for name in args.eval_benchmarks.split(",")}
-    stream = ProblemStream(len(problems), args.seed)
-    resumed = None
-    if args.resume:
-        checkpoint, resumed, model, tokenizer = resume_from_newest_whole_checkpoint(
-            checkpoints, device, f"trainer_state-rank{world.rank}.pt" if world.rank else "trainer_state.pt")
-        if resumed.get("world_size", 1) != world.size:
-            raise UserError(f"{checkpoint} was written by {resumed.get('world_size', 1)} process(es), each with its "
-                            f"own optimizer shard and random state; resume it with that many "
-                            f"(torchrun --nproc_per_node {resumed.get('world_size', 1)}), not {world.size}")
-        changed = [f"{setting_name(key)} {resumed['args'].get(key)!r} -> {getattr(args, key)!r}"
-                   for key in RUN_DEFINING if resumed["args"].get(key) != getattr(args, key)]
-        if changed:
-            raise SystemExit(f"refusing to resume {checkpoint} with different settings: " + "; ".join(changed))
-    else:
-        model, tokenizer = load_model(args.model, device, args.init)
-    if device.type == "cuda":
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if world.sharded:
-        model = shard_model(model, world, device, args.offload)
-    model.train()
-    optimizer = MasterAdamW(model, args.lr, world)
-    gate = None
-    if args.method != "grpo" and args.gate != "none":
-        gate = EntropyGate(args.gate_warmup, args.tau_ratio, args.lambda_max,
-                           reopen_ratio=1.07 if args.gate == "perplexity" else 1.0)
-    rng = random.Random(args.seed + world.rank)  # sibling choice and rollout logging
-    torch.manual_seed(args.seed + world.rank)  # each rank samples its own rollouts
-    first_step = 1
-    if resumed:
-        optimizer.load_state_dict(resumed["optimizer"])
-        stream.load_state_dict(resumed["stream"])
-        if gate:
-            gate.load_state_dict(resumed["gate"])
-        rng.setstate(resumed["rng"])
-        torch.set_rng_state(resumed["torch_rng"])
-        if device.type == "cuda" and resumed["cuda_rng"] is not None:
-            torch.cuda.set_rng_state(resumed["cuda_rng"])
-        first_step = resumed["step"] + 1
-        print(f"resumed from {checkpoint}: continuing at step {first_step}")
-    if world.rank == 0:  # one rank writes the logs
-        for name in ("metrics.jsonl", "rollouts.jsonl"):
-            keep_log_lines_up_to(os.path.join(args.out_dir, name), first_step - 1)
-    metrics_file = open(os.path.join(args.out_dir, "metrics.jsonl") if world.rank == 0 else os.devnull, "a")
-    rollouts_file = open(os.path.join(args.out_dir, "rollouts.jsonl") if world.rank == 0 else os.devnull, "a")
-    pad_id = tokenizer.pad_token_id
-    teacher_needed = args.method != "grpo"
-    scoring_needed = teacher_needed or args.ppo_epochs > 1
-
-    def trainer_state(step):
-        return {"step": step, "args": vars(args), "optimizer": optimizer.state_dict(),
-                "stream": stream.state_dict(), "gate": gate.state_dict() if gate else None,
-                "rng": rng.getstate(), "torch_rng": torch.get_rng_state(),
-                "cuda_rng": torch.cuda.get_rng_state() if device.type == "cuda" else None,
-                "world_size": world.size}
-
-    # Ctrl-C / SIGTERM: finish the current step, save, exit; a second Ctrl-C stops at once
-    stop_requested = []
-
-    def request_stop(signum, frame):
-        if stop_requested:
-            raise KeyboardInterrupt
-        stop_requested.append(signum)
-        print(f"\n{signal.Signals(signum).name}: finishing this step, then saving (again to stop now)", flush=True)
-
-    previous_handlers = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
-    bad_steps = 0
-    last_saved = checkpoint if resumed else None
-    if eval_sets and first_step == 1:  # the starting model, so that the curves show the change
-        metrics_file.write(json.dumps({"step": 0, **evaluate_in_loop(evaluation, model, tokenizer, eval_sets, args)}) + "\n")
-    from tqdm import tqdm
-    progress = tqdm(range(first_step, args.steps + 1), initial=first_step - 1, total=args.steps,
-                    desc=args.method, dynamic_ncols=True, disable=world.rank > 0)
-    try:
-        for step in progress:
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats()
-            batch = [problems[i] for i in stream.next(args.prompts_per_step)]
-            my_problems = world.share(batch)  # torchrun: this rank's whole groups; one process: all
-
-            # ---- 1. sample G rollouts per problem
-            student_prompts = [student_prompt_ids(tokenizer, item["problem"], args.enable_thinking)
-                               for item in my_problems for _ in range(args.group_size)]
-            generate_start = time.time()
-            try:
-                with whole_weights_for_generation(model):
-                    samples = generate(model, tokenizer, student_prompts, args.max_new_tokens, args.temperature,
-                                       args.top_p, args.gen_batch_size, args.generate_with, world.size > 1)
-            except torch.cuda.OutOfMemoryError:
-                raise out_of_memory("generation", "--gen-batch-size", args.gen_batch_size) from None
-            generate_seconds = time.time() - generate_start
-            responses = [ids for ids, _ in samples]
-            truncated = [cut for _, cut in samples]
-            texts = [decode_response(tokenizer, ids) for ids in responses]
-            generate_peak_gb = phase_peak_memory_gb(device)
-
-            # ---- 2. rewards (group advantages, 3, once every rank's rollouts are in, below)
-            golds = [item["answer"] for item in my_problems for _ in range(args.group_size)]
-            rewards = [verify(text, gold) for text, gold in zip(texts, golds)]
-
-            # ---- 4. score: student and teacher over the same sampled ids
-            score_start = time.time()
-            teacher_prompts = None
-            if teacher_needed:
-                teacher_prompts = []
-                for i in range(len(responses)):
-                    first = i - i % args.group_size
-                    group = slice(first, first + args.group_size)
-                    item = my_problems[i // args.group_size]
-                    message = build_teacher_prompt(item["problem"], i - first, rewards[group], texts[group],
-                                                   item["solution"], item["answer"], rng, tokenizer,
-                                                   args.max_solution_tokens)
-                    teacher_prompts.append(render_prompt(tokenizer, message, args.enable_thinking))
-            stats = None  # grpo with one epoch: ratio 1, the old log-probs are the detached new ones
-            if scoring_needed:
-                try:
-                    stats = score(model, student_prompts, teacher_prompts, responses, pad_id,
-                                  args.micro_batch_size, args.temperature)
-                except torch.cuda.OutOfMemoryError:
-                    raise out_of_memory("scoring", "--micro-batch-size", args.micro_batch_size) from None
-            score_seconds = time.time() - score_start
-            score_peak_gb = phase_peak_memory_gb(device)
-
-            # ---- torchrun: every rank receives the whole step, so that steps 3, 5 and 6 and the logs use
-            # the global batch; each rank updates on its own rows (one process: all rows, nothing moves)
-            my_rows = world.rows(n_rollouts)
-            my_responses = responses
-            responses, truncated, texts, rewards = (world.gather(x) for x in (responses, truncated, texts, rewards))
-            if stats is not None:
-                stats = {name: world.gather(value).to(device) for name, value in stats.items()}  # [N, R]
-            golds = [item["answer"] for item in batch for _ in range(args.group_size)]
-
-            # ---- 3. group advantages
-            seq_adv = group_advantages(rewards, args.group_size).to(device)  # [N]
-            lengths = torch.tensor([len(r) for r in responses], device=device)
-            width = int(lengths.max())
-            mask = torch.arange(width, device=device)[None, :] < lengths[:, None]  # [N, R]
-            total_tokens = int(mask.sum())
-
-            # ---- 5. gate and 6. per-token advantages
-            step_terms = gate_and_advantages(stats, mask, seq_adv, gate, args)
-            u, lam = step_terms["u"], step_terms["lam"]                          # [N, R], scalar
-
-            # ---- 7. clipped policy-gradient step(s); a non-finite epoch is not applied and ends the step
-            update_start = time.time()
-            losses, grad_norms, clipped_tokens, epochs_applied = [], [], 0, 0
-            for epoch in range(args.ppo_epochs):
-                try:
-                    loss, clipped = policy_gradient(
-                        model, student_prompts, my_responses, step_terms["advantages"][my_rows], mask[my_rows],
-                        None if stats is None else stats["logp"][my_rows], pad_id, args.micro_batch_size,
-                        args.clip, args.temperature, teacher_prompts, step_terms["jsd_weight"], total_tokens)
-                    loss, clipped = world.sum(loss), int(world.sum(clipped))  # global: every rank agrees
-                except torch.cuda.OutOfMemoryError:
-                    raise out_of_memory("the update", "--micro-batch-size", args.micro_batch_size) from None
-                grad_norm = optimizer.clip_gradients(args.grad_clip)
-                losses.append(loss)
-                grad_norms.append(grad_norm)
-                clipped_tokens += clipped
-                if not (math.isfinite(loss) and math.isfinite(grad_norm)):
-                    optimizer.zero_grad()
-                    break
-                optimizer.step()
-                epochs_applied += 1
-            update_seconds = time.time() - update_start
-            update_peak_gb = phase_peak_memory_gb(device)
-            bad_steps = 0 if epochs_applied == args.ppo_epochs else bad_steps + 1
-
-            # ---- logging
-            rewards_grouped = torch.tensor(rewards).view(-1, args.group_size)
-            u_valid = u[mask]
-            u_p01, u_p99 = masked_quantiles(u, mask, [0.01, 0.99])
-            record = {
-                "step": step,
-                "reward_mean": float(rewards_grouped.mean()),
-                "groups_with_signal": float((rewards_grouped.std(dim=1) > 0).float().mean()),
-                "response_length_mean": float(lengths.float().mean()),
-                "response_length_max": int(lengths.max()),
-                "truncation_rate": sum(truncated) / len(truncated),
-                "u_mean": float(u_valid.mean()),
-                "u_std": float(u_valid.std()) if u_valid.numel() > 1 else 0.0,
-                "u_frac_negative": float((u_valid < 0).float().mean()),
-                "u_p01": u_p01,
-                "u_p99": u_p99,
-                "sd_term_mean": float(step_terms["a"][mask].mean()) if step_terms["a"] is not None else None,
-                "teacher_entropy_median": step_terms["teacher_entropy_median"],
-                "student_entropy_median": median(stats["entropy"][mask]) if stats is not None else 0.0,
-                "jsd_mean": float(stats["jsd"][mask].mean()) if teacher_needed else 0.0,
-                "gate_signal": step_terms["gate_signal"],
-                "gate_on": float(step_terms["gate_on"]),
-                "lambda": lam,
-                "h_warm": gate.h_warm if gate and gate.h_warm is not None else 0.0,
-                "tau_down": gate.tau_down if gate and gate.tau_down is not None else 0.0,
-                "loss": sum(losses) / len(losses),              # mean over the epochs run
-                "grad_norm": sum(grad_norms) / len(grad_norms),
-                "update_applied": epochs_applied > 0,
-                "epochs_applied": epochs_applied,
-                "clip_fraction": clipped_tokens / (total_tokens * len(losses)),
-                "seconds_generate": generate_seconds,
-                "seconds_score": score_seconds,
-                "seconds_update": update_seconds,
-                "generated_tokens_per_second": total_tokens / generate_seconds,
-                "peak_gpu_memory_gb": max(generate_peak_gb, score_peak_gb, update_peak_gb),
-                "peak_gpu_memory_gb_generate": generate_peak_gb,
-                "peak_gpu_memory_gb_score": score_peak_gb,
-                "peak_gpu_memory_gb_update": update_peak_gb,
-            }
-            if eval_sets and step % args.eval_every == 0:
-                record.update(evaluate_in_loop(evaluation, model, tokenizer, eval_sets, args))
-            metrics_file.write(json.dumps({k: finite_or_none(v) for k, v in record.items()}) + "\n")
-            metrics_file.flush()
-            for i in rng.sample(range(n_rollouts), k=min(2, n_rollouts)):
-                most_negative, most_positive = extreme_tokens(tokenizer, responses[i], u[i])
-                rollouts_file.write(json.dumps({
-                    "step": step, "problem": batch[i // args.group_size]["problem"], "gold": golds[i],
-                    "response": texts[i], "reward": rewards[i], "truncated": truncated[i],
-                    "most_negative_u": most_negative, "most_positive_u": most_positive,
-                    "tokens": token_u_pairs(tokenizer, responses[i], u[i])}) + "\n")
-            rollouts_file.flush()
-            progress.set_postfix(reward=f"{record['reward_mean']:.3f}", lam=f"{lam:.2f}",
-                                 H_T=f"{record['teacher_entropy_median']:.3f}")
-
-            if bad_steps >= args.max_bad_steps:
-                raise SystemExit(f"stopping at step {step}: {bad_steps} consecutive steps had a non-finite loss "
-                                 f"or gradient and were not applied (--max-bad-steps {args.max_bad_steps}). "
-                                 f"The last good checkpoint is {last_saved or 'none (no save yet)'}; "
-                                 f"lower --lr or inspect {args.out_dir}/rollouts.jsonl.")
-            if step % args.save_every == 0 or step == args.steps or stop_requested:
-                last_saved = save_checkpoint(args.out_dir, step, model, tokenizer, trainer_state(step),
-                                             args.keep_checkpoints, world)
-            if stop_requested and step < args.steps:
-                command = [a for a in (sys.argv[1:] if argv is None else argv) if a != "--resume"]
-                print(f"stopped after step {step}, saved {last_saved}. To continue:\n"
-                      f"  python antisd.py {shlex.join(command + ['--resume'])}")
-                return
-    finally:
-        progress.close()
-        metrics_file.close()
-        rollouts_file.close()
-        for sig, handler in previous_handlers.items():
-            signal.signal(sig, handler)
-    print(f"done: {args.steps} steps, checkpoint in {last_saved}")
-
-
-# -----------------------------------------------------------------------------
-# The command line: expected failures as one paragraph, without a traceback
 
 def one_line(error, limit=500):
     """A library's error message, which may span lines, as one short line."""
@@ -1976,4 +2102,5 @@ def run_command(main, *args):
 
 
 if __name__ == "__main__":
+    sys.modules.setdefault("antisd", sys.modules[__name__])  # eval.py's `import antisd` gets this module, not a second copy
     run_command(main)

@@ -1,8 +1,9 @@
 """Evaluate a policy on math benchmarks: avg@n, pass@k and maj@n from n sampled answers per problem.
 
-For every problem we sample n responses with the training student's prompt, take the last \\boxed{}
-of each, and check it against the gold answer with the same verifier that gives the training
-reward. Reported per benchmark and as their unweighted mean.
+For every problem we sample n responses with the training student's prompt, read the final answer of
+each (every \\boxed{} after the thinking block, as one list: antisd.extract_boxed) and check it
+against the gold answer with the same verifier that gives the training reward. Reported per
+benchmark and as their unweighted mean.
 
 Design decisions:
   1. The prompt, the chat-template settings (--enable-thinking) and the verifier are the training
