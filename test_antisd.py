@@ -110,6 +110,32 @@ def test_a_finished_response_ends_with_its_stop_token(tiny):
             assert ids[-1] in stop_ids
 
 
+@torch.no_grad()
+def test_generation_ignores_the_left_padding_of_shorter_prompts_in_a_batch():
+    """Greedy (top_p -> 0 keeps only the most likely token) over one batch of prompts of three widths:
+    each row must be the greedy continuation of its prompt alone, checked under teacher forcing by one
+    unpadded forward (every response token is the most likely one after its own prefix), and equal to
+    generating that prompt alone. A row that attended to its left padding, or whose positions counted
+    the padding, would continue differently."""
+    model, tokenizer = antisd.build_tiny(seed=3)
+    for p in model.parameters():  # sharper than the default init, so that greedy rollouts differ by prompt
+        if p.dim() == 2:
+            p.normal_(0, 0.3)
+    model.eval()
+    problems = ["1+1?", "What is 17 * 23, plus 5?", "A much longer problem: " + "x " * 20, "2*3?"]
+    prompts = [antisd.student_prompt_ids(tokenizer, p, False) for p in problems]
+    assert len({len(p) for p in prompts}) == 3
+    stop_ids = set(antisd.stop_token_ids(model, tokenizer))
+    samples = antisd.generate(model, tokenizer, prompts, 8, 1.0, 1e-6, len(prompts))
+    assert len({tuple(ids) for ids, _ in samples}) > 1
+    for prompt, (response, cut) in zip(prompts, samples):
+        top = model(input_ids=torch.tensor([prompt + response])).logits[0, len(prompt) - 1:-1].double().topk(2)
+        assert top.indices[:, 0].tolist() == response
+        assert (top.values[:, 0] - top.values[:, 1]).min() > 1e-3   # no near-tie that float noise could flip
+        assert (len(response) == 8 and response[-1] not in stop_ids) if cut else response[-1] in stop_ids
+    assert [antisd.generate(model, tokenizer, [p], 8, 1.0, 1e-6, 1)[0] for p in prompts] == samples
+
+
 @pytest.fixture
 def counted_compilation(monkeypatch):
     """Compiles with a backend that only counts graphs (inductor on a CPU takes minutes) and returns
@@ -224,6 +250,20 @@ def test_gold_answers_of_every_type_are_normalised():
     assert antisd.clean_gold(["$\\frac{1}{2 n+2}$"]) == "\\frac{1}{2 n+2}"
     assert antisd.verify(r"\boxed{4.5\times 10^{33}}", antisd.clean_gold("4.5e33")) == 1.0
     assert antisd.verify(r"\boxed{4.5}", antisd.clean_gold("4.5e33")) == 0.0
+
+
+def test_space_separated_thousands_are_one_number_only_in_groups_of_three():
+    assert antisd.normalise_math("1 000") == "1000"
+    assert antisd.normalise_math("1 000 000") == "1000000"
+    assert antisd.normalise_math("12 000") == "12000"
+    for kept in ["1 00", "1 0000", "1 2345", "3.1 000", "1 000.5"]:   # not a thousands group: left alone
+        assert antisd.normalise_math(kept) == kept
+    for response, gold in [("\\boxed{1 000}", "1000"), ("\\boxed{1 000 000}", "1000000"), ("\\boxed{12 000}", "12000"),
+                           ("\\boxed{1000}", "1 000")]:
+        assert antisd.verify(response, antisd.clean_gold(gold)) == 1.0, (response, gold)
+    for response, gold in [("\\boxed{1 00}", "100"), ("\\boxed{1 0000}", "10000"), ("\\boxed{1 000}", "1"),
+                           ("\\boxed{1 000}", "0")]:
+        assert antisd.verify(response, antisd.clean_gold(gold)) == 0.0, (response, gold)
 
 
 def test_gold_of_any_other_type_is_no_gold():
@@ -679,6 +719,18 @@ def test_only_the_solution_is_truncated_never_the_problem(tiny):
     assert solution.startswith(shown)
 
 
+def test_a_solution_over_the_teachers_budget_keeps_its_first_tokens(tiny):
+    _, tokenizer = tiny
+    solution = " ".join(f"w{k}" for k in range(300))   # no two stretches alike: its head is not its tail
+    assert len(tokenizer(solution, add_special_tokens=False)["input_ids"]) == len(solution)  # a token per byte
+    assert antisd.truncate_to_tokens(tokenizer, solution, 40) == solution[:40]
+    assert antisd.truncate_to_tokens(tokenizer, solution, len(solution)) == solution
+    prompt = antisd.build_teacher_prompt("What is 1+1?", 0, [0.0], ["x"], solution, "2", random.Random(0),
+                                         tokenizer, max_solution_tokens=40)
+    shown = prompt.split("Your previous attempt:\n\n")[1].split("\n\n\nPrevious assessment")[0]
+    assert shown == solution[:40] == "w0 w1 w2 w3 w4 w5 w6 w7 w8 w9 w10 w11 w1"
+
+
 # -----------------------------------------------------------------------------
 # Step 4, scoring alignment: batched, padded scoring == one unpadded sequence at a time
 
@@ -992,6 +1044,28 @@ def test_bf16_weights_still_move_with_a_tiny_learning_rate():
     torch.nn.init.constant_(layer.weight, 0.01)
     master = antisd.MasterAdamW(layer, lr=1e-6)
     assert train(lambda: (master.clip_gradients(1e9), master.step()), layer) > 3e-5
+
+
+def test_gradient_clipping_of_bf16_weights_acts_on_the_float32_masters():
+    model, tokenizer = antisd.build_tiny(seed=0)
+    model = model.to(torch.bfloat16)
+    params = [p for p in model.parameters() if p.requires_grad]
+    assert all(p.dtype == torch.bfloat16 for p in params)
+    ids = torch.tensor([antisd.student_prompt_ids(tokenizer, "What is 2+2?", False)])
+    model(input_ids=ids).logits.float().logsumexp(-1).sum().backward()
+    grads = [p.grad.double().clone() for p in params]     # bf16 gradients, exactly representable in float64
+    true_norm = math.sqrt(sum(float(g.pow(2).sum()) for g in grads))
+    assert true_norm > 0
+    optimizer = antisd.MasterAdamW(model, lr=1e-3)
+    max_norm = true_norm / 4
+    returned = optimizer.clip_gradients(max_norm)
+    assert returned == pytest.approx(true_norm, rel=1e-5)
+    assert all(p.grad is None for p in params)            # the gradients moved onto the masters
+    masters = [m.grad.double() for m in optimizer.master]
+    assert all(m.dtype == torch.float32 for m in optimizer.master)
+    assert math.sqrt(sum(float(g.pow(2).sum()) for g in masters)) == pytest.approx(max_norm, rel=1e-5)
+    for g, m in zip(grads, masters):                      # the same direction: every gradient scaled by 1/4
+        torch.testing.assert_close(m, g / 4, rtol=1e-5, atol=1e-12)
 
 
 def test_master_weights_survive_a_save_and_load_exactly():
