@@ -27,6 +27,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 import argparse
 import functools
 import importlib
+import inspect
 import io
 import itertools
 import json
@@ -864,6 +865,21 @@ def test_gate_follows_the_teachers_median_entropy_and_is_off_during_warm_up():
     assert abs(out["gate_signal"] - math.exp((0.5 + 4.0 + 0.5 + 1.0) / 4)) < 1e-6
 
 
+def test_perplexity_gate_reopens_only_at_1_07_times_its_warm_up_value():
+    # M8: the official code's gate reopens at 1.07 x the warm-up perplexity; the entropy gate at 1.0 x
+    gate = antisd.make_gate(step_args("--gate", "perplexity", "--gate-warmup", "1"))
+    gate.update(10.0)                           # warm-up: H_warm = 10, tau_down = 9.3
+    assert gate.update(9.0) == 0.0              # below tau_down: closes
+    assert gate.update(10.6) == 0.0             # back above H_warm but below 10.7: stays closed
+    assert gate.update(10.8) == gate.lambda_max  # above 10.7: reopens
+    entropy_gate = antisd.make_gate(step_args("--gate-warmup", "1"))
+    entropy_gate.update(10.0)
+    entropy_gate.update(9.0)
+    assert entropy_gate.update(10.0) == entropy_gate.lambda_max
+    assert antisd.make_gate(step_args("--method", "grpo")) is None
+    assert antisd.make_gate(step_args("--gate", "none")) is None
+
+
 # -----------------------------------------------------------------------------
 # Step 6. per-token advantages (antisd_advantage, token_advantages, gate_and_advantages)
 
@@ -917,6 +933,17 @@ def test_full_estimator_ascends_the_jsd_with_weight_lambda():
     # policy_gradient's loss is surrogate - jsd_weight * JSD: a positive weight ascends the JSD (M4)
     assert out["jsd_weight"] == 0.5 and out["a"] is None
     assert torch.equal(out["advantages"], torch.tensor([[1.0, 1.0, 1.0], [-1.0, 0.0, 0.0]]))
+
+
+def test_full_estimator_has_no_jsd_term_during_warm_up_or_while_the_gate_is_off():
+    args = step_args("--estimator", "full", "--gate-warmup", "1")
+    gate = antisd.make_gate(args)
+    seq_adv = torch.tensor([0.5, -0.5])
+    stats, mask = hand_made_stats(t_entropy=(4.0, 4.0, 4.0, 4.0))
+    assert antisd.gate_and_advantages(stats, mask, seq_adv, gate, args)["jsd_weight"] == 0.0   # warm-up
+    assert antisd.gate_and_advantages(stats, mask, seq_adv, gate, args)["jsd_weight"] == args.lambda_max
+    stats, mask = hand_made_stats(t_entropy=(1.0, 1.0, 1.0, 1.0))  # the teacher's entropy collapsed
+    assert antisd.gate_and_advantages(stats, mask, seq_adv, gate, args)["jsd_weight"] == 0.0
 
 
 # -----------------------------------------------------------------------------
@@ -1110,6 +1137,59 @@ def test_weights_made_non_finite_by_an_update_are_never_applied():
     assert torch.equal(layer.weight, before)
 
 
+class RecordingOptimizer:
+    """Stands in for MasterAdamW: keeps each epoch's gradients and applies nothing."""
+
+    def __init__(self, model):
+        self.model, self.grads = model, []
+
+    def clip_gradients(self, max_norm):
+        self.grads.append({name: p.grad.clone() for name, p in self.model.named_parameters() if p.grad is not None})
+        return 0.0
+
+    def step(self):
+        self.zero_grad()
+
+    def zero_grad(self):
+        self.model.zero_grad(set_to_none=True)
+
+
+class FakeRank:
+    """One rank of a two-process world, without processes: its own rows, and sums that are local."""
+
+    def __init__(self, rank, size=2):
+        self.rank, self.size = rank, size
+
+    rows = antisd.World.rows
+
+    def sum(self, value):
+        return value
+
+
+def test_each_process_divides_its_loss_by_the_whole_batchs_token_count(tiny):
+    # two ranks' losses and gradients, each from update_policy on its own rows, must add up to one
+    # process's on all rows: each divides by the global token count, not by its own
+    model, tokenizer = tiny
+    args = step_args("--method", "grpo", "--micro-batch-size", "2")
+    prompts = [antisd.student_prompt_ids(tokenizer, f"{k} + {k} = ?", False) for k in range(4)]
+    responses = [tokenizer(text)["input_ids"] for text in ("1", "2 2 2 2 2 2", "3 3", "4 4 4 4 4 4 4 4 4")]
+    mask = antisd.response_mask(responses, "cpu")
+    terms = {"advantages": torch.tensor([[1.0], [-0.5], [0.25], [2.0]]).expand(mask.shape) * mask, "jsd_weight": 0.0}
+
+    def run(world, rows):
+        optimizer = RecordingOptimizer(model)
+        update = antisd.update_policy(model, optimizer, prompts[rows], responses[rows], terms, mask, None, None,
+                                      tokenizer.pad_token_id, world, args)
+        return update["losses"][0], optimizer.grads[0]
+
+    one_loss, one_grads = run(FakeRank(0, 1), slice(0, 4))
+    (loss0, grads0), (loss1, grads1) = run(FakeRank(0), slice(0, 2)), run(FakeRank(1), slice(2, 4))
+    assert int(mask[:2].sum()) != int(mask[2:].sum())  # else a per-rank count would pass too
+    assert loss0 + loss1 == pytest.approx(one_loss, rel=1e-5)
+    for name, grad in one_grads.items():
+        torch.testing.assert_close(grads0[name] + grads1[name], grad, rtol=1e-4, atol=1e-7)
+
+
 # -----------------------------------------------------------------------------
 # The whole loop: end to end, per-method runs, logged numbers
 
@@ -1189,6 +1269,38 @@ def test_full_estimator_logs_no_per_token_term(tmp_path):
     antisd.main(small_run(tmp_path) + ["--steps", "1", "--estimator", "full", "--out-dir", str(tmp_path / "run")])
     line = json.loads((tmp_path / "run" / "metrics.jsonl").read_text())
     assert line["sd_term_mean"] is None and line["jsd_mean"] > 0
+
+
+def test_in_loop_evaluation_samples_at_the_papers_eval_settings_not_the_training_ones(tmp_path, monkeypatch):
+    real_evaluate, seen = evaluation.evaluate, []
+
+    def spy(*call_args, **call_kwargs):
+        bound = inspect.signature(real_evaluate).bind(*call_args, **call_kwargs)
+        seen.append((bound.arguments["n"], bound.arguments["temperature"], bound.arguments["top_p"]))
+        return real_evaluate(*call_args, **call_kwargs)
+
+    monkeypatch.setattr(evaluation, "evaluate", spy)
+    antisd.main(["--model", "tiny-random", "--dataset", "arith", "--steps", "1", "--eval-every", "1",
+                 "--eval-benchmarks", "arith", "--eval-limit", "2", "--eval-n", "2", "--temperature", "1.3",
+                 "--top-p", "0.9", "--out-dir", str(tmp_path / "run")])
+    assert seen == [(2, 0.7, 0.95), (2, 0.7, 0.95)]  # step 0 and step 1, at M9's evaluation settings
+
+
+@pytest.mark.parametrize("thinking", [True, False])
+def test_the_loop_renders_student_and_teacher_prompts_with_the_same_thinking_mode(tmp_path, monkeypatch, thinking):
+    real_render, seen = antisd.render_prompt, []
+
+    def spy(tokenizer, message, enable_thinking):
+        seen.append(("Your previous attempt" in message, enable_thinking))
+        return real_render(tokenizer, message, enable_thinking)
+
+    monkeypatch.setattr(antisd, "render_prompt", spy)
+    antisd.main(["--model", "tiny-random", "--dataset", "arith", "--steps", "1", "--out-dir", str(tmp_path / "run")]
+                + (["--enable-thinking"] if thinking else []))
+    teacher = [mode for is_teacher, mode in seen if is_teacher]
+    student = [mode for is_teacher, mode in seen if not is_teacher]
+    assert len(teacher) == len(student) == 16  # 2 problems x 8 rollouts, each rendered once as each
+    assert set(teacher) == set(student) == {thinking}
 
 
 # -----------------------------------------------------------------------------
@@ -1883,6 +1995,26 @@ def test_command_line_on_tiny_model_writes_results_and_one_sample_line_per_probl
     lines = (out_dir / "samples.jsonl").read_text().splitlines()
     assert len(lines) == 4
     assert all(len(json.loads(line)["responses"]) == 2 for line in lines)
+
+
+def test_each_problem_is_scored_on_its_own_samples(monkeypatch):
+    # a stub generator answers each prompt with its own problem's number: any mix-up of samples between
+    # problems shows as a wrong answer or a response filed under another problem
+    model, tokenizer = antisd.build_tiny()
+    problems = [{"problem": f"What is {k} times one?", "answer": str(k)} for k in range(1, 8)]
+
+    def own_answer(model, tokenizer, prompt_ids, *rest, **kwargs):
+        texts = [tokenizer.decode(ids) for ids in prompt_ids]
+        numbers = [re.search(r"What is (\d+) times one", text).group(1) for text in texts]
+        return [(tokenizer(f"\\boxed{{{k}}}")["input_ids"] + [tokenizer.eos_token_id], False) for k in numbers]
+
+    monkeypatch.setattr(antisd, "generate", own_answer)
+    results, samples = evaluation.evaluate(model, tokenizer, {"toy": problems[:3], "other": problems[3:]}, 3,
+                                           0.7, 0.95, 8, 4, False, 0)
+    assert [s["answer"] for s in samples] == [p["answer"] for p in problems]
+    for sample in samples:
+        assert sample["responses"] == [f"\\boxed{{{sample['answer']}}}"] * 3
+    assert results["benchmarks"]["toy"]["avg@3"] == results["benchmarks"]["other"]["avg@3"] == 1.0
 
 
 # -----------------------------------------------------------------------------
@@ -2624,3 +2756,17 @@ def test_a_real_bug_keeps_its_traceback_and_ctrl_c_at_start_up_does_not(tmp_path
     monkeypatch.setattr(antisd, "load_problems", out_of_memory)
     code, text = failure_message(capsys, antisd.main, argv)
     assert code.startswith("CUDA out of memory (CUDA out of memory. Tried to allocate 2.00 GiB): lower the batch sizes")
+
+
+@pytest.mark.parametrize("flags", [["--eval-benchmarks", "nosuch"],
+                                   ["--eval-benchmarks", "math500", "--eval-data-dir", "/nonexistent"]])
+def test_an_error_raised_inside_eval_during_training_is_one_paragraph(tmp_path, flags):
+    # `python antisd.py` runs the file as __main__: eval.py's `import antisd` must get that module, or
+    # eval's UserError is another class than the one run_command catches, and a traceback follows
+    result = subprocess.run([sys.executable, "antisd.py", "--model", "tiny-random", "--dataset", "arith", "--steps", "1",
+                             "--eval-every", "1", *flags, "--out-dir", str(tmp_path / "run")],
+                            cwd=HERE, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip().startswith("error: ") and "\n" not in result.stderr.strip(), result.stderr
+    assert ("nosuch" if "nosuch" in flags else "/nonexistent") in result.stderr
