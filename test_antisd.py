@@ -195,6 +195,21 @@ def test_compiled_rollouts_equal_eager_ones_greedy_and_sampled_across_weight_upd
     assert len(counted_compilation) == 1, "the decode step was compiled again"
 
 
+def test_sampling_keeps_the_whole_vocabulary_whatever_the_models_own_top_k(tiny):
+    # rollouts must come from pi_theta itself: with Qwen3's generation_config top_k=20 leaking in, no
+    # token outside the 20 likeliest could ever be sampled. At T = 50 the untrained model's next-token
+    # distribution over its 320 entries is nearly flat, so 256 draws hit far more than 20 tokens
+    model, tokenizer = tiny
+    torch.manual_seed(0)
+    prompt = antisd.student_prompt_ids(tokenizer, "1 + 1", False)
+    own_top_k, model.generation_config.top_k = model.generation_config.top_k, 20  # 20: what Qwen3 ships
+    try:
+        first_tokens = {ids[0] for ids, _ in antisd.generate(model, tokenizer, [prompt] * 256, 1, 50.0, 1.0, 256)}
+    finally:
+        model.generation_config.top_k = own_top_k
+    assert len(first_tokens) > 60
+
+
 # -----------------------------------------------------------------------------
 # Step 2. reward (antisd.verify, clean_gold)
 
@@ -279,6 +294,11 @@ def test_gold_with_several_boxes_is_kept_whole():
     assert antisd.verify("\\boxed{-2, 1}", gold) == 1.0
     assert antisd.verify("\\boxed{-2}", gold) == 0.0            # not only its last box
     assert antisd.clean_gold("\\boxed{1} no, it is \\boxed{2}") is None  # prose between boxes: no reading
+
+
+def test_a_missing_gold_rewards_no_answer_not_even_one_that_spells_none():
+    for response in [r"\boxed{None}", r"\boxed{none}", r"\boxed{0}"]:
+        assert antisd.verify(response, None) == 0.0
 
 
 # -----------------------------------------------------------------------------
@@ -1190,6 +1210,36 @@ def test_each_process_divides_its_loss_by_the_whole_batchs_token_count(tiny):
         torch.testing.assert_close(grads0[name] + grads1[name], grad, rtol=1e-4, atol=1e-7)
 
 
+def test_an_epoch_with_a_non_finite_gradient_norm_is_not_applied(tiny):
+    # a finite loss can still have an infinite gradient (an overflow in the backward): that epoch is
+    # dropped, its gradients cleared, and no optimizer step is taken
+    model, tokenizer = tiny
+    args = step_args("--method", "grpo", "--micro-batch-size", "2", "--ppo-epochs", "2")
+    prompts = [antisd.student_prompt_ids(tokenizer, "2 + 2", False)] * 2
+    responses = [tokenizer("4")["input_ids"], tokenizer("5 5")["input_ids"]]
+    mask = antisd.response_mask(responses, "cpu")
+    terms = {"advantages": torch.tensor([[1.0], [-1.0]]).expand(mask.shape) * mask, "jsd_weight": 0.0}
+    calls = []
+
+    class InfiniteNorm:
+        def clip_gradients(self, max_norm):
+            calls.append("clip")
+            return float("inf")
+
+        def step(self):
+            calls.append("step")
+
+        def zero_grad(self):
+            calls.append("zero_grad")
+            model.zero_grad(set_to_none=True)
+
+    update = antisd.update_policy(model, InfiniteNorm(), prompts, responses, terms, mask, None, None,
+                                  tokenizer.pad_token_id, FakeRank(0, 1), args)
+    assert calls == ["clip", "zero_grad"]  # the first epoch ends the update; nothing is applied
+    assert update["epochs_applied"] == 0 and update["grad_norms"] == [float("inf")]
+    assert all(p.grad is None for p in model.parameters())
+
+
 # -----------------------------------------------------------------------------
 # The whole loop: end to end, per-method runs, logged numbers
 
@@ -1301,6 +1351,30 @@ def test_the_loop_renders_student_and_teacher_prompts_with_the_same_thinking_mod
     student = [mode for is_teacher, mode in seen if not is_teacher]
     assert len(teacher) == len(student) == 16  # 2 problems x 8 rollouts, each rendered once as each
     assert set(teacher) == set(student) == {thinking}
+
+
+def test_step_metrics_are_hand_counts_of_the_steps_rollouts():
+    args = step_args("--method", "grpo", "--group-size", "4", "--prompts-per-step", "2", "--micro-batch-size", "4")
+    rewards = [1.0, 0.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0]   # one group with signal, one without
+    responses = [[5] * n for n in (1, 2, 3, 4, 5, 6, 7, 8)]
+    truncated = [False] * 6 + [True, True]
+    mask = antisd.response_mask(responses, "cpu")
+    terms = antisd.gate_and_advantages(None, mask, antisd.group_advantages(rewards, 4), None, args)
+    update = {"losses": [0.25, 0.75], "grad_norms": [1.0, 3.0], "clipped_tokens": 9, "epochs_applied": 2}
+    timer = antisd.PhaseTimer(torch.device("cpu"))
+    for phase in ("generate", "score", "update"):
+        with timer(phase):
+            pass
+    record = antisd.step_metrics(7, rewards, truncated, mask, None, terms, update, None, timer, args)
+    assert record["step"] == 7
+    assert record["reward_mean"] == 5 / 8
+    assert record["groups_with_signal"] == 1 / 2
+    assert record["response_length_mean"] == 36 / 8 and record["response_length_max"] == 8
+    assert record["truncation_rate"] == 2 / 8
+    assert record["loss"] == 0.5 and record["grad_norm"] == 2.0
+    assert record["clip_fraction"] == 9 / (36 * 2)
+    assert record["update_applied"] is True and record["epochs_applied"] == 2
+    assert record["u_mean"] == 0.0 and record["lambda"] == 0.0 and record["gate_on"] == 0.0
 
 
 # -----------------------------------------------------------------------------
@@ -2088,6 +2162,19 @@ def test_oversized_problem_or_solution_is_refused_at_load_time_naming_row_and_fi
     with pytest.raises(antisd.UserError, match=r"math500\.jsonl line 1: field 'problem' has 100,001 characters"):
         evaluation.load_benchmark("math500", data_dir=tmp_path)
     assert time.time() - start < 5
+
+
+def test_each_epoch_is_a_new_permutation_of_the_problems_and_resumes_where_it_stopped():
+    stream = antisd.ProblemStream(10, seed=0)
+    epochs = [stream.next(10) for _ in range(3)]
+    assert all(sorted(epoch) == list(range(10)) for epoch in epochs)  # every problem once per epoch
+    assert len({tuple(epoch) for epoch in epochs}) == 3               # a new order each epoch
+    assert antisd.ProblemStream(10, seed=1).next(10) != epochs[0]     # and per seed
+    half = antisd.ProblemStream(10, seed=0)
+    first = half.next(14)                                            # across an epoch's end
+    resumed = antisd.ProblemStream(10, seed=0)
+    resumed.load_state_dict(half.state_dict())
+    assert first + resumed.next(16) == epochs[0] + epochs[1] + epochs[2]
 
 
 # -----------------------------------------------------------------------------
