@@ -60,6 +60,8 @@ Run:  python antisd.py                                        # Qwen3-1.7B on MA
 
 import argparse
 import contextlib
+import functools
+import gc
 import hashlib
 import importlib
 import inspect
@@ -209,15 +211,24 @@ def verify(response, gold):
          or & outside a matrix, a LaTeX command that answers are not written with (arrows,
          strike-outs, \\tag, documents, environments other than matrices), an unpaired |, or text
          between formulas other than "and"/"or";
-      4. both sides are normalised (normalise_math): whitespace and newlines, thin spaces as
+      4. both sides are normalised (normalise_math; a raw gold goes through clean_gold first): whitespace and newlines, thin spaces as
          thousands separators (10\\,000), \\mathrm{e} and \\mathrm{i} as e and i, % as \\%, \\$ dropped;
       5. x = 5 is the answer 5, but a relation between two different numbers (6 = 5) is wrong;
       6. math-verify decides equivalence, in the worker, within VERIFY_SECONDS.
     A missing or refused answer and an unparsable gold are 0, never 1."""
+    gold = clean_gold_once(gold) if isinstance(gold, str) else clean_gold(gold)
     answer = extract_boxed(response)
     if answer is None or gold is None or len(answer) > MAX_ANSWER_CHARS:
         return 0.0
     return float(_check_math("verify", gold, answer))
+
+
+@functools.lru_cache(maxsize=65536)
+def clean_gold_once(gold):
+    """clean_gold of a text gold, remembered: training verifies every rollout against its gold, and a
+    gold that is not a plain number costs a round trip to the worker to clean. Golds that are already
+    clean come back unchanged."""
+    return clean_gold(gold)
 
 
 MAX_ANSWER_CHARS = 1000  # no real answer is longer; a runaway one is wrong, not worth 5 seconds
@@ -805,7 +816,7 @@ def main(argv=None):
     device = pick_device(args.device, args.model)
     world = World(device, args.offload)  # torchrun's processes; one process: rank 0 of 1
     refuse_what_sharding_cannot_do(world, device, args)
-    checkpoints = prepare_out_dir(args)  # never silently over an existing run
+    checkpoints = prepare_out_dir(args, world)  # one run per folder, never over an existing run
     problems, dropped = load_problems(args.dataset, args.seed)
     args.dataset_fingerprint = dataset_fingerprint(problems)  # a run-defining setting, saved with the others
     print(f"dataset {args.dataset}: {len(problems)} problems, {dropped} dropped (gold answer unparsable)")
@@ -1299,20 +1310,18 @@ class RunLogs:
         return self.progress
 
     def write_metrics(self, record):
-        self.metrics.write(json.dumps({k: finite_or_none(v) for k, v in record.items()}) + "\n")
-        self.metrics.flush()
+        append_log_line(self.metrics, {k: finite_or_none(v) for k, v in record.items()})
 
     def write_rollouts(self, step, rng, tokenizer, batch, responses, texts, rewards, truncated, u, group_size):
         """Two rollouts of the step drawn with the run's rng, each with its most negative and most
         positive u and every token's u (eval.py --show colours them, the paper's Fig. 2)."""
         for i in rng.sample(range(len(responses)), k=min(2, len(responses))):
             most_negative, most_positive = extreme_tokens(tokenizer, responses[i], u[i])
-            self.rollouts.write(json.dumps({
+            append_log_line(self.rollouts, {
                 "step": step, "problem": batch[i // group_size]["problem"], "gold": batch[i // group_size]["answer"],
                 "response": texts[i], "reward": rewards[i], "truncated": truncated[i],
                 "most_negative_u": most_negative, "most_positive_u": most_positive,
-                "tokens": token_u_pairs(tokenizer, responses[i], u[i])}) + "\n")
-        self.rollouts.flush()
+                "tokens": token_u_pairs(tokenizer, responses[i], u[i])})
 
     def __enter__(self):
         return self
@@ -1406,10 +1415,16 @@ def keep_log_lines_up_to(path, step):
         if logged_step <= step:
             kept.append(line + b"\n")
     temporary = path + ".tmp"
-    with open(temporary, "wb") as f:
-        f.writelines(kept)
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(temporary, "wb") as f:
+            f.writelines(kept)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:  # a full disk: the old file is still whole
+        if os.path.exists(temporary):
+            os.remove(temporary)
+        raise UserError(disk_full_message(f"the log lines kept up to step {step}", temporary, e,
+                                          os.path.dirname(path) or ".")) from None
     os.replace(temporary, path)
 
 
@@ -1442,21 +1457,18 @@ def setting_name(key):
     return "the problems of --dataset (fingerprint)" if key == "dataset_fingerprint" else "--" + key.replace("_", "-")
 
 
-def prepare_out_dir(args):
-    """--out-dir's checkpoints (oldest first), after refusing to start over an existing run without
-    --resume, or to resume none; creates the folder."""
+def prepare_out_dir(args, world):
+    """--out-dir's checkpoints (oldest first), after locking the folder for this run (rank 0; the
+    other ranks write only into rank 0's checkpoint folders) and refusing to start over an existing
+    run without --resume, or to resume none."""
+    if world.rank == 0:
+        lock_out_dir(args.out_dir)
     checkpoints = list_checkpoints(args.out_dir)
     if checkpoints and not args.resume:
         raise SystemExit(f"--out-dir {args.out_dir} already holds a run ({os.path.basename(checkpoints[-1])}): "
                          f"pass --resume to continue it, or choose another --out-dir")
     if args.resume and not checkpoints:
         raise SystemExit(f"--resume: no checkpoint in --out-dir {args.out_dir}")
-    try:
-        os.makedirs(args.out_dir, exist_ok=True)
-    except OSError as e:  # a file of that name, or a file on its path
-        raise UserError(f"--out-dir {args.out_dir}: cannot create it ({e.strerror})") from None
-    if not os.access(args.out_dir, os.W_OK):
-        raise UserError(f"--out-dir {args.out_dir}: not writable")
     return checkpoints
 
 
@@ -1481,7 +1493,7 @@ def start_or_resume(args, checkpoints, device, world):
 
 def trainer_state(step, args, optimizer, stream, gate, rng, device, world):
     """Everything besides the weights that the run needs to continue bit for bit."""
-    return {"step": step, "args": vars(args), "optimizer": optimizer.state_dict(),
+    return {"format": CHECKPOINT_FORMAT, "step": step, "args": vars(args), "optimizer": optimizer.state_dict(),
             "stream": stream.state_dict(), "gate": gate.state_dict() if gate else None,
             "rng": rng.getstate(), "torch_rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state() if device.type == "cuda" else None,
@@ -1535,6 +1547,94 @@ def too_many_bad_steps(step, bad_steps, last_saved, args):
                       f"lower --lr or inspect {args.out_dir}/rollouts.jsonl.")
 
 
+# One run per --out-dir: two runs writing one folder would interleave their logs and overwrite each
+# other's checkpoints. An OS lock (flock) rather than a file that merely exists: the kernel releases it
+# when its process dies, however it dies, so a kill -9 or a crash never leaves a stale lock behind.
+# (On NFS, Linux maps flock to NFS byte-range locks, which the server releases when the client's lease
+# expires.) The file also holds the pid, for the message. It is held until the process exits.
+LOCK_FILE = "antisd.lock"
+_held_locks = {}  # lock path -> open file: calling main again in the same process keeps the same lock
+
+
+def lock_out_dir(out_dir):
+    """Creates --out-dir if needed and locks it for this process; UserError naming the process that
+    holds it when another run is using it."""
+    import fcntl
+    import socket
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+    except OSError as e:  # a file of that name, or a file on its path
+        raise UserError(f"--out-dir {out_dir}: cannot create it ({e.strerror})") from None
+    if not os.access(out_dir, os.W_OK):
+        raise UserError(f"--out-dir {out_dir}: not writable")
+    path = os.path.realpath(os.path.join(out_dir, LOCK_FILE))
+    if path in _held_locks:
+        return path
+    lock = open(path, "a+")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        lock.seek(0)
+        holder = lock.read().strip() or "(it has not written its pid yet)"
+        lock.close()
+        raise UserError(f"--out-dir {out_dir} is in use by another run: process {holder} holds {path}. "
+                        f"Two runs in one folder would overwrite each other's log and checkpoints: wait for "
+                        f"that run to end (or stop it), then pass --resume to continue it, or choose "
+                        f"another --out-dir") from None
+    lock.seek(0)
+    lock.truncate()
+    lock.write(f"{os.getpid()} on {socket.gethostname()}\n")
+    lock.flush()
+    _held_locks[path] = lock
+    return path
+
+
+def human_size(n):
+    return f"{n / 2**30:,.1f} GB" if n >= 2**30 else f"{n / 2**20:,.1f} MB"
+
+
+def disk_full_message(what, path, error, out_dir):
+    """One paragraph for a write that failed: what could not be written and why, the space left in the
+    folder, and the newest whole checkpoint (what --resume would continue from)."""
+    reason = (f"{error.strerror} [errno {error.errno}]" if isinstance(error, OSError) and error.strerror
+              else f"{type(error).__name__}: {one_line(error, 200)}, a write that came up short, as on a full disk")
+    try:
+        usage = shutil.disk_usage(out_dir)
+        space = f"{out_dir} has {human_size(usage.free)} free of {human_size(usage.total)}"
+    except OSError as e:
+        space = f"the free space of {out_dir} is unknown ({e.strerror})"
+    checkpoints = list_checkpoints(out_dir)
+    if checkpoints:
+        size = sum(os.path.getsize(os.path.join(checkpoints[-1], name)) for name in os.listdir(checkpoints[-1]))
+        space += f" and a checkpoint takes {human_size(size)}"
+    newest = (f"the newest whole checkpoint is {checkpoints[-1]}: free some space (or move --out-dir), then "
+              f"--resume continues from it" if checkpoints else "no checkpoint was saved yet: the run starts again")
+    return f"could not write {what} ({path}: {reason}); {space}; {newest}"
+
+
+def is_write_failure(error):
+    """Whether an exception from writing a file means the file could not be written (a full disk, a
+    quota, a read-only folder) rather than a bug. torch.save reports a short write as a RuntimeError
+    from its zip writer, safetensors as its own error type; neither carries an errno."""
+    text = str(error)
+    return isinstance(error, OSError) or any(sign in text for sign in (
+        "inline_container", "PytorchStreamWriter", "No space left", "Disk quota", "Read-only file system",
+        "os error", "IoError"))
+
+
+def append_log_line(log_file, record):
+    """Appends one JSON line with a single unbuffered write: a full disk fails here, in the step that
+    logs, and leaves nothing in a buffer to fail again at close. A line cut short by it is dropped on
+    --resume (keep_log_lines_up_to)."""
+    line = (json.dumps(record) + "\n").encode()
+    try:
+        while line:
+            line = line[os.write(log_file.fileno(), line):]
+    except OSError as e:
+        out_dir = os.path.dirname(log_file.name) or "."
+        raise UserError(disk_full_message(f"the log line of step {record['step']}", log_file.name, e, out_dir)) from None
+
+
 def list_checkpoints(out_dir):
     """Checkpoints in out_dir, oldest first (a save in progress is a .tmp folder, never listed)."""
     found = []
@@ -1553,7 +1653,22 @@ def save_checkpoint(out_dir, step, model, tokenizer, trainer_state, keep, world=
     temporary = final + ".tmp"
     rank, sharded = (world.rank, world.sharded) if world else (0, False)
     weights = full_state_dict(model, world.compute_dtype) if sharded else None
-    if rank == 0:
+
+    def write_all(write):  # a full disk, a quota or a read-only folder ends the run in one paragraph
+        try:
+            write()
+        except Exception as e:
+            if not is_write_failure(e):
+                raise
+            cause = e  # the frames of the error (and of those it arose from) hold the half-written file
+            while cause is not None:  # open, and its space is freed only once it is closed
+                cause.__traceback__, cause = None, cause.__context__
+            gc.collect()
+            shutil.rmtree(temporary, ignore_errors=True)  # a partial checkpoint only keeps the disk full
+            raise UserError(disk_full_message(f"checkpoint-{step}", temporary, e, out_dir)
+                            + f" (the partial {os.path.basename(temporary)} was removed)") from None
+
+    def write_rank0():
         shutil.rmtree(temporary, ignore_errors=True)
         model.save_pretrained(temporary, state_dict=weights)
         if sharded:  # FSDP2 renamed the class FSDP<name>; the saved config names the model's own
@@ -1561,10 +1676,13 @@ def save_checkpoint(out_dir, step, model, tokenizer, trainer_state, keep, world=
             model.config.save_pretrained(temporary)
         tokenizer.save_pretrained(temporary)
         torch.save(trainer_state, os.path.join(temporary, "trainer_state.pt"))
+
+    if rank == 0:
+        write_all(write_rank0)
     if sharded:
         world.dist.barrier()
         if rank > 0:
-            torch.save(trainer_state, os.path.join(temporary, f"trainer_state-rank{rank}.pt"))
+            write_all(lambda: torch.save(trainer_state, os.path.join(temporary, f"trainer_state-rank{rank}.pt")))
         world.dist.barrier()
     if rank == 0:
         shutil.rmtree(final, ignore_errors=True)
@@ -1576,9 +1694,45 @@ def save_checkpoint(out_dir, step, model, tokenizer, trainer_state, keep, world=
     return final
 
 
+# The layout of trainer_state.pt: bump CHECKPOINT_FORMAT whenever a key is added, removed or changes
+# type, so that a checkpoint of another version is named as such instead of failing somewhere later.
+# Format 1 (written before the number was recorded) has the same keys except "format".
+CHECKPOINT_FORMAT = 2
+TRAINER_STATE_TYPES = {"format": int, "step": int, "args": dict, "optimizer": dict, "stream": dict,
+                       "gate": (dict, type(None)), "rng": tuple, "torch_rng": torch.Tensor,
+                       "cuda_rng": (torch.Tensor, type(None)), "world_size": int}
+
+
+def check_trainer_state(state, file):
+    """UserError naming what does not fit this version's trainer state: another format, a missing or
+    unexpected key, a value of the wrong type."""
+    if not isinstance(state, dict):
+        raise UserError(f"{file}: not a trainer state (a {type(state).__name__}, expected a dict)")
+    version = state.get("format")  # None: format 1, the same keys without the number
+    expected = {key: kind for key, kind in TRAINER_STATE_TYPES.items() if key != "format" or version is not None}
+    problems = []
+    if isinstance(version, int) and version != CHECKPOINT_FORMAT:
+        problems.append(f"written by {'an older' if version < CHECKPOINT_FORMAT else 'a newer'} format "
+                        f"({version}) than this antisd.py reads ({CHECKPOINT_FORMAT})")
+    missing = [key for key in expected if key not in state]
+    unexpected = [key for key in state if key not in expected]
+    if missing:
+        problems.append("missing " + ", ".join(map(repr, missing)))
+    if unexpected:
+        problems.append("unexpected " + ", ".join(map(repr, unexpected)))
+    for key, kind in expected.items():
+        if key in state and (not isinstance(state[key], kind) or isinstance(state[key], bool) and kind is int):
+            names = "/".join(k.__name__ for k in (kind if isinstance(kind, tuple) else (kind,)))
+            problems.append(f"{key!r} is a {type(state[key]).__name__}, expected {names}")
+    if problems:
+        raise UserError(f"{file} does not fit this version of antisd.py (format {CHECKPOINT_FORMAT}): "
+                        + "; ".join(problems))
+
+
 def load_checkpoint(path, device, state_file="trainer_state.pt"):
     """(trainer state, model, tokenizer) of a checkpoint; UserError naming the file that is missing
-    or cannot be read (a disk that filled up, a copy cut short, a file deleted by hand)."""
+    or cannot be read (a disk that filled up, a copy cut short, a file deleted by hand), or a trainer
+    state that another version of this file wrote (check_trainer_state)."""
     weights = [name for name in ("model.safetensors", "model.safetensors.index.json")
                if os.path.exists(os.path.join(path, name))]
     missing = [name for name in (state_file, "config.json", "tokenizer.json", "tokenizer_config.json")
@@ -1606,6 +1760,7 @@ def load_checkpoint(path, device, state_file="trainer_state.pt"):
         elif name.endswith(".safetensors"):  # the header gives every tensor's bytes: a cut file fails here
             read(file, lambda: safe_open(file, "pt").keys())
     state = read(os.path.join(path, state_file), lambda: torch.load(os.path.join(path, state_file), weights_only=False))
+    check_trainer_state(state, os.path.join(path, state_file))
     model, tokenizer = read(f"the model in {path}", lambda: load_model(path, device))
     return state, model, tokenizer
 
@@ -1843,12 +1998,28 @@ def train_tiny_arith(out_dir, steps=TINY_SFT_STEPS, batch_size=TINY_SFT_BATCH, l
 def tiny_arith_path():
     """The cached tiny arith model, trained on first use (about 2.5 minutes on one CPU thread)."""
     path = os.path.join(TINY_CACHE, TINY_ARITH_RECIPE)
-    if not os.path.isdir(path) and os.environ.get("WORLD_SIZE", "1") != "1":  # every rank would train its own
+    if os.environ.get("WORLD_SIZE", "1") == "1":
+        if not os.path.isdir(path):
+            print(f"--model tiny: no cached model in {path}; training it (supervised start, set ANTISD_CACHE to move it)")
+            train_tiny_arith(path)
+        return path
+    # torchrun: rank 0 trains it while the others wait at a barrier (World has started the process
+    # group). Every rank passes the barrier, cached or not: a rank that skipped it would hang the others.
+    import torch.distributed as dist
+    if not dist.is_initialized():
+        if os.path.isdir(path):
+            return path
         raise UserError(f"--model tiny: no cached model in {path}; build it once in one process first "
-                        f"(python eval.py --model tiny --benchmarks arith), then start torchrun")
-    if not os.path.isdir(path):
-        print(f"--model tiny: no cached model in {path}; training it (supervised start, set ANTISD_CACHE to move it)")
+                        f"(python eval.py --model tiny --benchmarks arith)")
+    if dist.get_rank() == 0 and not os.path.isdir(path):
+        print(f"--model tiny: no cached model in {path}; rank 0 trains it while the other processes wait "
+              f"(supervised start, set ANTISD_CACHE to move it)", flush=True)
         train_tiny_arith(path)
+    dist.barrier()
+    if not os.path.isdir(path):  # another machine: rank 0 wrote it to its own disk
+        raise UserError(f"--model tiny: rank 0 trained the tiny model into {path}, which this process "
+                        f"(rank {dist.get_rank()}) cannot see; put ANTISD_CACHE on a folder every machine shares, "
+                        f"or build it once on each machine (python eval.py --model tiny --benchmarks arith)")
     return path
 
 

@@ -21,8 +21,10 @@ Design decisions:
   5. maj@n groups the extracted answers by verified equivalence (\\frac12 and 0.5 are one vote),
      not by string; responses without a \\boxed{} do not vote; ties go to the answer seen first.
   6. All prompts of all benchmarks go through one sampler loop, sorted by prompt length so that a
-     batch pads little. Sampling runs under a forked RNG seeded with --seed: results repeat, and
-     an evaluation in the middle of training does not disturb the training run's random stream.
+     batch pads little. Every sample draws from its own generator, seeded from --seed, the problem
+     and the sample's number (PerSampleSampling): results repeat, a problem's samples do not depend
+     on the problems before it or in its batch (so --resume gives what an uninterrupted evaluation
+     gives), and an evaluation in the middle of training leaves the training run's random stream alone.
   7. Cost, an ESTIMATE (not measured): Qwen3-1.7B in bf16 on one H100 with batch 64 decodes at
      roughly 25-35 ms per step, and a batch runs until its longest response stops, i.e. usually
      --max-new-tokens steps. The defaults (aime24, aime25, amc23, minerva_math: 372 problems,
@@ -33,7 +35,9 @@ Design decisions:
 
 Outputs in --out-dir: results.json (metrics per benchmark under "benchmarks", their mean under
 "mean"; in "mean", `problems` is the total), samples.jsonl (one line per problem with all of its
-responses), and a Markdown table on stdout.
+responses, appended as each problem is checked, in benchmark order once the evaluation ends),
+settings.json (what --resume checks), and a Markdown table on stdout. A killed evaluation continues
+with the same command plus --resume.
 
 Run:  python eval.py                                    # Qwen/Qwen3-1.7B, default benchmarks, one GPU
       python eval.py --model runs/antisd/checkpoint-200 --benchmarks aime24,aime25,hmmt25 --n 32
@@ -44,11 +48,13 @@ Run:  python eval.py                                    # Qwen/Qwen3-1.7B, defau
 """
 
 import argparse
+import hashlib
 import importlib.metadata
 import json
 import math
 import os
 import platform
+import shutil
 import sys
 import time
 
@@ -240,14 +246,76 @@ def mean_metrics(per_benchmark):
 # -----------------------------------------------------------------------------
 # Sampling and scoring
 
+class PerSampleSampling:
+    """A logits processor that samples every row from its own random stream, so that a sample depends
+    only on the seed, its problem and its number, never on the rows that share its batch or on what
+    ran before it (a resumed evaluation samples exactly what an uninterrupted one does). Temperature
+    and top-p as in training (antisd.generate), then Gumbel-max: the argmax of log p + Gumbel noise is
+    a sample of p. generate then takes that one token greedily."""
+
+    def __init__(self, generators, temperature, top_p):
+        from transformers import TemperatureLogitsWarper, TopPLogitsWarper
+        self.generators = generators
+        self.warpers = [TemperatureLogitsWarper(temperature), TopPLogitsWarper(top_p)]
+
+    def __call__(self, input_ids, scores):
+        for warper in self.warpers:
+            scores = warper(input_ids, scores)
+        logp = torch.log_softmax(scores.float(), dim=-1)                         # [B, V]
+        uniform = torch.stack([torch.rand(scores.shape[1], generator=g, device=g.device) for g in self.generators])
+        choice = (logp - torch.log(-torch.log(uniform))).argmax(dim=-1)          # [B] Gumbel-max
+        return torch.full_like(scores, -math.inf).scatter_(1, choice[:, None], 0.0)
+
+
+def sample_generator(seed, benchmark, index, sample, device):
+    """The random stream of one sample: from the run's seed, the problem (benchmark and index) and the
+    sample's number."""
+    key = hashlib.sha256(f"{seed}/{benchmark}/{index}/{sample}".encode()).digest()
+    return torch.Generator(device=device).manual_seed(int.from_bytes(key[:8], "little") >> 1)
+
+
+def sample_batch(model, tokenizer, prompts, generators, max_new_tokens, temperature, top_p):
+    """One response per prompt, (token ids up to and including the stop token, truncated), each row
+    sampled from its own generator (PerSampleSampling)."""
+    from transformers import GenerationConfig, LogitsProcessorList
+    stop_ids = antisd.stop_token_ids(model, tokenizer)
+    # greedy over the one token PerSampleSampling leaves; every other setting explicit, as in antisd.generate
+    config = GenerationConfig(do_sample=False, num_beams=1, repetition_penalty=1.0, max_new_tokens=max_new_tokens,
+                              eos_token_id=stop_ids, pad_token_id=tokenizer.pad_token_id)
+    input_ids, attention_mask = antisd.left_pad(prompts, tokenizer.pad_token_id, model.device)
+    output = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config,
+                            logits_processor=LogitsProcessorList([PerSampleSampling(generators, temperature, top_p)]))
+    results = []
+    for new_tokens in output[:, input_ids.shape[1]:].tolist():
+        stop = next((k for k, tok in enumerate(new_tokens) if tok in stop_ids), None)
+        results.append((new_tokens[:stop + 1], False) if stop is not None else (new_tokens, True))
+    return results
+
+
+def check_problem(tokenizer, name, index, item, problem_outputs):
+    """One problem's record: its responses verified, extracted and voted on."""
+    responses = [antisd.decode_response(tokenizer, ids) for ids, _ in problem_outputs]
+    correct = [antisd.verify(response, item["answer"]) for response in responses]
+    extracted = [antisd.extract_boxed(response) for response in responses]
+    return {"benchmark": name, "index": index, "problem": item["problem"], "answer": item["answer"],
+            "responses": responses, "extracted": extracted, "correct": correct,
+            "majority_correct": majority_is_correct(extracted, correct),
+            "truncated": [truncated for _, truncated in problem_outputs],
+            "lengths": [len(ids) for ids, _ in problem_outputs]}
+
+
 def evaluate(model, tokenizer, benchmarks, n, temperature, top_p, max_new_tokens, batch_size,
-             enable_thinking, seed):
+             enable_thinking, seed, done=None, on_problem=None):
     """Sample n responses per problem and score them.
 
     benchmarks: {name: load_benchmark(name, ...)}. Returns (results, samples): results is
-    {"benchmarks": {name: metrics}, "mean": metrics}, samples one dict per problem.
-    The model is put in eval mode and given back in the mode it came in.
+    {"benchmarks": {name: metrics}, "mean": metrics}, samples one dict per problem, in benchmark order.
+    done: {(name, index): sample} of problems evaluated before (eval.py --resume), not sampled again.
+    on_problem(sample) is called for each new problem as soon as its responses are checked.
+    The model is put in eval mode and given back in the mode it came in; the caller's random
+    state is not touched (every sample has its own generator).
     """
+    done = done or {}
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -257,31 +325,32 @@ def evaluate(model, tokenizer, benchmarks, n, temperature, top_p, max_new_tokens
     prompts = [antisd.student_prompt_ids(tokenizer, item["problem"], enable_thinking) for _, _, item in problems]
     requests = [p for p in range(len(prompts)) for _ in range(n)]     # sample j of prompt p is request p*n+j
     order = sorted(range(len(requests)), key=lambda r: len(prompts[requests[r]]))  # similar lengths share a batch
+    # the batches are fixed by the settings, not by what is left: a resumed evaluation runs the same
+    # batches (the done problems of a batch are sampled again and dropped), so even the padding is the same
+    batches = [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
+    samples = {p: done[(name, index)] for p, (name, index, _) in enumerate(problems) if (name, index) in done}
+    waiting = {p: n for p in range(len(problems)) if p not in samples}  # samples still to come, per problem
     outputs = [None] * len(requests)
 
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.no_grad():
-        torch.manual_seed(seed)
-        for start in tqdm(range(0, len(order), batch_size), desc="sampling", unit="batch"):
-            batch = order[start:start + batch_size]
-            generated = antisd.generate(model, tokenizer, [prompts[requests[r]] for r in batch],
-                                        max_new_tokens, temperature, top_p, batch_size)
+    with torch.no_grad():
+        for batch in tqdm([b for b in batches if any(requests[r] in waiting for r in b)], desc="sampling", unit="batch"):
+            generators = [sample_generator(seed, *problems[requests[r]][:2], r % n, device) for r in batch]
+            generated = sample_batch(model, tokenizer, [prompts[requests[r]] for r in batch], generators,
+                                     max_new_tokens, temperature, top_p)
             for r, output in zip(batch, generated):
+                p = requests[r]
                 outputs[r] = output
+                if p not in waiting:
+                    continue
+                waiting[p] -= 1
+                if waiting[p] == 0:  # the problem's last sample: check it now, so that it can be kept
+                    del waiting[p]
+                    samples[p] = check_problem(tokenizer, *problems[p], outputs[p * n:(p + 1) * n])
+                    if on_problem:
+                        on_problem(samples[p])
     model.train(was_training)
 
-    # score: verify each response, vote per problem
-    samples = []
-    for p, (name, index, item) in enumerate(problems):
-        problem_outputs = outputs[p * n:(p + 1) * n]
-        responses = [antisd.decode_response(tokenizer, ids) for ids, _ in problem_outputs]
-        correct = [antisd.verify(response, item["answer"]) for response in responses]
-        extracted = [antisd.extract_boxed(response) for response in responses]
-        samples.append({"benchmark": name, "index": index, "problem": item["problem"], "answer": item["answer"],
-                        "responses": responses, "extracted": extracted, "correct": correct,
-                        "majority_correct": majority_is_correct(extracted, correct),
-                        "truncated": [truncated for _, truncated in problem_outputs],
-                        "lengths": [len(ids) for ids, _ in problem_outputs]})
-
+    samples = [samples[p] for p in range(len(problems))]
     per_benchmark = {name: benchmark_metrics([s for s in samples if s["benchmark"] == name], n) for name in benchmarks}
     return {"benchmarks": per_benchmark, "mean": mean_metrics(per_benchmark)}, samples
 
@@ -414,6 +483,87 @@ def show_tokens(run_dir, out_dir, steps_shown=6, scale=3.0):
 
 
 # -----------------------------------------------------------------------------
+# Resuming: samples.jsonl keeps every problem as soon as it is checked
+
+# what defines an evaluation: resuming with any of these changed would mix two evaluations in one file
+EVALUATION_DEFINING = ["model", "benchmarks", "data_dir", "limit", "n", "temperature", "top_p", "max_new_tokens",
+                       "enable_thinking", "seed", "problems"]
+
+
+def evaluation_settings(args, benchmarks):
+    """The settings that define this evaluation, with a fingerprint of its problems (an edited file is
+    another evaluation)."""
+    settings = {key: getattr(args, key) for key in EVALUATION_DEFINING if key != "problems"}
+    settings["problems"] = {name: antisd.dataset_fingerprint(items) for name, items in benchmarks.items()}
+    return settings
+
+
+def read_done_problems(path):
+    """{(benchmark, index): sample} from samples.jsonl. A kill can leave the last line half-written: it
+    is dropped, and the file rewritten without it (into a new file that replaces it), so that the next
+    line starts on a line of its own. Damage anywhere else is named."""
+    with open(path, "rb") as f:
+        lines = f.read().split(b"\n")
+    done, kept = {}, []
+    for line_number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            sample = json.loads(line)
+            key = (sample["benchmark"], sample["index"])
+        except (ValueError, KeyError, TypeError):
+            if line_number == len(lines):  # no newline after it: torn by a kill mid-write
+                continue
+            raise antisd.UserError(f"{path}, line {line_number}: not a sample line of eval.py (move the file "
+                                   f"away to evaluate again from the start)") from None
+        done[key] = sample
+        kept.append(line + b"\n")
+    temporary = path + ".tmp"
+    with open(temporary, "wb") as f:
+        f.writelines(kept)
+    os.replace(temporary, path)
+    return done
+
+
+def start_or_resume(args, benchmarks):
+    """{(benchmark, index): sample} of the problems already evaluated in --out-dir (none unless
+    --resume), after checking that they belong to this evaluation. Writes settings.json for a new one."""
+    settings = evaluation_settings(args, benchmarks)
+    samples_path = os.path.join(args.out_dir, "samples.jsonl")
+    settings_path = os.path.join(args.out_dir, "settings.json")
+    finished = os.path.exists(os.path.join(args.out_dir, "results.json"))
+    if not args.resume:
+        if os.path.exists(samples_path) and not finished:
+            raise antisd.UserError(f"--out-dir {args.out_dir} holds an unfinished evaluation ({samples_path}): "
+                                   f"pass --resume to continue it, or choose another --out-dir")
+        with open(settings_path, "w") as f:
+            json.dump(settings, f, indent=2)
+        open(samples_path, "w").close()
+        return {}
+    if not os.path.exists(settings_path) or not os.path.exists(samples_path):
+        raise antisd.UserError(f"--resume: --out-dir {args.out_dir} holds no evaluation to continue "
+                               f"(no settings.json and samples.jsonl)")
+    try:
+        with open(settings_path) as f:
+            saved = json.load(f)
+    except ValueError as e:
+        raise antisd.UserError(f"--resume: {settings_path} cannot be read ({antisd.one_line(e)})") from None
+    changed = [f"--{key.replace('_', '-')} {saved.get(key)!r} -> {value!r}" if key != "problems" else
+               "the problems of --benchmarks (fingerprint) changed" for key, value in settings.items()
+               if saved.get(key) != value]
+    if changed:
+        raise antisd.UserError(f"refusing to resume the evaluation in {args.out_dir} with different settings: "
+                               + "; ".join(changed))
+    done = read_done_problems(samples_path)
+    known = {(name, index) for name, items in benchmarks.items() for index in range(len(items))}
+    if not set(done) <= known:
+        raise antisd.UserError(f"--resume: {samples_path} holds problems this evaluation does not have "
+                               f"({sorted(set(done) - known)[:3]}); it was written by another evaluation")
+    print(f"resuming the evaluation in {args.out_dir}: {len(done)} of {len(known)} problems done")
+    return done
+
+
+# -----------------------------------------------------------------------------
 # Command line
 
 def main(argv=None):
@@ -438,7 +588,8 @@ def main(argv=None):
     parser.add_argument("--batch-size", type=int, default=64)  # sequences per generate call; ~17 GB of KV cache at 1.7B and 2K+prompt tokens
     parser.add_argument("--seed", type=int, default=0)  # seeds sampling, so a rerun gives the same responses on the same machine
     # output
-    parser.add_argument("--out-dir", default="eval_out", help="where results.json and samples.jsonl go (overwritten)")
+    parser.add_argument("--out-dir", default="eval_out", help="where results.json and samples.jsonl go (a finished evaluation is overwritten)")
+    parser.add_argument("--resume", action="store_true", help="continue the unfinished evaluation in --out-dir after its last checked problem")
     args = parser.parse_args(argv)
     if args.compare or args.show:
         if args.compare:
@@ -463,26 +614,42 @@ def main(argv=None):
         os.makedirs(args.out_dir, exist_ok=True)  # before the model loads, not after the evaluation
     except OSError as e:
         raise antisd.UserError(f"--out-dir {args.out_dir}: cannot create it ({e.strerror})") from None
+    done = start_or_resume(args, benchmarks)
     device = antisd.pick_device(args.device, args.model)
     model, tokenizer = antisd.load_model(args.model, device)
 
     started = time.time()
-    results, samples = evaluate(model, tokenizer, benchmarks, n=args.n, temperature=args.temperature,
-                                top_p=args.top_p, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
-                                enable_thinking=args.enable_thinking, seed=args.seed)
+    with open(os.path.join(args.out_dir, "samples.jsonl"), "a") as samples_file:
+        def keep(sample):  # each problem as soon as it is checked: a kill loses at most the batch in flight
+            line = (json.dumps(sample) + "\n").encode()
+            try:  # unbuffered: nothing is left in a buffer to fail again when the file closes
+                while line:
+                    line = line[os.write(samples_file.fileno(), line):]
+            except OSError as e:  # a full disk: what was written is kept, and --resume continues after it
+                raise antisd.UserError(f"could not write problem {sample['index']} of {sample['benchmark']} to "
+                                       f"{samples_file.name} ({e.strerror}); {args.out_dir} has "
+                                       f"{antisd.human_size(shutil.disk_usage(args.out_dir).free)} free; the "
+                                       f"problems before it are kept: free some space, then pass --resume") from None
+
+        results, samples = evaluate(model, tokenizer, benchmarks, n=args.n, temperature=args.temperature,
+                                    top_p=args.top_p, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+                                    enable_thinking=args.enable_thinking, seed=args.seed, done=done, on_problem=keep)
     seconds = time.time() - started
 
     versions = {package: importlib.metadata.version(package)
                 for package in ("torch", "transformers", "datasets", "math-verify")}
     versions["python"] = platform.python_version()
-    report = {"model": args.model, "settings": vars(args), "device": str(device),
+    settings = {key: value for key, value in vars(args).items() if key != "resume"}  # resumed or not: one evaluation
+    report = {"model": args.model, "settings": settings, "device": str(device),
               "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
               "versions": versions, "seconds": round(seconds, 1), **results}
-    with open(os.path.join(args.out_dir, "results.json"), "w") as f:
-        json.dump(report, f, indent=2)
-    with open(os.path.join(args.out_dir, "samples.jsonl"), "w") as f:
+    # samples.jsonl again, now in benchmark order (it was written in the order problems finished)
+    with open(os.path.join(args.out_dir, "samples.jsonl.tmp"), "w") as f:
         for sample in samples:
             f.write(json.dumps(sample) + "\n")
+    os.replace(os.path.join(args.out_dir, "samples.jsonl.tmp"), os.path.join(args.out_dir, "samples.jsonl"))
+    with open(os.path.join(args.out_dir, "results.json"), "w") as f:
+        json.dump(report, f, indent=2)
     print(markdown_table(results))
     print(f"{len(samples)} problems x {args.n} samples in {seconds:.0f} s; wrote {args.out_dir}/results.json and samples.jsonl")
 

@@ -25,6 +25,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 import argparse
+import errno
 import functools
 import importlib
 import inspect
@@ -34,6 +35,8 @@ import json
 import math
 import random
 import re
+import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -299,6 +302,19 @@ def test_gold_with_several_boxes_is_kept_whole():
 def test_a_missing_gold_rewards_no_answer_not_even_one_that_spells_none():
     for response in [r"\boxed{None}", r"\boxed{none}", r"\boxed{0}"]:
         assert antisd.verify(response, None) == 0.0
+
+
+@pytest.mark.parametrize("response, gold, reward", [
+    ("\\boxed{1}", "1 - \\frac{1}{\\mathrm{e}}", 0.0),
+    ("\\boxed{1-\\frac{1}{e}}", "1 - \\frac{1}{\\mathrm{e}}", 1.0),
+    ("\\boxed{3}", "3\\mathrm{e}", 0.0),
+    ("\\boxed{3e}", "3\\mathrm{e}", 1.0),
+    ("\\boxed{1000}", "1{,}000", 1.0),
+    ("\\boxed{27}", 27.0, 1.0),
+])
+def test_verify_on_a_raw_gold_agrees_with_verify_on_its_cleaned_gold(response, gold, reward):
+    assert antisd.verify(response, gold) == reward
+    assert antisd.verify(response, antisd.clean_gold(gold)) == reward
 
 
 # -----------------------------------------------------------------------------
@@ -2071,6 +2087,16 @@ def test_command_line_on_tiny_model_writes_results_and_one_sample_line_per_probl
     assert all(len(json.loads(line)["responses"]) == 2 for line in lines)
 
 
+def test_the_n_samples_of_a_problem_are_separate_draws(tiny):
+    # avg@n and pass@k assume n independent samples: n copies of one draw would be avg@1 n times over.
+    # The untrained model at T = 1 spreads over its 320 tokens, so 8 tokens from separate streams differ
+    model, tokenizer = tiny
+    problems = [{"problem": f"What is {k} + {k}?", "answer": str(2 * k)} for k in range(3)]
+    _, samples = evaluation.evaluate(model, tokenizer, {"toy": problems}, 4, 1.0, 1.0, 8, 4, False, 0)
+    for sample in samples:
+        assert len(set(sample["responses"])) == 4, sample["responses"]
+
+
 def test_each_problem_is_scored_on_its_own_samples(monkeypatch):
     # a stub generator answers each prompt with its own problem's number: any mix-up of samples between
     # problems shows as a wrong answer or a response filed under another problem
@@ -2082,13 +2108,114 @@ def test_each_problem_is_scored_on_its_own_samples(monkeypatch):
         numbers = [re.search(r"What is (\d+) times one", text).group(1) for text in texts]
         return [(tokenizer(f"\\boxed{{{k}}}")["input_ids"] + [tokenizer.eos_token_id], False) for k in numbers]
 
-    monkeypatch.setattr(antisd, "generate", own_answer)
+    monkeypatch.setattr(evaluation, "sample_batch", own_answer)
     results, samples = evaluation.evaluate(model, tokenizer, {"toy": problems[:3], "other": problems[3:]}, 3,
                                            0.7, 0.95, 8, 4, False, 0)
     assert [s["answer"] for s in samples] == [p["answer"] for p in problems]
     for sample in samples:
         assert sample["responses"] == [f"\\boxed{{{sample['answer']}}}"] * 3
     assert results["benchmarks"]["toy"]["avg@3"] == results["benchmarks"]["other"]["avg@3"] == 1.0
+
+
+# resumable evaluation
+
+
+EVAL = ["--model", "tiny-random", "--device", "cpu", "--benchmarks", "arith", "--n", "2", "--max-new-tokens", "24",
+        "--batch-size", "2"]
+
+
+def with_flag(argv, flag, value):
+    """argv with flag set to value (replaced where it is, else appended)."""
+    if flag not in argv:
+        return argv + [flag, value]
+    at = argv.index(flag)
+    return argv[:at + 1] + [value] + argv[at + 2:]
+
+
+def comparable(out_dir):
+    report = json.loads((out_dir / "results.json").read_text())
+    del report["seconds"], report["settings"]["out_dir"]
+    return report, (out_dir / "samples.jsonl").read_text()
+
+
+def test_a_killed_evaluation_resumes_to_the_results_of_an_uninterrupted_one(tmp_path, capsys):
+    killed, straight = tmp_path / "killed", tmp_path / "straight"
+    samples = killed / "samples.jsonl"
+    process = subprocess.Popen([sys.executable, str(HERE / "eval.py")] + EVAL + ["--limit", "60", "--out-dir", str(killed)],
+                               env=FAST, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_for(lambda: samples.exists() and samples.read_text().count("\n") >= 3, process)
+        os.kill(process.pid, signal.SIGKILL)
+        process.wait()
+    finally:
+        if process.poll() is None:
+            process.kill()
+    kept = samples.read_text().count("\n")
+    assert 3 <= kept < 60 and not (killed / "results.json").exists()
+    with open(samples, "a") as f:
+        f.write('{"benchmark": "arith", "index": 59, "probl')       # a line torn by the kill
+    with pytest.raises(antisd.UserError, match="holds an unfinished evaluation .*pass --resume"):
+        evaluation.main(EVAL + ["--limit", "60", "--out-dir", str(killed)])
+    for flag, value, named in [("--n", "4", "--n 2 -> 4"), ("--seed", "1", "--seed 0 -> 1"),
+                               ("--temperature", "1.0", "--temperature 0.7 -> 1.0"), ("--limit", "50", "--limit 60 -> 50"),
+                               ("--max-new-tokens", "30", "--max-new-tokens 24 -> 30"),
+                               ("--model", "tiny", "--model 'tiny-random' -> 'tiny'")]:
+        argv = with_flag(EVAL + ["--limit", "60"], flag, value)
+        with pytest.raises(antisd.UserError, match="refusing to resume the evaluation .*" + re.escape(named)):
+            evaluation.main(argv + ["--out-dir", str(killed), "--resume"])
+    capsys.readouterr()
+    evaluation.main(EVAL + ["--limit", "60", "--out-dir", str(killed), "--resume"])
+    assert f"{kept} of 60 problems done" in capsys.readouterr().out
+    evaluation.main(EVAL + ["--limit", "60", "--out-dir", str(straight)])
+    assert comparable(killed) == comparable(straight)
+
+
+def test_an_evaluation_on_a_full_disk_ends_in_one_paragraph_keeping_the_problems_written(tmp_path, capsys, monkeypatch):
+    real_write = os.write
+
+    def full_at_the_third_problem(fd, data):
+        if b'"index": 2,' in data and os.readlink(f"/proc/self/fd/{fd}").endswith("samples.jsonl"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(fd, data)
+    monkeypatch.setattr(os, "write", full_at_the_third_problem)
+    out_dir = tmp_path / "out"
+    code, text = failure_message(capsys, evaluation.main, EVAL + ["--limit", "4", "--batch-size", "1",
+                                                                 "--out-dir", str(out_dir)])
+    assert re.fullmatch(rf"error: could not write problem 2 of arith to {out_dir}/samples\.jsonl \(No space left on "
+                        rf"device\); {out_dir} has [\d.,]+ [MG]B free; the problems before it are kept: free some space, "
+                        rf"then pass --resume", text), text
+    kept = [json.loads(line)["index"] for line in (out_dir / "samples.jsonl").read_text().splitlines()]
+    assert 2 not in kept and sorted(kept) == sorted(set(kept))      # whole lines, each problem once
+
+
+def test_a_problems_samples_do_not_depend_on_the_problems_sampled_before_it_or_its_batch():
+    model, tokenizer = antisd.load_model("tiny-random", torch.device("cpu"))
+    problems = {"toy": [{"problem": f"What is {i}+{i}?", "answer": str(2 * i)} for i in range(5)]}
+    settings = dict(n=3, temperature=1.0, top_p=0.9, max_new_tokens=10, enable_thinking=False, seed=3)
+    _, together = evaluation.evaluate(model, tokenizer, problems, batch_size=15, **settings)
+    _, one_by_one = evaluation.evaluate(model, tokenizer, problems, batch_size=1, **settings)
+    assert [s["responses"] for s in together] == [s["responses"] for s in one_by_one]
+    done = {("toy", i): together[i] for i in (0, 1, 3)}           # a resumed evaluation: only 2 and 4 are sampled
+    new = []
+    _, resumed = evaluation.evaluate(model, tokenizer, problems, batch_size=4, done=done, on_problem=new.append, **settings)
+    assert [s["index"] for s in new] == [2, 4] and resumed == together
+    _, other_seed = evaluation.evaluate(model, tokenizer, problems, batch_size=15, **{**settings, "seed": 4})
+    assert [s["responses"] for s in other_seed] != [s["responses"] for s in together]
+
+
+def test_per_sample_sampling_draws_from_the_tempered_top_p_distribution():
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0, -8.0]])
+    temperature, top_p = 0.7, 0.9
+    probs = torch.softmax(logits[0] / temperature, dim=0).double()
+    keep = torch.cumsum(probs, 0) - probs < top_p                  # the smallest prefix holding top_p
+    expected = torch.where(keep, probs, 0) / probs[keep].sum()
+    generator = torch.Generator().manual_seed(0)
+    sampler = evaluation.PerSampleSampling([generator], temperature, top_p)
+    draws = 20000
+    counts = torch.zeros(5, dtype=torch.float64)
+    for _ in range(draws):
+        counts[int(sampler(None, logits.clone()).argmax())] += 1
+    assert torch.allclose(counts / draws, expected, atol=4 * (0.25 / draws) ** 0.5)
 
 
 # -----------------------------------------------------------------------------
@@ -2105,6 +2232,20 @@ def failure_message(capsys, main, argv):
         antisd.run_command(main, argv)
     code, err = raised.value.code, capsys.readouterr().err
     return code, (code if isinstance(code, str) else err)
+
+
+FAST = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+        "PYTHONPATH": str(HERE)}
+
+
+def wait_for(condition, process, seconds=120):
+    """Polls until condition() holds; fails with the process's output if it ends first."""
+    deadline = time.time() + seconds
+    while not condition():
+        if process.poll() is not None:
+            pytest.fail(f"the process ended first:\n{process.stdout.read()[-3000:]}")
+        assert time.time() < deadline, "timed out"
+        time.sleep(0.05)
 
 
 # -----------------------------------------------------------------------------
@@ -2551,6 +2692,160 @@ def test_resume_on_an_edited_dataset_is_refused(two_step_run, tmp_path, monkeypa
     assert antisd.list_checkpoints(run) == ["run/checkpoint-1", "run/checkpoint-2"]
 
 
+# one run per --out-dir
+
+RUN = SMALL_RUN + ["--dataset", "arith", "--save-every", "1"]
+
+
+def test_a_second_run_into_a_busy_out_dir_is_refused_naming_the_holder_and_a_killed_run_does_not_block_resume(
+        tmp_path, capsys):
+    out_dir = tmp_path / "run"
+    first = subprocess.Popen([sys.executable, str(HERE / "antisd.py")] + RUN + ["--steps", "100000", "--out-dir", str(out_dir)],
+                             env=FAST, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_for(lambda: (out_dir / "checkpoint-1").is_dir(), first)
+        for again in ([], ["--resume"]):
+            code, text = failure_message(capsys, antisd.main, RUN + ["--steps", "1", "--out-dir", str(out_dir)] + again)
+            assert text.startswith(f"error: --out-dir {out_dir} is in use by another run: process {first.pid} on ")
+            assert "\n" not in text.strip()
+        assert first.poll() is None                                 # the first run goes on
+        os.kill(first.pid, signal.SIGKILL)                          # and dies without letting go of anything
+        first.wait()
+    finally:
+        if first.poll() is None:
+            first.kill()
+    assert str(first.pid) in (out_dir / antisd.LOCK_FILE).read_text()   # its pid stays in the file
+    capsys.readouterr()
+    antisd.main(RUN + ["--steps", "1", "--out-dir", str(out_dir), "--resume"])
+    assert "resumed from" in capsys.readouterr().out
+    assert (out_dir / antisd.LOCK_FILE).read_text().startswith(f"{os.getpid()} on ")
+
+
+# a full disk
+
+def enospc(*args, **kwargs):
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def short_write(*args, **kwargs):  # what torch.save raises on a full disk
+    raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 876992 vs 876880")
+
+
+@pytest.mark.parametrize("failure, reason", [(enospc, r"No space left on device \[errno 28\]"),
+                                             (short_write, r"RuntimeError: \[enforce fail at inline_container")])
+def test_a_save_on_a_full_disk_ends_in_one_paragraph_and_leaves_no_partial_checkpoint(tmp_path, capsys, monkeypatch,
+                                                                                     failure, reason):
+    real_save, saves = torch.save, []
+
+    def save_fills_the_disk(state, path, *args, **kwargs):
+        saves.append(path)
+        if "checkpoint-2" in str(path):
+            failure()
+        return real_save(state, path, *args, **kwargs)
+    monkeypatch.setattr(antisd.torch, "save", save_fills_the_disk)
+    run = tmp_path / "run"
+    code, text = failure_message(capsys, antisd.main, RUN + ["--steps", "3", "--out-dir", str(run)])
+    assert re.fullmatch(rf"error: could not write checkpoint-2 \({run}/checkpoint-2\.tmp: {reason}.*\); {run} has "
+                        rf"[\d.,]+ [MG]B free of [\d.,]+ [MG]B and a checkpoint takes [\d.]+ MB; the newest whole checkpoint "
+                        rf"is {run}/checkpoint-1: free some space \(or move --out-dir\), then --resume continues from "
+                        rf"it \(the partial checkpoint-2\.tmp was removed\)", text), text
+    assert sorted(p.name for p in run.iterdir() if p.is_dir()) == ["checkpoint-1"]
+
+
+def test_a_log_write_on_a_full_disk_ends_in_one_paragraph(tmp_path, capsys, monkeypatch):
+    real_write = os.write
+
+    def full_at_step_2(fd, data):
+        if b'"step": 2,' in data and os.readlink(f"/proc/self/fd/{fd}").endswith("metrics.jsonl"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(fd, data)
+    monkeypatch.setattr(os, "write", full_at_step_2)
+    run = tmp_path / "run"
+    code, text = failure_message(capsys, antisd.main, RUN + ["--steps", "3", "--out-dir", str(run)])
+    assert text.startswith(f"error: could not write the log line of step 2 ({run}/metrics.jsonl: No space left on "
+                           f"device [errno 28]); {run} has "), text
+    assert text.endswith(f"the newest whole checkpoint is {run}/checkpoint-1: free some space (or move --out-dir), "
+                         f"then --resume continues from it"), text
+    assert [line["step"] for line in metrics_lines(run)] == [1]
+
+
+def test_a_real_full_disk_ends_in_one_paragraph_and_frees_the_partial_checkpoint(tmp_path, capsys):
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(disk)], capture_output=True)
+    if mounted.returncode:
+        pytest.skip(f"cannot mount a small tmpfs here: {mounted.stderr.decode().strip()}")
+    try:
+        run = disk / "run"
+        code, text = failure_message(capsys, antisd.main, RUN + ["--steps", "10", "--out-dir", str(run)])
+        assert re.match(rf"error: could not write checkpoint-(\d+) \({run}/checkpoint-\1\.tmp: ", text), text
+        newest = antisd.list_checkpoints(str(run))[-1]
+        assert f"the newest whole checkpoint is {newest}:" in text and "was removed" in text
+        assert not list(run.glob("*.tmp"))
+        free = float(re.search(r"has ([\d.]+) MB free", text).group(1))
+        assert abs(free - shutil.disk_usage(run).free / 2**20) < 0.1   # measured after the removal
+    finally:
+        held = getattr(antisd, "_held_locks", {})
+        for path in [p for p in held if p.startswith(str(disk))]:  # this process's lock on the run
+            held.pop(path).close()
+        subprocess.run(["umount", str(disk)], check=True)
+
+
+# checkpoints written by another version
+
+
+def edit_state(path, edit):
+    state = torch.load(path, weights_only=False)
+    edit(state)
+    torch.save(state, path)
+
+
+@pytest.mark.parametrize("edit, named", [
+    (lambda s: s.pop("gate"), r"missing 'gate'"),
+    (lambda s: s.update(new_field=1), r"unexpected 'new_field'"),
+    (lambda s: s.update(step="2"), r"'step' is a str, expected int"),
+    (lambda s: s.update(format=1), r"written by an older format \(1\) than this antisd\.py reads \(2\)$"),
+    (lambda s: s.update(format=3), r"written by a newer format \(3\)"),
+])
+def test_a_trainer_state_of_another_version_is_named(two_step_run, tmp_path, monkeypatch, edit, named):
+    run = copy_of(two_step_run, tmp_path, monkeypatch)
+    edit_state(run / "checkpoint-2" / "trainer_state.pt", edit)
+    with pytest.raises(antisd.UserError, match=r"checkpoint-2/trainer_state\.pt does not fit this version of "
+                                               r"antisd\.py \(format 2\): .*" + named):
+        antisd.load_checkpoint(str(run / "checkpoint-2"), torch.device("cpu"))
+
+
+def test_a_trainer_state_written_before_formats_were_recorded_still_loads(two_step_run, tmp_path, monkeypatch):
+    run = copy_of(two_step_run, tmp_path, monkeypatch)
+    edit_state(run / "checkpoint-2" / "trainer_state.pt", lambda s: s.pop("format"))
+    state, _, _ = antisd.load_checkpoint(str(run / "checkpoint-2"), torch.device("cpu"))
+    assert state["step"] == 2
+    assert antisd.CHECKPOINT_FORMAT == 2 and set(antisd.TRAINER_STATE_TYPES) - set(state) == {"format"}
+
+
+def test_resume_falls_back_from_a_trainer_state_of_another_version_and_redoes_its_step(two_step_run, tmp_path,
+                                                                                     monkeypatch, capsys):
+    run = copy_of(two_step_run, tmp_path, monkeypatch)
+    logged, saved = metrics_lines(run), weights(run / "checkpoint-2")
+    edit_state(run / "checkpoint-2" / "trainer_state.pt", lambda s: s.pop("gate"))
+    capsys.readouterr()
+    argv = SMALL_RUN + ["--dataset", "data.jsonl", "--steps", "2", "--save-every", "1", "--lr", "1e-3", "--out-dir", "run"]
+    antisd.main(argv + ["--resume"])
+    out, err = capsys.readouterr()
+    assert ("checkpoint run/checkpoint-2 is damaged: run/checkpoint-2/trainer_state.pt does not fit this version "
+            "of antisd.py (format 2): missing 'gate'; trying the one before it") in err
+    assert "resumed from run/checkpoint-1: continuing at step 2" in out
+    assert metrics_lines(run) == logged
+    again = weights(run / "checkpoint-2")
+    assert all(torch.equal(saved[k], again[k]) for k in saved)
+    for checkpoint in ("checkpoint-1", "checkpoint-2"):             # none whole: one paragraph naming both
+        edit_state(run / checkpoint / "trainer_state.pt", lambda s: s.pop("stream"))
+    code, text = failure_message(capsys, antisd.main, argv + ["--steps", "3", "--resume"])
+    assert text == ("error: --resume: no checkpoint is whole: run/checkpoint-2/trainer_state.pt does not fit this "
+                    "version of antisd.py (format 2): missing 'stream'; run/checkpoint-1/trainer_state.pt does not "
+                    "fit this version of antisd.py (format 2): missing 'stream'"), text
+
+
 # -----------------------------------------------------------------------------
 # Infrastructure: the tiny models and the laptop demo (the arith task and its held-out benchmark)
 
@@ -2716,6 +3011,39 @@ def test_two_processes_give_one_process_gradient_gate_signal_and_token_count_and
         antisd.main(["--model", "tiny-random", "--dataset", "arith", "--device", "cpu", "--prompts-per-step", "2",
                      "--group-size", "2", "--max-new-tokens", "6", "--micro-batch-size", "2", "--out-dir", str(run),
                      "--steps", "3", "--resume"])
+
+
+BUILD_ONCE = """
+import os, sys, time, torch
+sys.path.insert(0, {here!r})
+import antisd
+antisd.TINY_CACHE = {cache!r}
+def stand_in_start(path):  # slow enough that a rank which did not wait would find nothing
+    open(os.path.join({out!r}, "trained-by-rank" + os.environ["RANK"]), "w").close()
+    time.sleep(1.0)
+    os.makedirs(path)
+antisd.train_tiny_arith = stand_in_start
+world = antisd.World(torch.device("cpu"))
+print("rank", world.rank, "found", os.path.isdir(antisd.tiny_arith_path()), flush=True)
+"""
+
+
+def test_torchrun_builds_the_tiny_model_once_on_rank_0_while_the_others_wait(tmp_path):
+    import socket
+    script = tmp_path / "build_once.py"
+    script.write_text(BUILD_ONCE.format(here=str(HERE), cache=str(tmp_path / "cache"), out=str(tmp_path)))
+    with socket.socket() as s:  # a free port for the rendezvous
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    # the two processes torchrun would start, with its environment (the launcher itself adds nothing here)
+    ranks = [subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              env={**FAST, "WORLD_SIZE": "2", "RANK": str(rank), "LOCAL_RANK": str(rank),
+                                   "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}) for rank in (0, 1)]
+    outputs = [rank.communicate(timeout=120)[0] for rank in ranks]
+    assert [rank.returncode for rank in ranks] == [0, 0], outputs
+    assert sorted(p.name for p in tmp_path.glob("trained-by-rank*")) == ["trained-by-rank0"]
+    for rank, output in enumerate(outputs):
+        assert f"rank {rank} found True" in output, output
 
 
 # -----------------------------------------------------------------------------
