@@ -420,8 +420,9 @@ def clean_gold(value):
     # Minerva writes 4.5e33; math-verify would read it as 4.5
     text = re.sub(r"^(-?\d+(?:\.\d+)?)[eE]\+?(-?\d+)$", r"\1 \\times 10^{\2}", text)
     text = normalise_math(re.sub(r"(?<!\\)\$", " ", text))  # "$21,16$ or $11$": inner '$' only delimit
-    # a plain number always parses: no round trip to the worker (arith and GSM8K golds are all numbers)
-    if not text or not (re.fullmatch(r"-?\d+(?:\.\d+)?", text) or _check_math("parse", text)):
+    # a plain number or one capital letter always parses: no round trip to the worker (arith and GSM8K
+    # golds are all numbers, search golds letters)
+    if not text or not (re.fullmatch(r"-?\d+(?:\.\d+)?|[A-Z]", text) or _check_math("parse", text)):
         return None
     return text
 
@@ -886,7 +887,7 @@ def main(argv=None):
 
             # ---- log, evaluate, save
             bad_steps = 0 if update["epochs_applied"] == args.ppo_epochs else bad_steps + 1
-            record = step_metrics(step, rewards, truncated, mask, stats, terms, update, gate, timer, args)
+            record = step_metrics(step, rewards, truncated, mask, stats, terms, update, gate, timer, args, texts)
             if eval_sets and step % args.eval_every == 0:
                 record.update(evaluate_in_loop(evaluation, model, tokenizer, eval_sets, args))
             logs.write_metrics(record)
@@ -996,6 +997,9 @@ def load_problems(name, seed):
     if name == "arith":
         rows = make_arith_problems(2000, seed)
         where = ["arith"] * len(rows)
+    elif name == "search":  # the tiny search task (section "The tiny models")
+        rows = make_search_problems(2000, seed)
+        where = ["search"] * len(rows)
     elif name.endswith(".jsonl"):
         if not os.path.exists(name):
             raise UserError(f"--dataset {name}: file not found")
@@ -1023,7 +1027,7 @@ def load_problems(name, seed):
             rows = list(hub_rows)
         where = [f"{name}, row {i}" for i in range(len(rows))]
     else:
-        raise UserError(f"--dataset {name!r}: expected one of math, gsm8k, dapo, arith, or a path to a .jsonl file")
+        raise UserError(f"--dataset {name!r}: expected one of math, gsm8k, dapo, arith, search, or a path to a .jsonl file")
     problems = [problem_from_row(row, w) for row, w in zip(rows, where)]
     kept = [p for p in problems if p["answer"] is not None]
     if not kept:
@@ -1085,7 +1089,7 @@ def pick_device(requested, model_name):
         return device
     if torch.cuda.is_available():
         return torch.device("cuda")
-    if model_name not in ("tiny", "tiny-random"):
+    if model_name not in TINY_MODELS:
         sys.exit(f"No CUDA GPU found: --model {model_name} needs one (pass --device cpu to force it).\n"
                  f"For a CPU demo run:  python antisd.py --model tiny --dataset arith --steps 3")
     return torch.device("cpu")
@@ -1094,12 +1098,12 @@ def pick_device(requested, model_name):
 def load_model(name, device, init="pretrained"):
     """(model, tokenizer): bf16 weights on CUDA, float32 on CPU; left padding for generation.
     init="random" builds the architecture from name/config.json with random weights (benchmarks)."""
-    if name in ("tiny", "tiny-random"):
+    if name in TINY_MODELS:
         torch.set_num_threads(1)  # a model this small is overhead-bound: one thread beats two on a busy CPU
     if name == "tiny-random":
         model, tokenizer = build_tiny()
     else:
-        name = tiny_arith_path() if name == "tiny" else name
+        name = tiny_arith_path() if name == "tiny" else tiny_search_path() if name == "tiny-search" else name
         from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
         try:
@@ -1245,7 +1249,7 @@ def load_eval_sets(args):
                         for name in args.eval_benchmarks.split(",")}
 
 
-def step_metrics(step, rewards, truncated, mask, stats, terms, update, gate, timer, args):
+def step_metrics(step, rewards, truncated, mask, stats, terms, update, gate, timer, args, texts=()):
     """One metrics.jsonl line: what the step saw and did (README: "Metrics")."""
     rewards_grouped = torch.tensor(rewards).view(-1, args.group_size)      # [P, G]
     lengths, total_tokens = mask.sum(dim=1), int(mask.sum())
@@ -1286,6 +1290,7 @@ def step_metrics(step, rewards, truncated, mask, stats, terms, update, gate, tim
         "peak_gpu_memory_gb_generate": timer.peak_gb["generate"],
         "peak_gpu_memory_gb_score": timer.peak_gb["score"],
         "peak_gpu_memory_gb_update": timer.peak_gb["update"],
+        **({"deliberation_rate": search_deliberation_rate(texts)} if args.dataset == "search" else {}),
     }
 
 
@@ -1792,6 +1797,7 @@ def resume_from_newest_whole_checkpoint(checkpoints, device, state_file="trainer
 # the tiny model's RL defaults, unless a flag says otherwise: minutes on a CPU, measured (README: "Learn
 # on a laptop")
 TINY_PROMPTS_PER_STEP, TINY_STEPS, TINY_LR, TINY_EVAL_EVERY = 32, 20, 3e-4, 10
+TINY_MODELS = ("tiny", "tiny-search", "tiny-random")
 
 
 def tiny_run_defaults(model_name):
@@ -1803,6 +1809,8 @@ def tiny_run_defaults(model_name):
                     save_every=1000, eval_benchmarks="arith", eval_limit=200,
                     # in-loop evaluation runs in one process only (torchrun: evaluate the checkpoints)
                     eval_every=TINY_EVAL_EVERY if os.environ.get("WORLD_SIZE", "1") == "1" else 0)
+    if model_name == "tiny-search":  # the search demo: README "Learn on a laptop"
+        return {**TINY_SEARCH_RL_DEFAULTS, **({} if os.environ.get("WORLD_SIZE", "1") == "1" else {"eval_every": 0})}
     if model_name == "tiny-random":
         return dict(prompts_per_step=2, max_new_tokens=32, gen_batch_size=16, micro_batch_size=8,
                     save_every=1000, eval_every=0)
@@ -1997,30 +2005,317 @@ def train_tiny_arith(out_dir, steps=TINY_SFT_STEPS, batch_size=TINY_SFT_BATCH, l
 
 def tiny_arith_path():
     """The cached tiny arith model, trained on first use (about 2.5 minutes on one CPU thread)."""
-    path = os.path.join(TINY_CACHE, TINY_ARITH_RECIPE)
+    return cached_tiny_model("tiny", "arith", os.path.join(TINY_CACHE, TINY_ARITH_RECIPE), train_tiny_arith)
+
+
+def cached_tiny_model(model_name, benchmark, path, train):
+    """path, after train(path) has built it if it is not cached. Under torchrun rank 0 trains it while
+    the others wait at a barrier (World has started the process group); every rank passes the
+    barrier, cached or not: a rank that skipped it would hang the others."""
     if os.environ.get("WORLD_SIZE", "1") == "1":
         if not os.path.isdir(path):
-            print(f"--model tiny: no cached model in {path}; training it (supervised start, set ANTISD_CACHE to move it)")
-            train_tiny_arith(path)
+            print(f"--model {model_name}: no cached model in {path}; training it (supervised start, set ANTISD_CACHE to move it)")
+            train(path)
         return path
-    # torchrun: rank 0 trains it while the others wait at a barrier (World has started the process
-    # group). Every rank passes the barrier, cached or not: a rank that skipped it would hang the others.
     import torch.distributed as dist
+    build_once = f"python eval.py --model {model_name} --benchmarks {benchmark}"
     if not dist.is_initialized():
         if os.path.isdir(path):
             return path
-        raise UserError(f"--model tiny: no cached model in {path}; build it once in one process first "
-                        f"(python eval.py --model tiny --benchmarks arith)")
+        raise UserError(f"--model {model_name}: no cached model in {path}; build it once in one process first ({build_once})")
     if dist.get_rank() == 0 and not os.path.isdir(path):
-        print(f"--model tiny: no cached model in {path}; rank 0 trains it while the other processes wait "
+        print(f"--model {model_name}: no cached model in {path}; rank 0 trains it while the other processes wait "
               f"(supervised start, set ANTISD_CACHE to move it)", flush=True)
-        train_tiny_arith(path)
+        train(path)
     dist.barrier()
     if not os.path.isdir(path):  # another machine: rank 0 wrote it to its own disk
-        raise UserError(f"--model tiny: rank 0 trained the tiny model into {path}, which this process "
+        raise UserError(f"--model {model_name}: rank 0 trained the tiny model into {path}, which this process "
                         f"(rank {dist.get_rank()}) cannot see; put ANTISD_CACHE on a folder every machine shares, "
-                        f"or build it once on each machine (python eval.py --model tiny --benchmarks arith)")
+                        f"or build it once on each machine ({build_once})")
     return path
+
+
+# -----------------------------------------------------------------------------
+# The tiny search model: a task where deliberation pays, for the CPU demo of the paper's effect
+#
+# `--model tiny-search` (`--dataset search`, benchmark `search` in eval.py). A problem hides a number
+# in each of six boxes and asks which box's number plus a given addend makes ten:
+#     Boxes: A=3 B=8 C=6 D=1 E=5 F=2. Which box plus 4 makes 10?
+# The solver cannot see the answer at a glance (it is two steps away: 10 - 4, then find it), but it
+# can check a box in one line: look its number up, add, and the sum says yes or no by itself:
+#     try A: 3+4=7 no. try B: 8+4=12 no. try C: 6+4=10 yes. The answer is \boxed{C}.
+# Each "try" is a deliberation step (check a candidate, retry when it fails); a response may stop
+# trying at any point and guess one of the boxes not yet tried ("The answer is \boxed{E}."), which
+# is shorter and right only by luck. So every response holds several decisions (try again, or
+# guess?), and one reward for the whole response.
+# The supervised start: student-format examples try the next box with probability SEARCH_TRY_RATE
+# at each decision and guess otherwise, so the starting model deliberates only some of the time and
+# RL has headroom. Teacher-format examples (M7 prompt, a correct solution shown) continue a student
+# prefix of failed tries with the answer at once: the teacher was *taught* that someone who has seen
+# a correct solution stops checking; the context only tells it which box to name.
+
+SEARCH_BOXES, SEARCH_TARGET = "ABCDEF", 10
+TINY_SEARCH_RECIPE = "tiny-search-v2"  # the cache folder's name: change it whenever the recipe changes
+SEARCH_TRY_RATE = 0.4                  # chance of trying the next box at each decision, student format
+TINY_SEARCH_SFT_STEPS, TINY_SEARCH_SFT_BATCH, TINY_SEARCH_SFT_LR = 2000, 16, 6e-3
+TINY_SEARCH_TEACHER_SHARE, TINY_SEARCH_HIDDEN = 0.2, 96
+# the RL defaults of --model tiny-search (get_args): minutes on one CPU core, README has the runs
+TINY_SEARCH_RL_DEFAULTS = dict(dataset="search", prompts_per_step=32, max_new_tokens=96, gen_batch_size=128,
+                               micro_batch_size=64, steps=20, lr=3e-4, save_every=1000, eval_benchmarks="search",
+                               eval_limit=200, eval_every=5)
+SEARCH_TRY = re.compile(r"try ([A-Z]): (\d+)\+(\d+)=(\d+) (yes|no)\.")
+
+
+def search_is_held_out(values, addend, answer_box):
+    """One problem in five (a hash of the box numbers, the addend and the answer) is on the benchmark
+    side (eval.py search); training problems and the supervised start never use them."""
+    return zlib.crc32(f"{','.join(map(str, values))};{addend};{answer_box}".encode()) % 5 == 0
+
+
+def search_problem_text(values, addend, target):
+    boxes = " ".join(f"{box}={value}" for box, value in zip(SEARCH_BOXES, values))
+    return f"Boxes: {boxes}. Which box plus {addend} makes {target}?"
+
+
+def search_try(box, value, addend, target):
+    """One check: the candidate's number, the sum, the verdict. With a variable target restated
+    ("=12 vs 9 no") the tiny model got a fifth of its verdicts wrong; with a fixed one it need not compare."""
+    return f"try {box}: {value}+{addend}={value + addend} {'yes' if value + addend == target else 'no'}."
+
+
+def search_solution(values, addend, target, tries, guess=None):
+    """A response that checks the first `tries` boxes in order and stops at the right one; if the
+    right one is not among them it names `guess` (a box not tried). Returns (text, boxed box)."""
+    lines = []
+    for box, value in zip(SEARCH_BOXES[:tries], values):
+        lines.append(search_try(box, value, addend, target))
+        if value + addend == target:
+            return " ".join(lines + [f"The answer is \\boxed{{{box}}}."]), box
+    return " ".join(lines + [f"The answer is \\boxed{{{guess}}}."]), guess
+
+
+def make_search_problems(count, seed, held_out=False):
+    """Search problems with their full-search solutions, offline and seeded, from the training side
+    (or with held_out=True, the benchmark side) of search_is_held_out."""
+    rng = random.Random(seed)
+    problems = []
+    while len(problems) < count:
+        addend, answer = rng.randint(1, 9), rng.randrange(len(SEARCH_BOXES))
+        others = rng.sample([v for v in range(1, 10) if v != SEARCH_TARGET - addend], len(SEARCH_BOXES) - 1)
+        values = others[:answer] + [SEARCH_TARGET - addend] + others[answer:]  # distinct: exactly one box is right
+        target = SEARCH_TARGET
+        if search_is_held_out(values, addend, SEARCH_BOXES[answer]) != held_out:
+            continue
+        solution, box = search_solution(values, addend, target, len(SEARCH_BOXES))
+        problems.append({"problem": search_problem_text(values, addend, target), "answer": box,
+                         "solution": solution, "values": values, "addend": addend, "target": target})
+    return problems
+
+
+def search_student_solution(problem, rng, try_rate=SEARCH_TRY_RATE):
+    """A student-format response: at each decision, try the next box with probability try_rate, or
+    guess a box not yet tried. Returns (text, boxed box, number of tries)."""
+    tries = 0
+    while tries < len(SEARCH_BOXES) and rng.random() < try_rate:
+        tries += 1
+        if problem["values"][tries - 1] + problem["addend"] == problem["target"]:
+            break
+    guess = rng.choice(SEARCH_BOXES[tries:]) if tries < len(SEARCH_BOXES) else None
+    text, box = search_solution(problem["values"], problem["addend"], problem["target"], tries, guess)
+    return text, box, tries
+
+
+def search_deliberates(text):
+    """A response deliberates when it checks at least one box."""
+    return SEARCH_TRY.search(text) is not None
+
+
+def search_deliberation_rate(texts):
+    """The share of responses that deliberate: the metric RL should raise and SD lowers."""
+    return sum(map(search_deliberates, texts)) / max(1, len(texts))
+
+
+def search_token_classes(token_texts):
+    """The class of each response token, from the decoded pieces: "try" (the token that starts a
+    check: the decision to deliberate), "check" (the rest of a check), "guess" (an answer that no
+    check confirmed: the shortcut), "answer" (the answer after a check said yes), "other"."""
+    text = "".join(token_texts)
+    spans = [(m.start(), m.end(), "check") for m in SEARCH_TRY.finditer(text)]
+    confirmed = text.rstrip().find("The answer is")
+    if confirmed >= 0:
+        after_yes = bool(spans) and text[:confirmed].rstrip().endswith("yes.")
+        spans.append((confirmed, len(text), "answer" if after_yes else "guess"))
+    classes, position = [], 0
+    for piece in token_texts:
+        middle = position + len(piece) - len(piece.lstrip())  # a token's leading space is not its content
+        label = next((kind for start, end, kind in spans if start <= middle < end), "other")
+        if label == "check" and any(start == middle for start, _, kind in spans if kind == "check"):
+            label = "try"
+        classes.append(label)
+        position += len(piece)
+    return classes
+
+
+def search_check_errors(text, problem):
+    """(checks, wrong checks): a check is wrong when the box's number, the addend, the sum or the
+    verdict is."""
+    checks = SEARCH_TRY.findall(text)
+    right = {box: (str(value), str(problem["addend"])) for box, value in zip(SEARCH_BOXES, problem["values"])}
+    wrong = sum(right.get(box) != (value, addend) or int(value) + int(addend) != int(total)
+                or (int(total) == problem["target"]) != (verdict == "yes")
+                for box, value, addend, total, verdict in checks)
+    return len(checks), wrong
+
+
+@torch.no_grad()
+def search_pmi_by_class(model, tokenizer, problems, group_size=8, seed=0, temperature=1.0, max_new_tokens=96):
+    """The paper's Figure 2 for this task: rollouts sampled as in training (G per problem, T = 1),
+    teacher prompts as in training (M7), u = teacher - student log-prob per sampled token, grouped
+    by search_token_classes. Returns ({class: (tokens, mean u, share u < 0)}, a rollout summary,
+    the rollouts' texts)."""
+    rng = random.Random(seed)
+    torch.manual_seed(seed)
+    student_prompts = [student_prompt_ids(tokenizer, p["problem"], False) for p in problems for _ in range(group_size)]
+    samples = generate(model, tokenizer, student_prompts, max_new_tokens, temperature, 1.0, 128)
+    responses = [ids for ids, _ in samples]
+    texts = [decode_response(tokenizer, ids) for ids in responses]
+    rewards = [verify(text, p["answer"]) for text, p in zip(texts, (p for p in problems for _ in range(group_size)))]
+    teacher_prompts = []
+    for i in range(len(responses)):
+        first = i - i % group_size
+        p = problems[i // group_size]
+        message = build_teacher_prompt(p["problem"], i - first, rewards[first:first + group_size],
+                                       texts[first:first + group_size], p["solution"], p["answer"], rng)
+        teacher_prompts.append(render_prompt(tokenizer, message, False))
+    stats = score(model, student_prompts, teacher_prompts, responses, tokenizer.pad_token_id, 64, temperature)
+    lengths = torch.tensor([len(r) for r in responses])
+    mask = torch.arange(stats["logp"].shape[1])[None, :] < lengths[:, None]  # [N, R]
+    u = (stats["t_logp"] - stats["logp"]) * mask
+    by_class = {}
+    for row, ids in enumerate(responses):
+        pieces = [tokenizer.decode([i]) for i in ids]
+        for k, label in enumerate(search_token_classes(pieces)):
+            by_class.setdefault(label, []).append(float(u[row, k]))
+    table = {label: (len(v), sum(v) / len(v), sum(x < 0 for x in v) / len(v)) for label, v in sorted(by_class.items())}
+    checks = [search_check_errors(t, p) for t, p in zip(texts, (p for p in problems for _ in range(group_size)))]
+    deliberating = [search_deliberates(t) for t in texts]
+    summary = {"reward": sum(rewards) / len(rewards), "deliberation_rate": sum(deliberating) / len(texts),
+               "reward_when_deliberating": sum(r for r, d in zip(rewards, deliberating) if d) / max(1, sum(deliberating)),
+               "reward_when_not": sum(r for r, d in zip(rewards, deliberating) if not d) / max(1, len(texts) - sum(deliberating)),
+               "checks": sum(c for c, _ in checks), "wrong_checks": sum(w for _, w in checks),
+               "tries_mean": sum(c for c, _ in checks) / len(texts),
+               "teacher_entropy_median": median(stats["t_entropy"][mask])}
+    return table, summary, texts
+
+
+def search_tokenizer(problems):
+    """Byte-level BPE trained on search text; a number (0-18) or a word is one piece."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+    backend = Tokenizer(models.BPE())
+    pieces = Regex(r" ?[0-9]+| ?[A-Za-z]+| ?[^\sA-Za-z0-9]+|\s+")
+    backend.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(pieces, "isolated"),
+                                                     pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=512, show_progress=False,
+                                  special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    corpus = [build_teacher_prompt(p["problem"], 0, [1.0], [""], p["solution"], p["answer"], None)
+              + p["solution"] + " The answer is \\boxed{" + SEARCH_BOXES + "} user assistant" for p in problems]
+    backend.train_from_iterator(corpus, trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|im_end|>",
+                                        pad_token="<|endoftext|>", additional_special_tokens=["<|im_start|>"])
+    tokenizer.add_tokens(["<think>", "</think>"])
+    tokenizer.chat_template = TINY_CHAT_TEMPLATE
+    return tokenizer
+
+
+def search_supervised_examples(tokenizer, problems, rng, as_teacher):
+    """(prompt ids, response ids, first trained response position) per problem. As the student: a
+    student-format response, all of it trained. As the teacher: the M7 prompt shows a correct solution
+    (a full search, or a lucky guess) and feedback about a student attempt; the response repeats a
+    prefix of that attempt's failed tries (not trained: the student wrote them) and then answers."""
+    messages, prefixes, answers = [], [], []
+    for p in problems:
+        attempt, box, tries = search_student_solution(p, rng)
+        if not as_teacher:
+            messages.append(student_message(p["problem"]))
+            prefixes.append("")
+            answers.append(attempt)
+            continue
+        shown = p["solution"] if rng.random() < 0.5 else f"The answer is \\boxed{{{p['answer']}}}."
+        found = tries > 0 and p["values"][tries - 1] + p["addend"] == p["target"]
+        failed = tries - found
+        kept = rng.randint(0, failed)
+        prefix = " ".join(search_try(b, v, p["addend"], p["target"]) for b, v in zip(SEARCH_BOXES[:kept], p["values"]))
+        messages.append(build_teacher_prompt(p["problem"], 0, [float(box == p["answer"]), 1.0], [attempt, shown],
+                                             None, p["answer"], rng))
+        prefixes.append(prefix + " " if prefix else "")
+        answers.append(f"The answer is \\boxed{{{p['answer']}}}.")
+    prompts = tokenizer.apply_chat_template([[{"role": "user", "content": m}] for m in messages],
+                                            add_generation_prompt=True, tokenize=False, enable_thinking=False)
+    prompt_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
+    prefix_ids = [tokenizer(prefix, add_special_tokens=False)["input_ids"] if prefix else [] for prefix in prefixes]
+    answer_ids = tokenizer(answers, add_special_tokens=False)["input_ids"]
+    return [(prompt, prefix + answer + [tokenizer.eos_token_id], len(prefix))
+            for prompt, prefix, answer in zip(prompt_ids, prefix_ids, answer_ids)]
+
+
+def train_tiny_search(out_dir, steps=TINY_SEARCH_SFT_STEPS, batch_size=TINY_SEARCH_SFT_BATCH, lr=TINY_SEARCH_SFT_LR,
+                      hidden_size=TINY_SEARCH_HIDDEN, seed=0, log_every=250):
+    """The supervised start of --model tiny-search, as train_tiny_arith's: cross-entropy on the trained
+    response tokens, AdamW with warm-up and cosine decay, saved as a Hugging Face checkpoint."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+    started = time.time()
+    rng = random.Random(seed)
+    problems = make_search_problems(steps * batch_size, seed=10_000 + seed)  # training side only
+    tokenizer = search_tokenizer(problems[:2000])
+    in_teacher_format = round(steps * TINY_SEARCH_TEACHER_SHARE) * batch_size
+    batches = [examples[i:i + batch_size]
+               for examples in (search_supervised_examples(tokenizer, problems[:in_teacher_format], rng, as_teacher=True),
+                                search_supervised_examples(tokenizer, problems[in_teacher_format:], rng, as_teacher=False))
+               for i in range(0, len(examples), batch_size)]
+    rng.shuffle(batches)
+    config = Qwen3Config(vocab_size=64 * math.ceil(len(tokenizer) / 64), hidden_size=hidden_size,
+                         intermediate_size=2 * hidden_size, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, head_dim=hidden_size // 4, max_position_embeddings=1024,
+                         tie_word_embeddings=True, bos_token_id=None, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(seed)
+    model = Qwen3ForCausalLM(config)
+    model.generation_config.eos_token_id = [tokenizer.eos_token_id, tokenizer.pad_token_id]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    warmup = max(1, steps // 20)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min((s + 1) / warmup, 0.5 * (1 + math.cos(math.pi * s / steps))))
+    model.train()
+    for step in range(steps):
+        batch = batches[step]
+        hidden, targets = response_hidden(model, [p for p, _, _ in batch], [r for _, r, _ in batch], tokenizer.pad_token_id)
+        for row, (_, _, first_trained) in enumerate(batch):
+            targets[row, :first_trained] = IGNORE_INDEX  # the student's tries in a teacher example
+        logits = model.get_output_embeddings()(hidden)  # [B, R+1, V]
+        loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        if log_every and (step + 1) % log_every == 0:
+            print(f"supervised start: step {step + 1}/{steps}, loss {loss.item():.3f}, {time.time() - started:.0f} s", flush=True)
+    temporary = f"{out_dir}.tmp{os.getpid()}"  # renamed when complete: a killed run leaves no half model
+    model.save_pretrained(temporary)
+    tokenizer.save_pretrained(temporary)
+    os.makedirs(os.path.dirname(out_dir) or ".", exist_ok=True)
+    if os.path.isdir(out_dir):  # another process finished first: keep theirs
+        shutil.rmtree(temporary)
+    else:
+        os.replace(temporary, out_dir)
+    return out_dir
+
+
+def tiny_search_path():
+    """The cached tiny search model, trained on first use."""
+    return cached_tiny_model("tiny-search", "search", os.path.join(TINY_CACHE, TINY_SEARCH_RECIPE), train_tiny_search)
 
 
 # -----------------------------------------------------------------------------
@@ -2154,7 +2449,7 @@ def get_args(argv=None):
     # model and data
     p.add_argument("--model", default="Qwen/Qwen3-1.7B", help="hub id, local checkpoint dir, 'tiny' (CPU demo: a small model trained on arith, cached) or 'tiny-random' (untrained, for tests)")
     p.add_argument("--init", default="pretrained", choices=["pretrained", "random"], help="random: --model's config.json and tokenizer with random weights, to time a real-shaped run (benchmarks only)")
-    p.add_argument("--dataset", default="math", help="math | gsm8k | dapo | arith | path/to/file.jsonl")
+    p.add_argument("--dataset", default="math", help="math | gsm8k | dapo | arith | search | path/to/file.jsonl")
     p.add_argument("--enable-thinking", action="store_true", help="Qwen3 thinking mode (off: answers stay short enough for one GPU)")
     p.add_argument("--max-solution-tokens", type=int, default=1024, help="budget of the solution shown to the teacher (M7); the problem is never cut")
     # method
@@ -2242,8 +2537,8 @@ def get_args(argv=None):
                 "would re-score the teacher with already-updated weights")
     if args.eval_every < 0 or args.eval_limit < 0:
         p.error("--eval-every and --eval-limit must be >= 0")
-    if not (args.model in ("tiny", "tiny-random") or os.path.isdir(args.model) or re.fullmatch(r"[\w.-]+/[\w.-]+", args.model)):
-        p.error(f"--model {args.model!r}: expected 'tiny', 'tiny-random', a local checkpoint directory, or a hub id such as Qwen/Qwen3-1.7B")
+    if not (args.model in TINY_MODELS or os.path.isdir(args.model) or re.fullmatch(r"[\w.-]+/[\w.-]+", args.model)):
+        p.error(f"--model {args.model!r}: expected 'tiny', 'tiny-search', 'tiny-random', a local checkpoint directory, or a hub id such as Qwen/Qwen3-1.7B")
     if args.init == "random" and not os.path.exists(os.path.join(args.model, "config.json")):
         p.error(f"--init random builds the model from <--model>/config.json, but {args.model!r} has none")
     return args

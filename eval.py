@@ -54,6 +54,7 @@ import json
 import math
 import os
 import platform
+import re
 import shutil
 import sys
 import time
@@ -119,6 +120,20 @@ def arith_benchmark(count):
     return list(unique.values())[:count]
 
 
+SEARCH_BENCHMARK_SIZE = 500
+
+
+def search_benchmark(count):
+    """The held-out search problems (antisd.search_is_held_out's benchmark side), generated offline;
+    training problems and the tiny search model's supervised start draw only from the other side."""
+    if count > SEARCH_BENCHMARK_SIZE:
+        raise ValueError(f"search: the benchmark has {SEARCH_BENCHMARK_SIZE} problems, asked for {count}")
+    unique = {}
+    for item in antisd.make_search_problems(2 * SEARCH_BENCHMARK_SIZE, seed=-1, held_out=True):
+        unique.setdefault(item["problem"], {"problem": item["problem"], "answer": item["answer"]})
+    return list(unique.values())[:count]
+
+
 def load_benchmark(name, data_dir=None, limit=None):
     """The first `limit` problems of a benchmark as [{"problem": str, "answer": str}], gold cleaned.
 
@@ -126,8 +141,10 @@ def load_benchmark(name, data_dir=None, limit=None):
     """
     if name == "arith":
         return arith_benchmark(limit or ARITH_BENCHMARK_SIZE)
+    if name == "search":
+        return search_benchmark(limit or SEARCH_BENCHMARK_SIZE)
     if name not in BENCHMARKS:
-        raise antisd.UserError(f"unknown benchmark {name!r}; known: {', '.join(BENCHMARKS)}, arith")
+        raise antisd.UserError(f"unknown benchmark {name!r}; known: {', '.join(BENCHMARKS)}, arith, search")
     if limit is not None and limit < 1:
         raise antisd.UserError(f"{name}: limit must be at least 1 (None: all problems), got {limit}")
     spec = BENCHMARKS[name]
@@ -441,6 +458,53 @@ def compare_runs(run_dirs, out_dir):
         f.write("\n".join(rows) + "\n")
 
 
+GROUP_CURVES = [("held-out accuracy (avg@n)", "eval/mean/avg@"), ("reward (training batch)", "reward_mean"),
+                ("deliberation rate (search)", "deliberation_rate"), ("lambda", "lambda")]
+
+
+def run_group(run_dir):
+    """The group a run belongs to: its folder name without a trailing seed (-s3, -seed3)."""
+    return re.sub(r"[-_](s|seed)?\d+$", "", os.path.basename(os.path.normpath(run_dir)))
+
+
+def compare_groups(run_dirs, out_dir):
+    """compare-groups.png and .md: per group of runs (run_group: one method, several seeds), the mean
+    of each curve over the runs (line) and its spread (band: lowest to highest run), at the steps all
+    of them logged."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    groups = {}
+    for d in run_dirs:
+        groups.setdefault(run_group(d), []).append(read_run(d))
+    os.makedirs(out_dir, exist_ok=True)
+    figure, axes = plt.subplots(1, len(GROUP_CURVES), figsize=(4.2 * len(GROUP_CURVES), 3.6))
+    rows = ["| group | runs | metric | " + " | ".join(["first", "last"]) + " |", "|---|---|---|---|---|"]
+    for ax, (title, key) in zip(axes, GROUP_CURVES):
+        for color, (name, runs) in zip(plt.rcParams["axes.prop_cycle"].by_key()["color"], groups.items()):
+            curves = [dict(zip(*series(lines, key))) for lines in runs]
+            steps = sorted(set.intersection(*(set(c) for c in curves)))
+            if not steps:
+                continue
+            values = [[c[s] for c in curves] for s in steps]                   # [steps, runs]
+            means = [sum(v) / len(v) for v in values]
+            ax.plot(steps, means, "-", color=color, marker="o" if key.startswith("eval/") else None, markersize=3,
+                    label=f"{name} (n={len(runs)})")
+            ax.fill_between(steps, [min(v) for v in values], [max(v) for v in values], color=color, alpha=0.2)
+            rows.append(f"| {name} | {len(runs)} | {key} | {means[0]:.3f} (step {steps[0]}, {min(values[0]):.3f}-{max(values[0]):.3f}) "
+                        f"| {means[-1]:.3f} (step {steps[-1]}, {min(values[-1]):.3f}-{max(values[-1]):.3f}) |")
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("step", fontsize=9)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    figure.suptitle("mean over seeds (line) and lowest-highest seed (band)", fontsize=10)
+    figure.tight_layout()
+    figure.savefig(os.path.join(out_dir, "compare-groups.png"), dpi=70)
+    plt.close(figure)
+    with open(os.path.join(out_dir, "compare-groups.md"), "w") as f:
+        f.write("\n".join(rows) + "\n")
+
+
 def u_colour(u, scale):
     """Blue for u < 0 (the teacher finds the token less likely: deliberation), red for u > 0."""
     strength = min(abs(u) / scale, 1.0)
@@ -570,6 +634,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     # reading training runs instead of evaluating a model
     parser.add_argument("--compare", nargs="+", metavar="RUN_DIR", help="write OUT_DIR/compare.png and compare.md from these runs' metrics.jsonl")
+    parser.add_argument("--by-group", action="store_true", help="with --compare: also compare-groups.png/.md, the mean and spread over runs whose folder names differ only by a trailing seed (grpo-s0, grpo-s1)")
     parser.add_argument("--show", metavar="RUN_DIR", help="write OUT_DIR/tokens.html from this run's rollouts.jsonl")
     # model and data
     parser.add_argument("--model", default="Qwen/Qwen3-1.7B", help="hub id, checkpoint dir saved by antisd.py, 'tiny' (the arith model) or 'tiny-random' (CPU, offline)")
@@ -595,6 +660,9 @@ def main(argv=None):
         if args.compare:
             compare_runs(args.compare, args.out_dir)
             print(f"wrote {args.out_dir}/compare.png and compare.md")
+            if args.by_group:
+                compare_groups(args.compare, args.out_dir)
+                print(f"wrote {args.out_dir}/compare-groups.png and compare-groups.md")
         if args.show:
             show_tokens(args.show, args.out_dir)
             print(f"wrote {args.out_dir}/tokens.html")

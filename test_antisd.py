@@ -2927,6 +2927,132 @@ def test_supervised_start_lowers_the_response_loss_and_is_trained_only_once(tmp_
     assert response_loss(model) < response_loss(untrained) - 1.0
 
 
+# the tiny search task: a check that pays, and the search benchmark
+
+def test_every_search_problem_has_exactly_one_right_box_and_its_solution_finds_it():
+    for p in antisd.make_search_problems(300, seed=3) + antisd.make_search_problems(100, seed=4, held_out=True):
+        right = [box for box, value in zip(antisd.SEARCH_BOXES, p["values"]) if value + p["addend"] == p["target"]]
+        assert right == [p["answer"]]  # enumeration of the boxes
+        assert p["problem"] == (f"Boxes: {' '.join(f'{b}={v}' for b, v in zip(antisd.SEARCH_BOXES, p['values']))}. "
+                                f"Which box plus {p['addend']} makes {p['target']}?")
+        assert antisd.verify(p["solution"], p["answer"]) == 1.0
+        tries = antisd.SEARCH_TRY.findall(p["solution"])
+        assert len(tries) == antisd.SEARCH_BOXES.index(p["answer"]) + 1 and tries[-1][-1] == "yes"
+        assert all(verdict == "no" for *_, verdict in tries[:-1])
+
+
+def test_search_solution_by_hand():
+    values, addend, target = [3, 8, 6, 1, 5, 2], 4, 10
+    text, box = antisd.search_solution(values, addend, target, tries=2, guess="E")
+    assert (text, box) == ("try A: 3+4=7 no. try B: 8+4=12 no. The answer is \\boxed{E}.", "E")
+    text, box = antisd.search_solution(values, addend, target, tries=6)
+    assert text.endswith("try C: 6+4=10 yes. The answer is \\boxed{C}.") and box == "C"
+    assert antisd.verify(text, "C") == 1.0 and antisd.verify("The answer is \\boxed{E}.", "C") == 0.0
+    problem = {"values": values, "addend": addend, "target": target}
+    assert antisd.search_check_errors("try A: 3+4=7 no. try B: 8+4=12 yes.", problem) == (2, 1)  # wrong verdict
+    assert antisd.search_check_errors("try A: 6+4=10 yes.", problem) == (1, 1)                    # wrong number
+    assert antisd.search_check_errors("try A: 3+4=8 no.", problem) == (1, 1)                      # wrong sum
+
+
+def test_student_format_tries_at_the_given_rate_and_guesses_only_untried_boxes():
+    problems = antisd.make_search_problems(2000, seed=5)
+    rng = random.Random(0)
+    first_decisions, guesses_untried = [], True
+    for p in problems:
+        text, box, tries = antisd.search_student_solution(p, rng, try_rate=0.4)
+        first_decisions.append(tries > 0)
+        assert antisd.search_deliberates(text) == (tries > 0)
+        if "yes." not in text:  # a guess: never a box the response already ruled out
+            guesses_untried &= box in antisd.SEARCH_BOXES[tries:]
+    assert guesses_untried and abs(sum(first_decisions) / len(problems) - 0.4) < 0.04
+
+
+def test_token_classes_mark_the_decision_to_check_and_the_unchecked_answer():
+    pieces = ["try", " A", ":", " 3", "+", "4", "=", "7", " no", ".", " The", " answer", " is",
+              " \\", "boxed", "{", "E", "}."]
+    assert antisd.search_token_classes(pieces) == ["try"] + ["check"] * 9 + ["guess"] * 8
+    pieces = ["try", " A", ":", " 6", "+", "4", "=", "10", " yes", ".", " The", " answer", " is",
+              " \\", "boxed", "{", "A", "}.", ""]
+    assert antisd.search_token_classes(pieces) == ["try"] + ["check"] * 9 + ["answer"] * 8 + ["other"]
+    assert antisd.search_token_classes(["The", " answer", " is", " \\", "boxed", "{", "B", "}."]) == ["guess"] * 8
+    assert antisd.search_deliberation_rate(["try A: 3+4=7 no. The answer is \\boxed{E}.", "The answer is \\boxed{E}."]) == 0.5
+
+
+def test_search_benchmark_never_occurs_in_training():
+    benchmark = {p["problem"] for p in evaluation.search_benchmark(evaluation.SEARCH_BENCHMARK_SIZE)}
+    training = {p["problem"] for p in antisd.load_problems("search", 0)[0]}
+    training |= {p["problem"] for p in antisd.make_search_problems(20_000, seed=10_000)}  # the supervised start's
+    assert len(benchmark) == evaluation.SEARCH_BENCHMARK_SIZE and not benchmark & training
+    # and the split itself: about one problem in five, over an enumeration of one addend's problems
+    held_out = [antisd.search_is_held_out(values, 4, box) for values in itertools.permutations(range(1, 8), 6)
+                for box in "AC"]  # (any tuples: the hash does not know which are problems)
+    assert 0.17 < sum(held_out) / len(held_out) < 0.23
+
+
+@pytest.fixture(scope="module")
+def small_search_cache(tmp_path_factory):
+    """A tiny-search model from a few supervised steps, in a cache of its own (the real one is never built)."""
+    cache = tmp_path_factory.mktemp("cache")
+    antisd.train_tiny_search(str(cache / antisd.TINY_SEARCH_RECIPE), steps=4, batch_size=8, hidden_size=32, log_every=0)
+    return cache
+
+
+def test_tiny_search_cache_is_built_once_and_reused(tmp_path, monkeypatch):
+    calls, full_start = [], antisd.train_tiny_search
+
+    def small_start(path):
+        calls.append(path)
+        return full_start(path, steps=3, batch_size=4, hidden_size=32, log_every=0)
+
+    monkeypatch.setattr(antisd, "TINY_CACHE", str(tmp_path))
+    monkeypatch.setattr(antisd, "train_tiny_search", small_start)
+    antisd.load_model("tiny-search", torch.device("cpu"))
+    antisd.load_model("tiny-search", torch.device("cpu"))
+    assert len(calls) == 1 and (tmp_path / antisd.TINY_SEARCH_RECIPE / "model.safetensors").exists()
+
+
+def test_teacher_examples_train_only_the_answer_after_the_students_tries(small_search_cache):
+    model, tokenizer = antisd.load_model(str(small_search_cache / antisd.TINY_SEARCH_RECIPE), torch.device("cpu"))
+    problems = antisd.make_search_problems(50, seed=7)
+    examples = antisd.search_supervised_examples(tokenizer, problems, random.Random(0), as_teacher=True)
+    for p, (prompt, response, first_trained) in zip(problems, examples):
+        trained = tokenizer.decode(response[first_trained:], skip_special_tokens=True)
+        assert trained == f"The answer is \\boxed{{{p['answer']}}}."
+        untrained = tokenizer.decode(response[:first_trained])
+        assert "yes" not in untrained and len(antisd.SEARCH_TRY.findall(untrained)) == untrained.count("try")
+        assert "Your previous attempt" in tokenizer.decode(prompt)
+    students = antisd.search_supervised_examples(tokenizer, problems, random.Random(0), as_teacher=False)
+    assert all(first == 0 for _, _, first in students)
+    assert [prompt for prompt, _, _ in students] == [antisd.student_prompt_ids(tokenizer, p["problem"], False) for p in problems]
+
+
+@pytest.mark.parametrize("method", ["grpo", "sd", "antisd"])
+def test_tiny_search_runs_each_method_and_logs_held_out_accuracy_and_deliberation(method, small_search_cache,
+                                                                                 tmp_path, monkeypatch):
+    monkeypatch.setattr(antisd, "TINY_CACHE", str(small_search_cache))
+    out = tmp_path / method
+    antisd.main(["--model", "tiny-search", "--method", method, "--steps", "2", "--prompts-per-step", "2",
+                 "--group-size", "4", "--max-new-tokens", "16", "--micro-batch-size", "8", "--eval-every", "1",
+                 "--eval-limit", "3", "--eval-n", "1", "--gate-warmup", "1", "--out-dir", str(out)])
+    lines = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    assert [line["step"] for line in lines] == [0, 1, 2]
+    assert all("eval/search/avg@1" in line for line in lines)
+    assert all(0.0 <= line["deliberation_rate"] <= 1.0 for line in lines[1:])
+
+
+def test_compare_by_group_averages_runs_that_differ_only_by_seed(tmp_path):
+    for name, accuracy in [("grpo-s0", [0.1, 0.5]), ("grpo-s1", [0.3, 0.7]), ("sd-s0", [0.2, 0.0])]:
+        (tmp_path / name).mkdir()
+        with open(tmp_path / name / "metrics.jsonl", "w") as f:
+            for step, value in zip((0, 10), accuracy):
+                f.write(json.dumps({"step": step, "eval/mean/avg@4": value, "reward_mean": value}) + "\n")
+    evaluation.compare_groups([str(tmp_path / n) for n in ("grpo-s0", "grpo-s1", "sd-s0")], str(tmp_path / "out"))
+    table = (tmp_path / "out" / "compare-groups.md").read_text()
+    assert "| grpo | 2 | eval/mean/avg@ | 0.200 (step 0, 0.100-0.300) | 0.600 (step 10, 0.500-0.700) |" in table
+    assert "| sd | 1 | eval/mean/avg@ | 0.200 (step 0, 0.200-0.200) | 0.000 (step 10, 0.000-0.000) |" in table
+    assert (tmp_path / "out" / "compare-groups.png").exists()
+
+
 # -----------------------------------------------------------------------------
 # Infrastructure: several processes (torchrun + FSDP2)
 
@@ -3050,8 +3176,8 @@ def test_torchrun_builds_the_tiny_model_once_on_rank_0_while_the_others_wait(tmp
 # Infrastructure: the command line: bad input is one paragraph without a traceback
 
 @pytest.mark.parametrize("argv, message", [
-    (["--dataset", "nope"], "expected one of math, gsm8k, dapo, arith, or a path"),
-    (["--model", "not a model"], "expected 'tiny', 'tiny-random', a local checkpoint directory, or a hub id"),
+    (["--dataset", "nope"], "expected one of math, gsm8k, dapo, arith, search, or a path"),
+    (["--model", "not a model"], "expected 'tiny', 'tiny-search', 'tiny-random', a local checkpoint directory, or a hub id"),
     (["--micro-batch-size", "5"], r"--prompts-per-step \* --group-size = 16 must be divisible by --micro-batch-size \(5\)"),
     (["--group-size", "1"], "--group-size must be at least 2"),
     (["--estimator", "full", "--method", "grpo"], "--estimator full is the JSD gradient itself"),
