@@ -2057,8 +2057,8 @@ def cached_tiny_model(model_name, benchmark, path, train):
 SEARCH_BOXES, SEARCH_TARGET = "ABCDEF", 10
 TINY_SEARCH_RECIPE = "tiny-search-v2"  # the cache folder's name: change it whenever the recipe changes
 SEARCH_TRY_RATE = 0.4                  # chance of trying the next box at each decision, student format
-TINY_SEARCH_SFT_STEPS, TINY_SEARCH_SFT_BATCH, TINY_SEARCH_SFT_LR = 2000, 16, 6e-3
-TINY_SEARCH_TEACHER_SHARE, TINY_SEARCH_HIDDEN = 0.2, 96
+TINY_SEARCH_SFT_STEPS, TINY_SEARCH_SFT_BATCH, TINY_SEARCH_SFT_LR = 2500, 16, 2e-3
+TINY_SEARCH_TEACHER_SHARE, TINY_SEARCH_HIDDEN = 0.2, 128
 # the RL defaults of --model tiny-search (get_args): minutes on one CPU core, README has the runs
 TINY_SEARCH_RL_DEFAULTS = dict(dataset="search", prompts_per_step=32, max_new_tokens=96, gen_batch_size=128,
                                micro_batch_size=64, steps=20, lr=3e-4, save_every=1000, eval_benchmarks="search",
