@@ -2180,16 +2180,10 @@ def search_pmi_by_class(model, tokenizer, problems, group_size=8, seed=0, temper
     responses = [ids for ids, _ in samples]
     texts = [decode_response(tokenizer, ids) for ids in responses]
     rewards = [verify(text, p["answer"]) for text, p in zip(texts, (p for p in problems for _ in range(group_size)))]
-    teacher_prompts = []
-    for i in range(len(responses)):
-        first = i - i % group_size
-        p = problems[i // group_size]
-        message = build_teacher_prompt(p["problem"], i - first, rewards[first:first + group_size],
-                                       texts[first:first + group_size], p["solution"], p["answer"], rng)
-        teacher_prompts.append(render_prompt(tokenizer, message, False))
+    settings = argparse.Namespace(group_size=group_size, max_solution_tokens=1024, enable_thinking=False)  # the defaults
+    teacher_prompts = teacher_prompts_for_step(tokenizer, problems, rewards, texts, rng, settings)
     stats = score(model, student_prompts, teacher_prompts, responses, tokenizer.pad_token_id, 64, temperature)
-    lengths = torch.tensor([len(r) for r in responses])
-    mask = torch.arange(stats["logp"].shape[1])[None, :] < lengths[:, None]  # [N, R]
+    mask = response_mask(responses, model.device)                                      # [N, R]
     u = (stats["t_logp"] - stats["logp"]) * mask
     by_class = {}
     for row, ids in enumerate(responses):
