@@ -1954,9 +1954,8 @@ def supervised_examples(tokenizer, problems, rng, as_teacher):
 
 def train_tiny_arith(out_dir, steps=TINY_SFT_STEPS, batch_size=TINY_SFT_BATCH, lr=TINY_SFT_LR, hidden_size=64, seed=0,
                      log_every=100):
-    """The supervised start: next-token cross-entropy on the response tokens, AdamW with a linear
-    warm-up and a cosine decay. Saves a Hugging Face checkpoint that load_model reads like any other."""
-    from transformers import Qwen3Config, Qwen3ForCausalLM
+    """The supervised start of --model tiny: worked arith solutions (supervised_examples), every
+    response token trained (supervised_start)."""
     started = time.time()
     rng = random.Random(seed)
     problems = make_arith_problems(steps * batch_size, seed=10_000 + seed)  # training side only, each used once
@@ -1968,6 +1967,16 @@ def train_tiny_arith(out_dir, steps=TINY_SFT_STEPS, batch_size=TINY_SFT_BATCH, l
                                 supervised_examples(tokenizer, problems[in_teacher_format:], rng, as_teacher=False))
                for i in range(0, len(examples), batch_size)]
     rng.shuffle(batches)
+    batches = [[(prompt, response, 0) for prompt, response in batch] for batch in batches]  # all trained
+    return supervised_start(out_dir, tokenizer, batches, steps, lr, hidden_size, seed, log_every, started)
+
+
+def supervised_start(out_dir, tokenizer, batches, steps, lr, hidden_size, seed, log_every, started):
+    """Trains a 2-layer Qwen3 on batches of (prompt ids, response ids, first trained position):
+    next-token cross-entropy on the trained response tokens, AdamW with a linear warm-up and a cosine
+    decay. Saves a Hugging Face checkpoint that load_model reads like any other, renamed into place
+    when complete."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
     config = Qwen3Config(vocab_size=64 * math.ceil(len(tokenizer) / 64), hidden_size=hidden_size,
                          intermediate_size=2 * hidden_size, num_hidden_layers=2, num_attention_heads=4,
                          num_key_value_heads=2, head_dim=hidden_size // 4, max_position_embeddings=1024,
@@ -1981,9 +1990,11 @@ def train_tiny_arith(out_dir, steps=TINY_SFT_STEPS, batch_size=TINY_SFT_BATCH, l
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min((s + 1) / warmup, 0.5 * (1 + math.cos(math.pi * s / steps))))
     model.train()
     for step in range(steps):
-        batch = batches[step]
-        hidden, targets = response_hidden(model, [p for p, _ in batch], [r for _, r in batch], tokenizer.pad_token_id)
-        logits = model.get_output_embeddings()(hidden)  # [B, R+1, V]: a tiny vocabulary, no need for chunks
+        batch = batches[step]  # (prompt ids, response ids, first trained response position) each
+        hidden, targets = response_hidden(model, [p for p, _, _ in batch], [r for _, r, _ in batch], tokenizer.pad_token_id)
+        for row, (_, _, first_trained) in enumerate(batch):
+            targets[row, :first_trained] = IGNORE_INDEX  # e.g. a student's tries shown in a teacher example
+        logits = model.get_output_embeddings()(hidden)  # [B, R+1, V]
         loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -2257,9 +2268,8 @@ def search_supervised_examples(tokenizer, problems, rng, as_teacher):
 
 def train_tiny_search(out_dir, steps=TINY_SEARCH_SFT_STEPS, batch_size=TINY_SEARCH_SFT_BATCH, lr=TINY_SEARCH_SFT_LR,
                       hidden_size=TINY_SEARCH_HIDDEN, seed=0, log_every=250):
-    """The supervised start of --model tiny-search, as train_tiny_arith's: cross-entropy on the trained
-    response tokens, AdamW with warm-up and cosine decay, saved as a Hugging Face checkpoint."""
-    from transformers import Qwen3Config, Qwen3ForCausalLM
+    """The supervised start of --model tiny-search (supervised_start): a teacher example's repeated
+    student tries are not trained (search_supervised_examples)."""
     started = time.time()
     rng = random.Random(seed)
     problems = make_search_problems(steps * batch_size, seed=10_000 + seed)  # training side only
@@ -2270,41 +2280,7 @@ def train_tiny_search(out_dir, steps=TINY_SEARCH_SFT_STEPS, batch_size=TINY_SEAR
                                 search_supervised_examples(tokenizer, problems[in_teacher_format:], rng, as_teacher=False))
                for i in range(0, len(examples), batch_size)]
     rng.shuffle(batches)
-    config = Qwen3Config(vocab_size=64 * math.ceil(len(tokenizer) / 64), hidden_size=hidden_size,
-                         intermediate_size=2 * hidden_size, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, head_dim=hidden_size // 4, max_position_embeddings=1024,
-                         tie_word_embeddings=True, bos_token_id=None, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id)
-    torch.manual_seed(seed)
-    model = Qwen3ForCausalLM(config)
-    model.generation_config.eos_token_id = [tokenizer.eos_token_id, tokenizer.pad_token_id]
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
-    warmup = max(1, steps // 20)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min((s + 1) / warmup, 0.5 * (1 + math.cos(math.pi * s / steps))))
-    model.train()
-    for step in range(steps):
-        batch = batches[step]
-        hidden, targets = response_hidden(model, [p for p, _, _ in batch], [r for _, r, _ in batch], tokenizer.pad_token_id)
-        for row, (_, _, first_trained) in enumerate(batch):
-            targets[row, :first_trained] = IGNORE_INDEX  # the student's tries in a teacher example
-        logits = model.get_output_embeddings()(hidden)  # [B, R+1, V]
-        loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
-        optimizer.zero_grad(set_to_none=True)
-        if log_every and (step + 1) % log_every == 0:
-            print(f"supervised start: step {step + 1}/{steps}, loss {loss.item():.3f}, {time.time() - started:.0f} s", flush=True)
-    temporary = f"{out_dir}.tmp{os.getpid()}"  # renamed when complete: a killed run leaves no half model
-    model.save_pretrained(temporary)
-    tokenizer.save_pretrained(temporary)
-    os.makedirs(os.path.dirname(out_dir) or ".", exist_ok=True)
-    if os.path.isdir(out_dir):  # another process finished first: keep theirs
-        shutil.rmtree(temporary)
-    else:
-        os.replace(temporary, out_dir)
-    return out_dir
+    return supervised_start(out_dir, tokenizer, batches, steps, lr, hidden_size, seed, log_every, started)
 
 
 def tiny_search_path():
