@@ -1908,19 +1908,24 @@ TINY_SFT_STEPS, TINY_SFT_BATCH, TINY_SFT_LR, TINY_SFT_TEACHER_SHARE = 1200, 16, 
 
 def arith_tokenizer(problems):
     """Byte-level BPE trained on arith text; digits stay one per token, so numbers are spelled out."""
+    corpus = [build_teacher_prompt(p["problem"], 0, [1.0], [""], p["solution"], p["answer"], None)
+              + "user assistant" for p in problems]
+    # pieces: one digit (with its leading space), a word, a run of symbols, a run of whitespace
+    return tiny_bpe_tokenizer(r" ?[0-9]| ?[A-Za-z]+| ?[^\sA-Za-z0-9]+|\s+", corpus)
+
+
+def tiny_bpe_tokenizer(pieces, corpus):
+    """A byte-level BPE tokenizer (vocabulary 512) trained on corpus, never merging across the pieces
+    the regex cuts, with the tiny models' special tokens and chat template."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
     backend = Tokenizer(models.BPE())
-    # pieces: one digit (with its leading space), a word, a run of symbols, a run of whitespace
-    pieces = Regex(r" ?[0-9]| ?[A-Za-z]+| ?[^\sA-Za-z0-9]+|\s+")
-    backend.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(pieces, "isolated"),
+    backend.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(pieces), "isolated"),
                                                      pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     backend.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=512, show_progress=False,
                                   special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    corpus = [build_teacher_prompt(p["problem"], 0, [1.0], [""], p["solution"], p["answer"], None)
-              + "user assistant" for p in problems]
     backend.train_from_iterator(corpus, trainer)
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|im_end|>",
                                         pad_token="<|endoftext|>", additional_special_tokens=["<|im_start|>"])
@@ -2215,24 +2220,9 @@ def search_pmi_by_class(model, tokenizer, problems, group_size=8, seed=0, temper
 
 def search_tokenizer(problems):
     """Byte-level BPE trained on search text; a number (0-18) or a word is one piece."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-    backend = Tokenizer(models.BPE())
-    pieces = Regex(r" ?[0-9]+| ?[A-Za-z]+| ?[^\sA-Za-z0-9]+|\s+")
-    backend.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(pieces, "isolated"),
-                                                     pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
-    backend.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=512, show_progress=False,
-                                  special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     corpus = [build_teacher_prompt(p["problem"], 0, [1.0], [""], p["solution"], p["answer"], None)
               + p["solution"] + " The answer is \\boxed{" + SEARCH_BOXES + "} user assistant" for p in problems]
-    backend.train_from_iterator(corpus, trainer)
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|im_end|>",
-                                        pad_token="<|endoftext|>", additional_special_tokens=["<|im_start|>"])
-    tokenizer.add_tokens(["<think>", "</think>"])
-    tokenizer.chat_template = TINY_CHAT_TEMPLATE
-    return tokenizer
+    return tiny_bpe_tokenizer(r" ?[0-9]+| ?[A-Za-z]+| ?[^\sA-Za-z0-9]+|\s+", corpus)
 
 
 def search_supervised_examples(tokenizer, problems, rng, as_teacher):
