@@ -189,11 +189,16 @@ def generate(model, tokenizer, prompt_ids, max_new_tokens, temperature, top_p, b
         output = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config,
                                 synced_gpus=synced_gpus, **extra)
         for i, new_tokens in zip(rows, output[:, input_ids.shape[1]:].tolist()):
-            stop = next((k for k, tok in enumerate(new_tokens) if tok in stop_ids), None)
-            # the stop token stays in the response: the policy must learn when to stop
-            results[i] = (new_tokens[:stop + 1], False) if stop is not None else (new_tokens, True)
+            results[i] = cut_at_stop(new_tokens, stop_ids)
     model.train(was_training)
     return results
+
+
+def cut_at_stop(new_tokens, stop_ids):
+    """(the tokens up to and including the first stop token, False), or (all of them, True) when none
+    stopped it: truncated. The stop token stays in the response: the policy must learn when to stop."""
+    stop = next((k for k, tok in enumerate(new_tokens) if tok in stop_ids), None)
+    return (new_tokens[:stop + 1], False) if stop is not None else (new_tokens, True)
 
 
 def decode_response(tokenizer, ids):

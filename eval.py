@@ -302,11 +302,7 @@ def sample_batch(model, tokenizer, prompts, generators, max_new_tokens, temperat
     input_ids, attention_mask = antisd.left_pad(prompts, tokenizer.pad_token_id, model.device)
     output = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config,
                             logits_processor=LogitsProcessorList([PerSampleSampling(generators, temperature, top_p)]))
-    results = []
-    for new_tokens in output[:, input_ids.shape[1]:].tolist():
-        stop = next((k for k, tok in enumerate(new_tokens) if tok in stop_ids), None)
-        results.append((new_tokens[:stop + 1], False) if stop is not None else (new_tokens, True))
-    return results
+    return [antisd.cut_at_stop(new_tokens, stop_ids) for new_tokens in output[:, input_ids.shape[1]:].tolist()]
 
 
 def check_problem(tokenizer, name, index, item, problem_outputs):
