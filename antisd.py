@@ -53,6 +53,8 @@ Run:  python antisd.py                                        # Qwen3-1.7B on MA
       python antisd.py --resume                               # continue runs/antisd after a stop
       python antisd.py --model tiny --method grpo             # CPU, offline, minutes: a small model trained on
                                                               # arith (cached on first use), RL on held-out-checked arith
+      python antisd.py --model tiny-search --method sd        # CPU, minutes: the task where checking pays, where
+                                                              # SD stops checking and AntiSD keeps it (README)
       python antisd.py --model tiny-random --dataset arith --steps 3  # CPU, seconds: an untrained model, shapes only
       torchrun --nproc_per_node 8 antisd.py --eval-every 0    # FSDP2 over 8 GPUs (see World)
       python antisd.py --offload --model Qwen/Qwen3-8B --eval-every 0  # FSDP2 CPU offload, one GPU
@@ -1977,12 +1979,12 @@ def train_tiny_arith(out_dir, steps=TINY_SFT_STEPS, batch_size=TINY_SFT_BATCH, l
                                 supervised_examples(tokenizer, problems[in_teacher_format:], rng, as_teacher=False))
                for i in range(0, len(examples), batch_size)]
     rng.shuffle(batches)
-    batches = [[(prompt, response, 0) for prompt, response in batch] for batch in batches]  # all trained
+    batches = [[(prompt, response, ()) for prompt, response in batch] for batch in batches]  # all trained
     return supervised_start(out_dir, tokenizer, batches, steps, lr, hidden_size, seed, log_every, started)
 
 
 def supervised_start(out_dir, tokenizer, batches, steps, lr, hidden_size, seed, log_every, started):
-    """Trains a 2-layer Qwen3 on batches of (prompt ids, response ids, first trained position):
+    """Trains a 2-layer Qwen3 on batches of (prompt ids, response ids, untrained response positions):
     next-token cross-entropy on the trained response tokens, AdamW with a linear warm-up and a cosine
     decay. Saves a Hugging Face checkpoint that load_model reads like any other, renamed into place
     when complete."""
@@ -2000,10 +2002,10 @@ def supervised_start(out_dir, tokenizer, batches, steps, lr, hidden_size, seed, 
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min((s + 1) / warmup, 0.5 * (1 + math.cos(math.pi * s / steps))))
     model.train()
     for step in range(steps):
-        batch = batches[step]  # (prompt ids, response ids, first trained response position) each
+        batch = batches[step]  # (prompt ids, response ids, untrained response positions) each
         hidden, targets = response_hidden(model, [p for p, _, _ in batch], [r for _, r, _ in batch], tokenizer.pad_token_id)
-        for row, (_, _, first_trained) in enumerate(batch):
-            targets[row, :first_trained] = IGNORE_INDEX  # e.g. a student's tries shown in a teacher example
+        for row, (_, _, untrained) in enumerate(batch):
+            targets[row, list(untrained)] = IGNORE_INDEX  # e.g. a student's tries shown in a teacher example
         logits = model.get_output_embeddings()(hidden)  # [B, R+1, V]
         loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
         loss.backward()
@@ -2060,28 +2062,34 @@ def cached_tiny_model(model_name, benchmark, path, train):
 # The tiny search model: a task where deliberation pays, for the CPU demo of the paper's effect
 #
 # `--model tiny-search` (`--dataset search`, benchmark `search` in eval.py). A problem hides a number
-# in each of six boxes and asks which box's number plus a given addend makes ten:
-#     Boxes: A=3 B=8 C=6 D=1 E=5 F=2. Which box plus 4 makes 10?
-# The solver cannot see the answer at a glance (it is two steps away: 10 - 4, then find it), but it
-# can check a box in one line: look its number up, add, and the sum says yes or no by itself:
+# from 1 to 9 in each of twelve boxes and asks which box's number plus a given addend makes ten:
+#     Boxes: A=3 B=8 C=6 D=1 E=8 F=2 G=6 H=3 I=5 J=9 K=1 L=7. Which box plus 4 makes 10?
+# Exactly one box holds 10 - 4 (the others may repeat each other). The solver cannot see the answer
+# at a glance (it is two steps away: 10 - 4, then find it), but it can check a box in one line: look
+# its number up, add, and the sum says yes or no by itself:
 #     try A: 3+4=7 no. try B: 8+4=12 no. try C: 6+4=10 yes. The answer is \boxed{C}.
 # Each "try" is a deliberation step (check a candidate, retry when it fails); a response may stop
 # trying at any point and guess one of the boxes not yet tried ("The answer is \boxed{E}."), which
-# is shorter and right only by luck. So every response holds several decisions (try again, or
-# guess?), and one reward for the whole response.
+# is shorter and right only by luck. So every response holds up to twelve decisions (try again, or
+# guess?) and one reward for the whole response, and a single extra try is worth little: only a
+# search carried on to the right box pays.
 # The supervised start: student-format examples try the next box with probability SEARCH_TRY_RATE
-# at each decision and guess otherwise, so the starting model deliberates only some of the time and
-# RL has headroom. Teacher-format examples (M7 prompt, a correct solution shown) continue a student
-# prefix of failed tries with the answer at once: the teacher was *taught* that someone who has seen
-# a correct solution stops checking; the context only tells it which box to name.
+# at each decision and guess otherwise, so the starting model deliberates rarely, is right about one
+# time in ten (about half the groups of 8 are all wrong: GRPO has no signal there) and RL has headroom.
+# Practice examples (SEARCH_PRACTICE_SHARE of the student format) are whole searches whose decisions
+# ("try") are not trained: they teach every check to be right without teaching to check more often.
+# Teacher-format examples (M7 prompt, a correct solution shown) continue a student prefix of failed
+# tries with the answer at once: the teacher was *taught* that someone who has seen a correct
+# solution stops checking; the context only tells it which box to name.
 
-SEARCH_BOXES, SEARCH_TARGET = "ABCDEF", 10
-TINY_SEARCH_RECIPE = "tiny-search-v2"  # the cache folder's name: change it whenever the recipe changes
-SEARCH_TRY_RATE = 0.4                  # chance of trying the next box at each decision, student format
-TINY_SEARCH_SFT_STEPS, TINY_SEARCH_SFT_BATCH, TINY_SEARCH_SFT_LR = 2500, 16, 2e-3
+SEARCH_BOXES, SEARCH_TARGET = "ABCDEFGHIJKL", 10
+TINY_SEARCH_RECIPE = "tiny-search-v3"  # the cache folder's name: change it whenever the recipe changes
+SEARCH_TRY_RATE = 0.2                  # chance of trying the next box at each decision, student format
+SEARCH_PRACTICE_SHARE = 0.5            # of the student-format examples: whole searches, decisions untrained
+TINY_SEARCH_SFT_STEPS, TINY_SEARCH_SFT_BATCH, TINY_SEARCH_SFT_LR = 2300, 16, 2e-3
 TINY_SEARCH_TEACHER_SHARE, TINY_SEARCH_HIDDEN = 0.2, 128
 # the RL defaults of --model tiny-search (get_args): minutes on one CPU core, README has the runs
-TINY_SEARCH_RL_DEFAULTS = dict(dataset="search", prompts_per_step=32, max_new_tokens=96, gen_batch_size=128,
+TINY_SEARCH_RL_DEFAULTS = dict(dataset="search", prompts_per_step=32, max_new_tokens=144, gen_batch_size=128,
                                micro_batch_size=64, steps=20, lr=3e-4, save_every=1000, eval_benchmarks="search",
                                eval_limit=200, eval_every=5)
 SEARCH_TRY = re.compile(r"try ([A-Z]): (\d+)\+(\d+)=(\d+) (yes|no)\.")
@@ -2122,8 +2130,8 @@ def make_search_problems(count, seed, held_out=False):
     problems = []
     while len(problems) < count:
         addend, answer = rng.randint(1, 9), rng.randrange(len(SEARCH_BOXES))
-        others = rng.sample([v for v in range(1, 10) if v != SEARCH_TARGET - addend], len(SEARCH_BOXES) - 1)
-        values = others[:answer] + [SEARCH_TARGET - addend] + others[answer:]  # distinct: exactly one box is right
+        others = rng.choices([v for v in range(1, 10) if v != SEARCH_TARGET - addend], k=len(SEARCH_BOXES) - 1)
+        values = others[:answer] + [SEARCH_TARGET - addend] + others[answer:]  # exactly one box is right
         target = SEARCH_TARGET
         if search_is_held_out(values, addend, SEARCH_BOXES[answer]) != held_out:
             continue
@@ -2230,15 +2238,20 @@ def search_tokenizer(problems):
     return tiny_bpe_tokenizer(r" ?[0-9]+| ?[A-Za-z]+| ?[^\sA-Za-z0-9]+|\s+", corpus)
 
 
-def search_supervised_examples(tokenizer, problems, rng, as_teacher):
-    """(prompt ids, response ids, first trained response position) per problem. As the student: a
-    student-format response, all of it trained. As the teacher: the M7 prompt shows a correct solution
-    (a full search, or a lucky guess) and feedback about a student attempt; the response repeats a
-    prefix of that attempt's failed tries (not trained: the student wrote them) and then answers."""
+def search_supervised_examples(tokenizer, problems, rng, kind):
+    """(prompt ids, response ids, untrained response positions) per problem, of one kind:
+    "student": a student-format response, all of it trained;
+    "practice": a whole search (try until a check says yes), its "try" tokens untrained, so it teaches
+      the checks without teaching how often to check;
+    "teacher": the M7 prompt shows a correct solution (a full search, or a lucky guess) and feedback
+      about a student attempt; the response repeats a prefix of that attempt's failed tries (untrained:
+      the student wrote them) and then answers."""
     messages, prefixes, answers = [], [], []
     for p in problems:
-        attempt, box, tries = search_student_solution(p, rng)
-        if not as_teacher:
+        # a teacher example's student searched to any depth: the teacher answers at once after each
+        try_rate = {"student": SEARCH_TRY_RATE, "practice": 1.0, "teacher": rng.random()}[kind]
+        attempt, box, tries = search_student_solution(p, rng, try_rate)
+        if kind != "teacher":
             messages.append(student_message(p["problem"]))
             prefixes.append("")
             answers.append(attempt)
@@ -2257,8 +2270,14 @@ def search_supervised_examples(tokenizer, problems, rng, as_teacher):
     prompt_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
     prefix_ids = [tokenizer(prefix, add_special_tokens=False)["input_ids"] if prefix else [] for prefix in prefixes]
     answer_ids = tokenizer(answers, add_special_tokens=False)["input_ids"]
-    return [(prompt, prefix + answer + [tokenizer.eos_token_id], len(prefix))
-            for prompt, prefix, answer in zip(prompt_ids, prefix_ids, answer_ids)]
+    examples = []
+    for prompt, prefix, answer in zip(prompt_ids, prefix_ids, answer_ids):
+        untrained = range(len(prefix))
+        if kind == "practice":
+            classes = search_token_classes([tokenizer.decode([i]) for i in answer])
+            untrained = [k for k, label in enumerate(classes) if label == "try"]
+        examples.append((prompt, prefix + answer + [tokenizer.eos_token_id], untrained))
+    return examples
 
 
 def train_tiny_search(out_dir, steps=TINY_SEARCH_SFT_STEPS, batch_size=TINY_SEARCH_SFT_BATCH, lr=TINY_SEARCH_SFT_LR,
@@ -2270,9 +2289,11 @@ def train_tiny_search(out_dir, steps=TINY_SEARCH_SFT_STEPS, batch_size=TINY_SEAR
     problems = make_search_problems(steps * batch_size, seed=10_000 + seed)  # training side only
     tokenizer = search_tokenizer(problems[:2000])
     in_teacher_format = round(steps * TINY_SEARCH_TEACHER_SHARE) * batch_size
+    in_practice = in_teacher_format + round((steps * batch_size - in_teacher_format) * SEARCH_PRACTICE_SHARE / batch_size) * batch_size
     batches = [examples[i:i + batch_size]
-               for examples in (search_supervised_examples(tokenizer, problems[:in_teacher_format], rng, as_teacher=True),
-                                search_supervised_examples(tokenizer, problems[in_teacher_format:], rng, as_teacher=False))
+               for examples in (search_supervised_examples(tokenizer, problems[:in_teacher_format], rng, "teacher"),
+                                search_supervised_examples(tokenizer, problems[in_teacher_format:in_practice], rng, "practice"),
+                                search_supervised_examples(tokenizer, problems[in_practice:], rng, "student"))
                for i in range(0, len(examples), batch_size)]
     rng.shuffle(batches)
     return supervised_start(out_dir, tokenizer, batches, steps, lr, hidden_size, seed, log_every, started)

@@ -25,6 +25,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 import argparse
+import collections
 import errno
 import functools
 import importlib
@@ -2981,7 +2982,8 @@ def test_token_classes_mark_the_decision_to_check_and_the_unchecked_answer():
 def test_search_benchmark_never_occurs_in_training():
     benchmark = {p["problem"] for p in evaluation.search_benchmark(evaluation.SEARCH_BENCHMARK_SIZE)}
     training = {p["problem"] for p in antisd.load_problems("search", 0)[0]}
-    training |= {p["problem"] for p in antisd.make_search_problems(20_000, seed=10_000)}  # the supervised start's
+    training |= {p["problem"] for p in antisd.make_search_problems(  # the supervised start's
+        antisd.TINY_SEARCH_SFT_STEPS * antisd.TINY_SEARCH_SFT_BATCH, seed=10_000)}
     assert len(benchmark) == evaluation.SEARCH_BENCHMARK_SIZE and not benchmark & training
     # and the split itself: about one problem in five, over an enumeration of one addend's problems
     held_out = [antisd.search_is_held_out(values, 4, box) for values in itertools.permutations(range(1, 8), 6)
@@ -3014,16 +3016,63 @@ def test_tiny_search_cache_is_built_once_and_reused(tmp_path, monkeypatch):
 def test_teacher_examples_train_only_the_answer_after_the_students_tries(small_search_cache):
     model, tokenizer = antisd.load_model(str(small_search_cache / antisd.TINY_SEARCH_RECIPE), torch.device("cpu"))
     problems = antisd.make_search_problems(50, seed=7)
-    examples = antisd.search_supervised_examples(tokenizer, problems, random.Random(0), as_teacher=True)
-    for p, (prompt, response, first_trained) in zip(problems, examples):
-        trained = tokenizer.decode(response[first_trained:], skip_special_tokens=True)
+    examples = antisd.search_supervised_examples(tokenizer, problems, random.Random(0), "teacher")
+    for p, (prompt, response, untrained) in zip(problems, examples):
+        assert list(untrained) == list(range(len(untrained)))  # a prefix: the student's tries
+        trained = tokenizer.decode(response[len(untrained):], skip_special_tokens=True)
         assert trained == f"The answer is \\boxed{{{p['answer']}}}."
-        untrained = tokenizer.decode(response[:first_trained])
-        assert "yes" not in untrained and len(antisd.SEARCH_TRY.findall(untrained)) == untrained.count("try")
+        shown = tokenizer.decode(response[:len(untrained)])
+        assert "yes" not in shown and len(antisd.SEARCH_TRY.findall(shown)) == shown.count("try")
         assert "Your previous attempt" in tokenizer.decode(prompt)
-    students = antisd.search_supervised_examples(tokenizer, problems, random.Random(0), as_teacher=False)
-    assert all(first == 0 for _, _, first in students)
+    assert max(len(untrained) for _, _, untrained in examples) > 20  # the teacher also sees long searches
+    students = antisd.search_supervised_examples(tokenizer, problems, random.Random(0), "student")
+    assert all(len(untrained) == 0 for _, _, untrained in students)
     assert [prompt for prompt, _, _ in students] == [antisd.student_prompt_ids(tokenizer, p["problem"], False) for p in problems]
+
+
+def test_practice_examples_are_whole_searches_with_only_their_decisions_untrained(small_search_cache):
+    model, tokenizer = antisd.load_model(str(small_search_cache / antisd.TINY_SEARCH_RECIPE), torch.device("cpu"))
+    problems = antisd.make_search_problems(50, seed=8)
+    for p, (prompt, response, untrained) in zip(problems, antisd.search_supervised_examples(
+            tokenizer, problems, random.Random(0), "practice")):
+        assert tokenizer.decode(response, skip_special_tokens=True) == p["solution"]  # the whole search
+        assert [tokenizer.decode([response[k]]).strip() for k in untrained] == ["try"] * (antisd.SEARCH_BOXES.index(p["answer"]) + 1)
+        assert prompt == antisd.student_prompt_ids(tokenizer, p["problem"], False)
+
+
+def test_supervised_start_learns_nothing_from_an_untrained_position(tmp_path, small_search_cache):
+    """The last response token is only a target: with it untrained, changing it leaves the step unchanged."""
+    _, tokenizer = antisd.load_model(str(small_search_cache / antisd.TINY_SEARCH_RECIPE), torch.device("cpu"))
+    prompt, response = [5, 6, 7], [8, 9, 10, 11]
+
+    def weights_after_one_step(last_token, untrained):
+        out = tmp_path / f"{last_token}-{len(untrained)}"
+        antisd.supervised_start(str(out), tokenizer, [[(prompt, response[:-1] + [last_token], untrained)]], 1, 1e-2,
+                                32, 0, 0, time.time())
+        model, _ = antisd.load_model(str(out), torch.device("cpu"))
+        return torch.cat([w.flatten() for w in model.state_dict().values()])
+
+    last = len(response) - 1
+    assert torch.equal(weights_after_one_step(11, [last]), weights_after_one_step(12, [last]))
+    assert not torch.equal(weights_after_one_step(11, []), weights_after_one_step(12, []))
+
+
+def test_the_supervised_start_mixes_teacher_practice_and_student_examples_in_its_shares(monkeypatch):
+    seen = {}
+    monkeypatch.setattr(antisd, "supervised_start", lambda out_dir, tokenizer, batches, *rest: seen.update(
+        tokenizer=tokenizer, batches=batches))
+    antisd.train_tiny_search("unused", steps=20, batch_size=4, hidden_size=32, log_every=0)
+
+    def kind(prompt, untrained):
+        return ("teacher" if "Your previous attempt" in seen["tokenizer"].decode(prompt)
+                else "practice" if len(untrained) else "student")
+
+    kinds = [{kind(prompt, untrained) for prompt, _, untrained in batch} for batch in seen["batches"]]
+    assert all(len(k) == 1 for k in kinds)  # one kind a batch: short prompts are not padded to the teacher's
+    counts = collections.Counter(k.pop() for k in kinds)
+    teacher = round(20 * antisd.TINY_SEARCH_TEACHER_SHARE)
+    practice = round((20 - teacher) * antisd.SEARCH_PRACTICE_SHARE)
+    assert counts == {"teacher": teacher, "practice": practice, "student": 20 - teacher - practice}
 
 
 @pytest.mark.parametrize("method", ["grpo", "sd", "antisd"])
