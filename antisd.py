@@ -32,7 +32,8 @@ Design decisions:
   6. Defaults are a one-GPU run: Qwen3-1.7B in non-thinking mode, 16 problems x 8 rollouts per step,
      responses up to 1,536 tokens (the paper: 32 x 8 and 32K tokens on many GPUs, M9).
   7. The reward checker (math-verify) runs in a worker process killed after VERIFY_SECONDS: some
-     answers (9^9^9^9) hang it past its own time limit. A killed check scores 0. The worker exits
+     answers (9^9^9^9) hang it past its own time limit. A killed check scores 0, with a warning on
+     stderr. The worker exits
      with its parent, even after a kill -9.
   8. Checkpoints hold everything a run needs to continue bit for bit (optimizer, RNG states, data
      cursor, gate state); --resume continues the newest whole one and refuses changed settings or
@@ -1241,6 +1242,9 @@ def _check_math(*request):
     process.kill()  # stuck or dead: this check is a "no"; the next one gets a fresh worker
     process.join()
     _verifier = None
+    print(f"warning: an answer check ran past {VERIFY_SECONDS:g} s (or killed the checker) and counts as wrong: "
+          f"{request[0]} {str(request[-1])[:80]!r}; many of these mean the machine is too loaded for the checker",
+          file=sys.stderr, flush=True)
     return False
 
 

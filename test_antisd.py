@@ -669,6 +669,15 @@ def test_pathological_answers_are_judged_wrong_in_bounded_time(answer, monkeypat
     assert antisd.verify(r"\boxed{2}", "2") == 1.0     # the checker still works afterwards
 
 
+def test_a_check_stopped_for_time_says_so_on_stderr(monkeypatch, capsys):
+    monkeypatch.setattr(antisd, "VERIFY_SECONDS", 0.0)  # no check can answer in time
+    assert antisd.verify(r"\boxed{2}", "2") == 0.0
+    assert "answer check ran past 0 s (or killed the checker) and counts as wrong: verify '2'" in capsys.readouterr().err
+    monkeypatch.setattr(antisd, "VERIFY_SECONDS", 5.0)
+    assert antisd.verify(r"\boxed{2}", "2") == 1.0
+    assert "answer check" not in capsys.readouterr().err  # a check in time is silent
+
+
 def test_a_check_costs_milliseconds_not_a_parse_per_rule():
     antisd.verify("\\boxed{1}", "1")  # the worker is started
     started = time.perf_counter()
