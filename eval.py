@@ -104,32 +104,21 @@ BENCHMARKS = {
 }
 
 
-ARITH_BENCHMARK_SIZE = 500
+# The tiny models' benchmarks, generated offline (no file, no hub) from the held-out side of their
+# task's split (antisd.arith_is_held_out, antisd.search_is_held_out): the training problems and the
+# tiny models' supervised starts draw only from the other side, so none occurs in training.
+# name: (the task's problem generator, problems drawn per problem kept: duplicates are dropped)
+OFFLINE_BENCHMARKS = {"arith": (antisd.make_arith_problems, 4), "search": (antisd.make_search_problems, 2)}
+OFFLINE_BENCHMARK_SIZE = 500
 
 
-def arith_benchmark(count):
-    """The held-out arith problems, generated offline (no file, no hub). They never occur in training:
-    antisd.make_arith_problems draws training problems, and the tiny model's supervised start its
-    examples, only from number tuples that antisd.arith_is_held_out rejects, and these only from the
-    tuples it accepts. Duplicates are dropped, so every problem counts once."""
-    if count > ARITH_BENCHMARK_SIZE:
-        raise ValueError(f"arith: the benchmark has {ARITH_BENCHMARK_SIZE} problems, asked for {count}")
+def offline_benchmark(name, count):
+    """The first `count` held-out problems of a tiny task, each problem once."""
+    if count > OFFLINE_BENCHMARK_SIZE:
+        raise ValueError(f"{name}: the benchmark has {OFFLINE_BENCHMARK_SIZE} problems, asked for {count}")
+    make_problems, draws = OFFLINE_BENCHMARKS[name]
     unique = {}
-    for item in antisd.make_arith_problems(4 * ARITH_BENCHMARK_SIZE, seed=-1, held_out=True):
-        unique.setdefault(item["problem"], {"problem": item["problem"], "answer": item["answer"]})
-    return list(unique.values())[:count]
-
-
-SEARCH_BENCHMARK_SIZE = 500
-
-
-def search_benchmark(count):
-    """The held-out search problems (antisd.search_is_held_out's benchmark side), generated offline;
-    training problems and the tiny search model's supervised start draw only from the other side."""
-    if count > SEARCH_BENCHMARK_SIZE:
-        raise ValueError(f"search: the benchmark has {SEARCH_BENCHMARK_SIZE} problems, asked for {count}")
-    unique = {}
-    for item in antisd.make_search_problems(2 * SEARCH_BENCHMARK_SIZE, seed=-1, held_out=True):
+    for item in make_problems(draws * OFFLINE_BENCHMARK_SIZE, seed=-1, held_out=True):
         unique.setdefault(item["problem"], {"problem": item["problem"], "answer": item["answer"]})
     return list(unique.values())[:count]
 
@@ -139,12 +128,10 @@ def load_benchmark(name, data_dir=None, limit=None):
 
     From the hub by default, or from DATA_DIR/<name>.jsonl in that file's own schema.
     """
-    if name == "arith":
-        return arith_benchmark(limit or ARITH_BENCHMARK_SIZE)
-    if name == "search":
-        return search_benchmark(limit or SEARCH_BENCHMARK_SIZE)
+    if name in OFFLINE_BENCHMARKS:
+        return offline_benchmark(name, limit or OFFLINE_BENCHMARK_SIZE)
     if name not in BENCHMARKS:
-        raise antisd.UserError(f"unknown benchmark {name!r}; known: {', '.join(BENCHMARKS)}, arith, search")
+        raise antisd.UserError(f"unknown benchmark {name!r}; known: {', '.join([*BENCHMARKS, *OFFLINE_BENCHMARKS])}")
     if limit is not None and limit < 1:
         raise antisd.UserError(f"{name}: limit must be at least 1 (None: all problems), got {limit}")
     spec = BENCHMARKS[name]
@@ -633,9 +620,9 @@ def main(argv=None):
     parser.add_argument("--by-group", action="store_true", help="with --compare: also compare-groups.png/.md, the mean and spread over runs whose folder names differ only by a trailing seed (grpo-s0, grpo-s1)")
     parser.add_argument("--show", metavar="RUN_DIR", help="write OUT_DIR/tokens.html from this run's rollouts.jsonl")
     # model and data
-    parser.add_argument("--model", default="Qwen/Qwen3-1.7B", help="hub id, checkpoint dir saved by antisd.py, 'tiny' (the arith model) or 'tiny-random' (CPU, offline)")
+    parser.add_argument("--model", default="Qwen/Qwen3-1.7B", help="hub id, checkpoint dir saved by antisd.py, 'tiny' (the arith model), 'tiny-search' or 'tiny-random' (CPU, offline)")
     parser.add_argument("--benchmarks", default="aime24,aime25,amc23,minerva_math",  # competition sets + the paper's Minerva; ~20-30 min (estimate, docstring 7)
-                        help=f"comma-separated, from: arith (generated, held out from --dataset arith), {', '.join(BENCHMARKS)}")
+                        help=f"comma-separated, from: arith, search (generated, held out from --dataset arith and search), {', '.join(BENCHMARKS)}")
     parser.add_argument("--data-dir", default=None, help="read DIR/<name>.jsonl instead of the hub, in each benchmark's own schema")  # None: the hub
     parser.add_argument("--limit", type=int, default=0, help="evaluate the first K problems of each benchmark")  # 0: all, as antisd.py --eval-limit
     parser.add_argument("--device", default=None, help="cuda, cuda:1, cpu")  # None: CUDA when available (antisd.pick_device)

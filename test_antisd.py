@@ -2989,11 +2989,11 @@ def test_token_classes_mark_the_decision_to_check_and_the_unchecked_answer():
 
 
 def test_search_benchmark_never_occurs_in_training():
-    benchmark = {p["problem"] for p in evaluation.search_benchmark(evaluation.SEARCH_BENCHMARK_SIZE)}
+    benchmark = {p["problem"] for p in evaluation.offline_benchmark("search", evaluation.OFFLINE_BENCHMARK_SIZE)}
     training = {p["problem"] for p in antisd.load_problems("search", 0)[0]}
     training |= {p["problem"] for p in antisd.make_search_problems(  # the supervised start's
         antisd.TINY_SEARCH_SFT_STEPS * antisd.TINY_SEARCH_SFT_BATCH, seed=10_000)}
-    assert len(benchmark) == evaluation.SEARCH_BENCHMARK_SIZE and not benchmark & training
+    assert len(benchmark) == evaluation.OFFLINE_BENCHMARK_SIZE and not benchmark & training
     # and the split itself: about one problem in five, over an enumeration of one addend's problems
     held_out = [antisd.search_is_held_out(values, 4, box) for values in itertools.permutations(range(1, 8), 6)
                 for box in "AC"]  # (any tuples: the hash does not know which are problems)
