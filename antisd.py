@@ -1638,14 +1638,19 @@ def is_write_failure(error):
         "os error", "IoError"))
 
 
-def append_log_line(log_file, record):
-    """Appends one JSON line with a single unbuffered write: a full disk fails here, in the step that
-    logs, and leaves nothing in a buffer to fail again at close. A line cut short by it is dropped on
-    --resume (keep_log_lines_up_to)."""
+def write_json_line(file, record):
+    """Appends one JSON line with unbuffered writes: a full disk fails here, at the record it could not
+    keep, and leaves nothing in a buffer to fail again at close."""
     line = (json.dumps(record) + "\n").encode()
+    while line:
+        line = line[os.write(file.fileno(), line):]
+
+
+def append_log_line(log_file, record):
+    """write_json_line into metrics.jsonl or rollouts.jsonl; a failed write ends the run in one paragraph.
+    A line cut short by it is dropped on --resume (keep_log_lines_up_to)."""
     try:
-        while line:
-            line = line[os.write(log_file.fileno(), line):]
+        write_json_line(log_file, record)
     except OSError as e:
         out_dir = os.path.dirname(log_file.name) or "."
         raise UserError(disk_full_message(f"the log line of step {record['step']}", log_file.name, e, out_dir)) from None

@@ -672,10 +672,8 @@ def main(argv=None):
     started = time.time()
     with open(os.path.join(args.out_dir, "samples.jsonl"), "a") as samples_file:
         def keep(sample):  # each problem as soon as it is checked: a kill loses at most the batch in flight
-            line = (json.dumps(sample) + "\n").encode()
-            try:  # unbuffered: nothing is left in a buffer to fail again when the file closes
-                while line:
-                    line = line[os.write(samples_file.fileno(), line):]
+            try:
+                antisd.write_json_line(samples_file, sample)
             except OSError as e:  # a full disk: what was written is kept, and --resume continues after it
                 raise antisd.UserError(f"could not write problem {sample['index']} of {sample['benchmark']} to "
                                        f"{samples_file.name} ({e.strerror}); {args.out_dir} has "
