@@ -1812,25 +1812,24 @@ def resume_from_newest_whole_checkpoint(checkpoints, device, state_file="trainer
 
 # the tiny model's RL defaults, unless a flag says otherwise: minutes on a CPU, measured (README: "Learn
 # on a laptop")
-TINY_PROMPTS_PER_STEP, TINY_STEPS, TINY_LR, TINY_EVAL_EVERY = 32, 20, 3e-4, 10
+TINY_ARITH_RL_DEFAULTS = dict(dataset="arith", prompts_per_step=32, max_new_tokens=64, gen_batch_size=128,
+                              micro_batch_size=64, steps=20, lr=3e-4, save_every=1000, eval_benchmarks="arith",
+                              eval_limit=200, eval_every=10)
 TINY_MODELS = ("tiny", "tiny-search", "tiny-random")
 
 
 def tiny_run_defaults(model_name):
-    """Flag defaults that shrink a run of a tiny model to a CPU: minutes for tiny, seconds for
-    tiny-random (shapes only: the tests). {} for any other model."""
-    if model_name == "tiny":
-        return dict(dataset="arith", prompts_per_step=TINY_PROMPTS_PER_STEP, max_new_tokens=64,
-                    gen_batch_size=128, micro_batch_size=64, steps=TINY_STEPS, lr=TINY_LR,
-                    save_every=1000, eval_benchmarks="arith", eval_limit=200,
-                    # in-loop evaluation runs in one process only (torchrun: evaluate the checkpoints)
-                    eval_every=TINY_EVAL_EVERY if os.environ.get("WORLD_SIZE", "1") == "1" else 0)
-    if model_name == "tiny-search":  # the search demo: README "Learn on a laptop"
-        return {**TINY_SEARCH_RL_DEFAULTS, **({} if os.environ.get("WORLD_SIZE", "1") == "1" else {"eval_every": 0})}
+    """Flag defaults that shrink a run of a tiny model to a CPU: minutes for tiny and tiny-search,
+    seconds for tiny-random (shapes only: the tests). {} for any other model."""
     if model_name == "tiny-random":
         return dict(prompts_per_step=2, max_new_tokens=32, gen_batch_size=16, micro_batch_size=8,
                     save_every=1000, eval_every=0)
-    return {}
+    defaults = dict({"tiny": TINY_ARITH_RL_DEFAULTS, "tiny-search": TINY_SEARCH_RL_DEFAULTS}.get(model_name, {}))
+    if defaults and os.environ.get("WORLD_SIZE", "1") != "1":
+        defaults["eval_every"] = 0  # in-loop evaluation runs in one process only (torchrun: evaluate the checkpoints)
+    return defaults
+
+
 TINY_CHAT_TEMPLATE = (
     "{%- for message in messages %}"
     "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
