@@ -2116,7 +2116,8 @@ def search_problem_text(values, addend, target):
 
 def search_try(box, value, addend, target):
     """One check: the candidate's number, the sum, the verdict. With a variable target restated
-    ("=12 vs 9 no") the tiny model got a fifth of its verdicts wrong; with a fixed one it need not compare."""
+    ("=12 vs 9 no") the tiny model got about a quarter of its checks wrong, nearly all in the verdict;
+    with a fixed one it need not compare."""
     return f"try {box}: {value}+{addend}={value + addend} {'yes' if value + addend == target else 'no'}."
 
 
@@ -2212,11 +2213,12 @@ def search_pmi_by_class(model, tokenizer, problems, group_size=8, seed=0, temper
     the rollouts' texts)."""
     rng = random.Random(seed)
     torch.manual_seed(seed)
-    student_prompts = [student_prompt_ids(tokenizer, p["problem"], False) for p in problems for _ in range(group_size)]
+    rollout_problems = [p for p in problems for _ in range(group_size)]                 # rollout i: problems[i // G]
+    student_prompts = [student_prompt_ids(tokenizer, p["problem"], False) for p in rollout_problems]
     samples = generate(model, tokenizer, student_prompts, max_new_tokens, temperature, 1.0, 128)
     responses = [ids for ids, _ in samples]
     texts = [decode_response(tokenizer, ids) for ids in responses]
-    rewards = [verify(text, p["answer"]) for text, p in zip(texts, (p for p in problems for _ in range(group_size)))]
+    rewards = [verify(text, p["answer"]) for text, p in zip(texts, rollout_problems)]
     settings = argparse.Namespace(group_size=group_size, max_solution_tokens=1024, enable_thinking=False)  # the defaults
     teacher_prompts = teacher_prompts_for_step(tokenizer, problems, rewards, texts, rng, settings)
     stats = score(model, student_prompts, teacher_prompts, responses, tokenizer.pad_token_id, 64, temperature)
@@ -2228,7 +2230,7 @@ def search_pmi_by_class(model, tokenizer, problems, group_size=8, seed=0, temper
         for k, label in enumerate(search_token_classes(pieces)):
             by_class.setdefault(label, []).append(float(u[row, k]))
     table = {label: (len(v), sum(v) / len(v), sum(x < 0 for x in v) / len(v)) for label, v in sorted(by_class.items())}
-    checks = [search_check_errors(t, p) for t, p in zip(texts, (p for p in problems for _ in range(group_size)))]
+    checks = [search_check_errors(t, p) for t, p in zip(texts, rollout_problems)]
     deliberating = [search_deliberates(t) for t in texts]
     summary = {"reward": sum(rewards) / len(rewards), "deliberation_rate": sum(deliberating) / len(texts),
                "reward_when_deliberating": sum(r for r, d in zip(rewards, deliberating) if d) / max(1, sum(deliberating)),
