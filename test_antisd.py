@@ -2180,14 +2180,20 @@ def test_a_killed_evaluation_resumes_to_the_results_of_an_uninterrupted_one(tmp_
     assert comparable(killed) == comparable(straight)
 
 
-def test_an_evaluation_on_a_full_disk_ends_in_one_paragraph_keeping_the_problems_written(tmp_path, capsys, monkeypatch):
+def disk_full_at(monkeypatch, file_name, marker):
+    """os.write fails as on a full disk for the write of `marker` into a file named file_name; every
+    other write goes through."""
     real_write = os.write
 
-    def full_at_the_third_problem(fd, data):
-        if b'"index": 2,' in data and os.readlink(f"/proc/self/fd/{fd}").endswith("samples.jsonl"):
+    def write(fd, data):
+        if marker in data and os.readlink(f"/proc/self/fd/{fd}").endswith(file_name):
             raise OSError(errno.ENOSPC, "No space left on device")
         return real_write(fd, data)
-    monkeypatch.setattr(os, "write", full_at_the_third_problem)
+    monkeypatch.setattr(os, "write", write)
+
+
+def test_an_evaluation_on_a_full_disk_ends_in_one_paragraph_keeping_the_problems_written(tmp_path, capsys, monkeypatch):
+    disk_full_at(monkeypatch, "samples.jsonl", b'"index": 2,')  # the third problem
     out_dir = tmp_path / "out"
     code, text = failure_message(capsys, evaluation.main, EVAL + ["--limit", "4", "--batch-size", "1",
                                                                  "--out-dir", str(out_dir)])
@@ -2763,13 +2769,7 @@ def test_a_save_on_a_full_disk_ends_in_one_paragraph_and_leaves_no_partial_check
 
 
 def test_a_log_write_on_a_full_disk_ends_in_one_paragraph(tmp_path, capsys, monkeypatch):
-    real_write = os.write
-
-    def full_at_step_2(fd, data):
-        if b'"step": 2,' in data and os.readlink(f"/proc/self/fd/{fd}").endswith("metrics.jsonl"):
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return real_write(fd, data)
-    monkeypatch.setattr(os, "write", full_at_step_2)
+    disk_full_at(monkeypatch, "metrics.jsonl", b'"step": 2,')
     run = tmp_path / "run"
     code, text = failure_message(capsys, antisd.main, RUN + ["--steps", "3", "--out-dir", str(run)])
     assert text.startswith(f"error: could not write the log line of step 2 ({run}/metrics.jsonl: No space left on "
