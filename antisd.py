@@ -895,7 +895,7 @@ def main(argv=None):
 
             # ---- log, evaluate, save
             bad_steps = 0 if update["epochs_applied"] == args.ppo_epochs else bad_steps + 1
-            record = step_metrics(step, rewards, truncated, mask, stats, terms, update, gate, timer, args, texts)
+            record = step_metrics(step, rewards, truncated, mask, stats, terms, update, gate, timer, args, texts, batch)
             if eval_sets and step % args.eval_every == 0:
                 record.update(evaluate_in_loop(evaluation, model, tokenizer, eval_sets, args))
             logs.write_metrics(record)
@@ -1260,8 +1260,9 @@ def load_eval_sets(args):
                         for name in args.eval_benchmarks.split(",")}
 
 
-def step_metrics(step, rewards, truncated, mask, stats, terms, update, gate, timer, args, texts=()):
-    """One metrics.jsonl line: what the step saw and did (README: "Metrics")."""
+def step_metrics(step, rewards, truncated, mask, stats, terms, update, gate, timer, args, texts=(), batch=()):
+    """One metrics.jsonl line: what the step saw and did (README: "Metrics"). texts and batch (the
+    step's problems; rollout i is of batch[i // G]) feed the search task's metrics."""
     rewards_grouped = torch.tensor(rewards).view(-1, args.group_size)      # [P, G]
     lengths, total_tokens = mask.sum(dim=1), int(mask.sum())
     u_valid = terms["u"][mask]
@@ -1301,7 +1302,10 @@ def step_metrics(step, rewards, truncated, mask, stats, terms, update, gate, tim
         "peak_gpu_memory_gb_generate": timer.peak_gb["generate"],
         "peak_gpu_memory_gb_score": timer.peak_gb["score"],
         "peak_gpu_memory_gb_update": timer.peak_gb["update"],
-        **({"deliberation_rate": search_deliberation_rate(texts)} if args.dataset == "search" else {}),
+        **({"deliberation_rate": search_deliberation_rate(texts),
+            "check_error_rate": search_check_error_rate(texts, [batch[i // args.group_size]["problem"]
+                                                                for i in range(len(texts))])}
+           if args.dataset == "search" else {}),
     }
 
 
@@ -2173,6 +2177,13 @@ def search_deliberation_rate(texts):
     return sum(map(search_deliberates, texts)) / max(1, len(texts))
 
 
+def search_check_error_rate(texts, problem_texts):
+    """The share of the responses' check lines that are wrong (search_check_errors), 0 without a check.
+    The reward sees only the final box: a wrong sum whose verdict still follows the truth costs nothing."""
+    counts = [search_check_errors(text, search_fields(problem)) for text, problem in zip(texts, problem_texts)]
+    return sum(wrong for _, wrong in counts) / max(1, sum(checks for checks, _ in counts))
+
+
 def search_token_classes(token_texts):
     """The class of each response token, from the decoded pieces: "try" (the token that starts a
     check: the decision to deliberate), "check" (the rest of a check), "guess" (an answer that no
@@ -2194,9 +2205,19 @@ def search_token_classes(token_texts):
     return classes
 
 
+SEARCH_PROBLEM = re.compile(r"Boxes: ((?:[A-Z]=\d+ ?)+)\. Which box plus (\d+) makes (\d+)\?")
+
+
+def search_fields(problem_text):
+    """{values, addend, target} read back from a problem's text: the data pipeline keeps only a
+    problem's text, answer and solution (problem_from_row)."""
+    boxes, addend, target = SEARCH_PROBLEM.fullmatch(problem_text).groups()
+    return {"values": [int(box.split("=")[1]) for box in boxes.split()], "addend": int(addend), "target": int(target)}
+
+
 def search_check_errors(text, problem):
     """(checks, wrong checks): a check is wrong when the box's number, the addend, the sum or the
-    verdict is."""
+    verdict is. problem: {values, addend, target}, as make_search_problems or search_fields give."""
     checks = SEARCH_TRY.findall(text)
     right = {box: (str(value), str(problem["addend"])) for box, value in zip(SEARCH_BOXES, problem["values"])}
     wrong = sum(right.get(box) != (value, addend) or int(value) + int(addend) != int(total)

@@ -442,7 +442,8 @@ def compare_runs(run_dirs, out_dir):
 
 
 GROUP_CURVES = [("held-out accuracy (avg@n)", "eval/mean/avg@"), ("reward (training batch)", "reward_mean"),
-                ("deliberation rate (search)", "deliberation_rate"), ("lambda", "lambda")]
+                ("deliberation rate (search)", "deliberation_rate"), ("wrong checks (search)", "check_error_rate"),
+                ("lambda", "lambda")]
 
 
 def run_group(run_dir):

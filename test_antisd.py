@@ -1403,6 +1403,17 @@ def test_step_metrics_are_hand_counts_of_the_steps_rollouts():
     assert record["clip_fraction"] == 9 / (36 * 2)
     assert record["update_applied"] is True and record["epochs_applied"] == 2
     assert record["u_mean"] == 0.0 and record["lambda"] == 0.0 and record["gate_on"] == 0.0
+    assert "deliberation_rate" not in record and "check_error_rate" not in record  # search only
+
+    # the search task's two metrics: rollout i is of problem i // G, so each text is checked against its own boxes
+    args.dataset = "search"
+    boxes = [[3, 8, 6, 1, 5, 2, 7, 9, 4, 3, 1, 2], [6, 8, 3, 1, 5, 2, 7, 9, 4, 3, 1, 2]]   # C, then A holds 6
+    batch = [{"problem": antisd.search_problem_text(values, 4, 10)} for values in boxes]
+    right_for_first = "try A: 3+4=7 no. try B: 8+4=12 no. try C: 6+4=10 yes. The answer is \\boxed{C}."
+    texts = [right_for_first] * 2 + ["The answer is \\boxed{E}."] * 2 + [right_for_first] + ["try A: 6+4=10 yes."] * 3
+    record = antisd.step_metrics(7, rewards, truncated, mask, None, terms, update, None, timer, args, texts, batch)
+    assert record["deliberation_rate"] == 6 / 8
+    assert record["check_error_rate"] == 2 / 12  # rollout 4 is of the second problem, where A holds 6 and C 3
 
 
 # -----------------------------------------------------------------------------
@@ -2966,6 +2977,20 @@ def test_search_solution_by_hand():
     assert antisd.search_check_errors("try A: 3+4=8 no.", problem) == (1, 1)                      # wrong sum
 
 
+def test_search_fields_read_back_what_the_generator_wrote():
+    for p in antisd.make_search_problems(300, seed=8) + antisd.make_search_problems(100, seed=8, held_out=True):
+        assert antisd.search_fields(p["problem"]) == {k: p[k] for k in ("values", "addend", "target")}
+
+
+def test_check_error_rate_counts_wrong_check_lines_over_all_responses():
+    problem = antisd.search_problem_text([3, 8, 6, 1, 5, 2, 7, 9, 4, 3, 1, 2], 4, 10)
+    texts = ["try A: 3+4=7 no. try B: 8+4=12 no. try C: 6+4=10 yes. The answer is \\boxed{C}.",  # 3 right
+             "try A: 3+4=8 no. try B: 9+4=13 no. The answer is \\boxed{C}.",  # a wrong sum, a misread number
+             "The answer is \\boxed{E}."]                                      # no check
+    assert antisd.search_check_error_rate(texts, [problem] * 3) == 2 / 5
+    assert antisd.search_check_error_rate(texts[2:], [problem]) == 0.0
+
+
 def test_student_format_tries_at_the_given_rate_and_guesses_only_untried_boxes():
     problems = antisd.make_search_problems(2000, seed=5)
     rng = random.Random(0)
@@ -3098,6 +3123,7 @@ def test_tiny_search_runs_each_method_and_logs_held_out_accuracy_and_deliberatio
     assert [line["step"] for line in lines] == [0, 1, 2]
     assert all("eval/search/avg@1" in line for line in lines)
     assert all(0.0 <= line["deliberation_rate"] <= 1.0 for line in lines[1:])
+    assert all(0.0 <= line["check_error_rate"] <= 1.0 for line in lines[1:])
 
 
 def test_compare_by_group_averages_runs_that_differ_only_by_seed(tmp_path):
