@@ -2178,10 +2178,11 @@ def search_deliberation_rate(texts):
 
 
 def search_check_error_rate(texts, problem_texts):
-    """The share of the responses' check lines that are wrong (search_check_errors), 0 without a check.
-    The reward sees only the final box: a wrong sum whose verdict still follows the truth costs nothing."""
+    """The share of the responses' check lines that are wrong (search_check_errors); None without a
+    check. The reward sees only the final box: a wrong sum whose verdict follows the truth costs nothing."""
     counts = [search_check_errors(text, search_fields(problem)) for text, problem in zip(texts, problem_texts)]
-    return sum(wrong for _, wrong in counts) / max(1, sum(checks for checks, _ in counts))
+    checks = sum(checks for checks, _ in counts)
+    return sum(wrong for _, wrong in counts) / checks if checks else None
 
 
 def search_token_classes(token_texts):

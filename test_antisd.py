@@ -2988,7 +2988,7 @@ def test_check_error_rate_counts_wrong_check_lines_over_all_responses():
              "try A: 3+4=8 no. try B: 9+4=13 no. The answer is \\boxed{C}.",  # a wrong sum, a misread number
              "The answer is \\boxed{E}."]                                      # no check
     assert antisd.search_check_error_rate(texts, [problem] * 3) == 2 / 5
-    assert antisd.search_check_error_rate(texts[2:], [problem]) == 0.0
+    assert antisd.search_check_error_rate(texts[2:], [problem]) is None  # no check: no rate, not a perfect one
 
 
 def test_student_format_tries_at_the_given_rate_and_guesses_only_untried_boxes():
@@ -3123,7 +3123,7 @@ def test_tiny_search_runs_each_method_and_logs_held_out_accuracy_and_deliberatio
     assert [line["step"] for line in lines] == [0, 1, 2]
     assert all("eval/search/avg@1" in line for line in lines)
     assert all(0.0 <= line["deliberation_rate"] <= 1.0 for line in lines[1:])
-    assert all(0.0 <= line["check_error_rate"] <= 1.0 for line in lines[1:])
+    assert all(line["check_error_rate"] is None or 0.0 <= line["check_error_rate"] <= 1.0 for line in lines[1:])
 
 
 def test_compare_by_group_averages_runs_that_differ_only_by_seed(tmp_path):
