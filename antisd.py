@@ -43,6 +43,8 @@ Where this file differs from the paper, and why:
   - batch and response length are smaller (one GPU; see 6 above); everything else is M9's settings.
   - --gate perplexity keeps the on/off gate of M6 with the official code's signal (teacher
     perplexity, reopening at 1.07x its warm-up value, M8) but not its continuous per-sequence lambda.
+  - --term official is the official code's form of the term (M8): -phi(u) with u clamped, tokens with
+    |u| > 2 sigma left out, z-scored per sequence. The paper's -phi(u) stays the default.
   - --estimator full (not in the paper) replaces the sampled-token term by the exact gradient of the
     full-vocabulary JSD, at the cost of one more teacher forward per micro-batch. It is refused for
     --method sd, whose objective is the reverse KL (M3): kernels.py computes the JSD, and its exact
@@ -631,12 +633,30 @@ def antisd_advantage(u):
     return -0.5 * (F.softplus(u) - math.log(2.0))
 
 
-def token_advantages(seq_adv, u, lam, method, divergence, compose):
-    """A_{i,t} from the group advantage [N] and u [N, R] (M5)."""
+def official_antisd_term(u, mask, eps=1e-6):
+    """The official code's AntiSD term (M8), an option: u clamped to +-5, tokens with |u| > 2 sigma
+    zeroed, -phi of the rest z-scored within each sequence and clipped to +-5. M8 does not say over
+    which tokens sigma_ref is taken: here it is the standard deviation of u over the batch's response
+    tokens. Zeroed tokens get no term and do not count in their sequence's mean and std (the sample
+    std, as in group_advantages). u, mask: [N, R] -> [N, R], 0 off the mask."""
+    sigma = u[mask].std() if mask.sum() > 1 else u.new_tensor(0.0)
+    kept = mask & (u.abs() <= 2 * sigma)                                        # [N, R]
+    a = antisd_advantage(u.clamp(-5.0, 5.0)) * kept                             # -phi(u) (M4)
+    count = kept.sum(dim=1, keepdim=True)                                       # [N, 1]
+    mean = a.sum(dim=1, keepdim=True) / count.clamp(min=1)
+    var = (((a - mean) * kept) ** 2).sum(dim=1, keepdim=True) / (count - 1).clamp(min=1)
+    return ((a - mean) / (var.sqrt() + eps) * kept).clamp(-5.0, 5.0)           # [N, R]
+
+
+def token_advantages(seq_adv, u, lam, method, divergence, compose, term="paper", mask=None):
+    """A_{i,t} from the group advantage [N] and u [N, R] (M5); term "official" (M8) needs the
+    response mask [N, R]."""
     if method == "grpo":
         a = torch.zeros_like(u)
     elif method == "sd":
         a = u                                     # descend KL(pi_S || pi_T): +u (M3)
+    elif divergence == "jsd" and term == "official":
+        a = official_antisd_term(u, mask)         # the official code's normalised -phi(u) (M8)
     elif divergence == "jsd":
         a = antisd_advantage(u)                   # ascend JSD: -phi(u) (M4)
     else:
@@ -676,7 +696,8 @@ def gate_and_advantages(stats, mask, seq_adv, gate, args):
     if args.estimator == "full":  # the exact JSD gradient replaces the sampled-token term
         advantages, a, jsd_weight = seq_adv[:, None].expand(mask.shape), None, lam
     else:
-        advantages, a = token_advantages(seq_adv, u, lam, args.method, args.divergence, args.compose)
+        advantages, a = token_advantages(seq_adv, u, lam, args.method, args.divergence, args.compose,
+                                         args.term, mask)
         jsd_weight = 0.0
     return {"u": u, "teacher_entropy_median": teacher_entropy_median, "gate_signal": signal_value,
             "gate_on": gate_on, "lam": lam, "a": a, "advantages": advantages * mask, "jsd_weight": jsd_weight}
@@ -2474,6 +2495,7 @@ def get_args(argv=None):
     p.add_argument("--method", default="antisd", choices=["antisd", "sd", "grpo"], help="per-token term: -phi(u) | +u | none")
     p.add_argument("--estimator", default="token", choices=["token", "full"], help="token: the sampled-token term (the paper); full (antisd only): exact full-vocabulary JSD gradient, one more teacher forward")
     p.add_argument("--divergence", default="jsd", choices=["jsd", "rkl"], help="antisd term: -phi(u) (JSD ascent, M4) or -u (reverse-KL ascent, M5 ablation)")
+    p.add_argument("--term", default="paper", choices=["paper", "official"], help="antisd term: -phi(u) (M4), or the official code's: u clamped to +-5, |u| > 2 sigma zeroed, z-scored per sequence, clipped to +-5 (M8)")
     p.add_argument("--compose", default="add", choices=["add", "mult"], help="A_seq + lam*a (M5) or A_seq*(1 + lam*a) (M5 ablation)")
     p.add_argument("--lambda-max", type=float, default=0.5, help="lambda_max (M5)")
     p.add_argument("--gate", default=None, choices=["entropy", "perplexity", "none"], help="default: entropy for antisd, none for sd (M6, M8)")
@@ -2532,13 +2554,16 @@ def get_args(argv=None):
         p.error(f"--prompts-per-step * --group-size = {n_rollouts} must be divisible by --micro-batch-size ({args.micro_batch_size})")
     # a flag the chosen method never reads is refused: a run that silently ignores it would be mislabelled
     if args.method == "grpo":
-        ignored = [f"--{name.replace('_', '-')}" for name in ("divergence", "compose", "lambda_max")
+        ignored = [f"--{name.replace('_', '-')}" for name in ("divergence", "term", "compose", "lambda_max")
                    if getattr(args, name) != p.get_default(name)]
         ignored += ["--gate"] if args.gate not in (None, "none") else []
         if ignored:
             p.error(f"{', '.join(ignored)} {'has' if len(ignored) == 1 else 'have'} no effect with --method grpo (no per-token term)")
     if args.method == "sd" and args.divergence != "jsd":
         p.error("--divergence has no effect with --method sd: its term is always +u (M3)")
+    if args.term == "official" and (args.method != "antisd" or args.divergence != "jsd" or args.estimator != "token"):
+        p.error("--term official is the official code's form of the sampled-token -phi(u): it needs --method antisd, "
+                "--divergence jsd and --estimator token")
     if args.gate is None:
         args.gate = "entropy" if args.method == "antisd" else "none"
     if args.temperature <= 0 or not 0 < args.top_p <= 1:

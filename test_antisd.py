@@ -955,6 +955,49 @@ def test_antisd_term_has_the_opposite_sign_of_default_sd():
     assert torch.allclose(mult[0], 2.0 * (1 + 0.5 * a[0]))
 
 
+def official_term_by_hand(u_rows):
+    """M8's term, one token at a time in float64: u_rows is a list of lists (the response tokens)."""
+    flat = [u for row in u_rows for u in row]
+    mean_u = sum(flat) / len(flat)
+    sigma = math.sqrt(sum((u - mean_u) ** 2 for u in flat) / (len(flat) - 1))
+    out = []
+    for row in u_rows:
+        kept = [abs(u) <= 2 * sigma for u in row]
+        a = [-0.5 * (math.log1p(math.exp(max(-5.0, min(5.0, u)))) - math.log(2)) for u in row]
+        values = [x for x, k in zip(a, kept) if k]
+        mean = sum(values) / len(values) if values else 0.0
+        std = math.sqrt(sum((x - mean) ** 2 for x in values) / (len(values) - 1)) if len(values) > 1 else 0.0
+        out.append([max(-5.0, min(5.0, (x - mean) / (std + 1e-6))) if k else 0.0 for x, k in zip(a, kept)])
+    return out
+
+
+def test_official_term_matches_a_token_by_token_float64_reference():
+    # row 0: one token far out (|u| > 2 sigma, zeroed) and u past +-5 (clamped); row 1: forty equal
+    # tokens and one other, whose z-score (40 / sqrt(41) = 6.2) is clipped to 5; row 2: one token
+    rows = [[0.3, -1.2, -60.0, 0.8, -0.1, 7.0, 6.0], [0.2] * 40 + [-0.9], [-0.4]]
+    width = max(len(row) for row in rows)
+    u = torch.zeros(len(rows), width, dtype=torch.float64)
+    mask = torch.zeros(len(rows), width, dtype=torch.bool)
+    for i, row in enumerate(rows):
+        u[i, :len(row)], mask[i, :len(row)] = torch.tensor(row, dtype=torch.float64), True
+    u[~mask] = 123.0  # junk past each end never counts: token_advantages receives u * mask, but this must not matter
+    got = antisd.official_antisd_term(u, mask)
+    expected = official_term_by_hand(rows)
+    assert got[0, 2] == 0 and got[1, 40] == 5.0 and got[2, 0] == 0  # the three edge cases did occur
+    for i, row in enumerate(expected):
+        assert torch.allclose(got[i, :len(row)], torch.tensor(row, dtype=torch.float64), atol=1e-9), i
+    assert torch.all(got[~mask] == 0)
+    # through the loop's path: lambda * term on top of A_seq, and the paper's term is the default
+    stats, small_mask = hand_made_stats()
+    official = antisd.gate_and_advantages(stats, small_mask, torch.tensor([1.0, -1.0]), None,
+                                          step_args("--term", "official", "--gate", "none"))
+    by_hand = official_term_by_hand([[0.5, -2.0, 0.0], [2.0]])
+    assert abs(float(official["advantages"][0, 0]) - (1.0 + 0.5 * by_hand[0][0])) < 1e-6
+    assert abs(float(official["a"][0, 1]) - by_hand[0][1]) < 1e-6 and float(official["a"][1, 0]) == 0.0
+    paper = antisd.gate_and_advantages(stats, small_mask, torch.tensor([1.0, -1.0]), None, step_args("--gate", "none"))
+    assert abs(float(paper["a"][1, 0]) - (-0.5 * (math.log1p(math.exp(2.0)) - math.log(2)))) < 1e-6
+
+
 def test_step_advantages_use_u_as_teacher_minus_student_log_prob():
     stats, mask = hand_made_stats()
     seq_adv = torch.tensor([1.0, -1.0])
@@ -3182,7 +3225,7 @@ def test_two_processes_give_one_process_gradient_gate_signal_and_token_count_and
     model, tokenizer = antisd.build_tiny(seed=0)
     prompts, responses, _, mask = fixed_batch(tokenizer)
     teacher_prompts = [prompt + tokenizer.encode(f"hint {k}: the answer is {k}") for k, prompt in enumerate(prompts)]
-    args = dict(method="antisd", gate="none", estimator="token", divergence="jsd", compose="add", lambda_max=0.5)
+    args = dict(method="antisd", gate="none", estimator="token", divergence="jsd", term="paper", compose="add", lambda_max=0.5)
     seq_adv = antisd.group_advantages([1.0, 0.0, 0.0, 1.0], 2)
     torch.save({"prompts": prompts, "teacher_prompts": teacher_prompts, "responses": responses, "mask": mask,
                 "seq_adv": seq_adv, "args": args}, tmp_path / "batch.pt")
@@ -3284,6 +3327,10 @@ def test_bad_flags_are_refused_with_a_message_naming_them(tmp_path, capsys, argv
     (["--method", "grpo", "--compose", "mult", "--lambda-max", "0.3"], "--compose, --lambda-max have no effect with --method grpo"),
     (["--method", "grpo", "--gate", "entropy"], "--gate has no effect with --method grpo"),
     (["--method", "sd", "--divergence", "rkl"], "--divergence has no effect with --method sd"),
+    (["--method", "grpo", "--term", "official"], "--term has no effect with --method grpo"),
+    (["--method", "sd", "--term", "official"], "--term official .* needs --method antisd"),
+    (["--term", "official", "--divergence", "rkl"], "--term official .* --divergence jsd"),
+    (["--term", "official", "--estimator", "full"], "--term official .* --estimator token"),
 ])
 def test_flags_without_effect_in_the_chosen_method_are_refused(capsys, argv, message):
     import re
