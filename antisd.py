@@ -42,9 +42,11 @@ Design decisions:
 Where this file differs from the paper, and why:
   - batch and response length are smaller (one GPU; see 6 above); everything else is M9's settings.
   - --gate perplexity keeps the on/off gate of M6 with the official code's signal (teacher
-    perplexity, reopening at 1.07x its warm-up value, M8) but not its continuous per-sequence lambda.
+    perplexity, reopening at 1.07x its warm-up value, M8).
   - --term official is the official code's form of the term (M8): -phi(u) with u clamped, tokens with
-    |u| > 2 sigma left out, z-scored per sequence. The paper's -phi(u) stays the default.
+    |u| > 2 sigma left out, z-scored per sequence; --lambda-form continuous is its per-rollout lambda.
+    With --gate perplexity they are the official code's AntiSD as far as M8 describes it. The
+    paper's form stays the default.
   - --estimator full (not in the paper) replaces the sampled-token term by the exact gradient of the
     full-vocabulary JSD, at the cost of one more teacher forward per micro-batch. It is refused for
     --method sd, whose objective is the reverse KL (M3): kernels.py computes the JSD, and its exact
@@ -633,6 +635,15 @@ def antisd_advantage(u):
     return -0.5 * (F.softplus(u) - math.log(2.0))
 
 
+def continuous_lambda(t_logp, mask, tau, lambda_max):
+    """The official code's per-sequence lambda (M8), an option: from the teacher's perplexity of each
+    rollout, ppl_i = exp(-mean_t t), lambda_i = clamp(0.2 log(clamp(ppl_i / tau, 0.5, 3)), 0, lambda_max),
+    tau the perplexity gate's tau_down. It is 0 at or below tau and at most 0.2 log 3 = 0.22: the
+    term weighs most on the rollouts the teacher finds least likely. [N, R] -> [N, 1]."""
+    ppl = torch.exp(-(t_logp * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1))    # [N]
+    return (0.2 * torch.log((ppl / tau).clamp(0.5, 3.0))).clamp(0.0, lambda_max)[:, None]
+
+
 def official_antisd_term(u, mask, eps=1e-6):
     """The official code's AntiSD term (M8), an option: u clamped to +-5, tokens with |u| > 2 sigma
     zeroed, -phi of the rest z-scored within each sequence and clipped to +-5. M8 does not say over
@@ -675,7 +686,8 @@ def gate_and_advantages(stats, mask, seq_adv, gate, args):
       teacher_entropy_median  H over the batch's response tokens (M6); 0.0 without a teacher
       gate_signal             H, or the teacher perplexity with --gate perplexity (M8); 0.0 without a teacher
       gate_on                 the per-token term is on this step: after warm-up with g = 1, or no gate
-      lam                     lambda = g * lambda_max (M5); 0 during warm-up and for grpo
+      lam                     lambda = g * lambda_max (M5); 0 during warm-up and for grpo; with
+                              --lambda-form continuous the mean over rollouts of g * lambda_i (M8)
       a [N, R]                the per-token term (-phi(u), +u or -u); None with --estimator full
       advantages [N, R]       A_seq + lam * a (M5), or A_seq alone with --estimator full; 0 past each end
       jsd_weight              lam with --estimator full (the loss ascends the exact JSD, M4), else 0"""
@@ -693,12 +705,15 @@ def gate_and_advantages(stats, mask, seq_adv, gate, args):
             warming_up = len(gate.history) < gate.warmup  # g starts at 1, but lambda is 0 until H_warm is set
             lam = gate.update(signal_value)
             gate_on = not warming_up and gate.on
+            if args.lambda_form == "continuous" and lam:  # one lambda per rollout [N, 1] (M8)
+                lam = continuous_lambda(stats["t_logp"], mask, gate.tau_down, args.lambda_max)
     if args.estimator == "full":  # the exact JSD gradient replaces the sampled-token term
         advantages, a, jsd_weight = seq_adv[:, None].expand(mask.shape), None, lam
     else:
         advantages, a = token_advantages(seq_adv, u, lam, args.method, args.divergence, args.compose,
                                          args.term, mask)
         jsd_weight = 0.0
+    lam = float(lam.mean()) if torch.is_tensor(lam) else lam
     return {"u": u, "teacher_entropy_median": teacher_entropy_median, "gate_signal": signal_value,
             "gate_on": gate_on, "lam": lam, "a": a, "advantages": advantages * mask, "jsd_weight": jsd_weight}
 
@@ -2496,6 +2511,7 @@ def get_args(argv=None):
     p.add_argument("--estimator", default="token", choices=["token", "full"], help="token: the sampled-token term (the paper); full (antisd only): exact full-vocabulary JSD gradient, one more teacher forward")
     p.add_argument("--divergence", default="jsd", choices=["jsd", "rkl"], help="antisd term: -phi(u) (JSD ascent, M4) or -u (reverse-KL ascent, M5 ablation)")
     p.add_argument("--term", default="paper", choices=["paper", "official"], help="antisd term: -phi(u) (M4), or the official code's: u clamped to +-5, |u| > 2 sigma zeroed, z-scored per sequence, clipped to +-5 (M8)")
+    p.add_argument("--lambda-form", default="gate", choices=["gate", "continuous"], help="gate: lambda = g * lambda_max (M5, M6); continuous: the official code's per-rollout lambda from the teacher's perplexity of it, needs --gate perplexity (M8)")
     p.add_argument("--compose", default="add", choices=["add", "mult"], help="A_seq + lam*a (M5) or A_seq*(1 + lam*a) (M5 ablation)")
     p.add_argument("--lambda-max", type=float, default=0.5, help="lambda_max (M5)")
     p.add_argument("--gate", default=None, choices=["entropy", "perplexity", "none"], help="default: entropy for antisd, none for sd (M6, M8)")
@@ -2554,7 +2570,7 @@ def get_args(argv=None):
         p.error(f"--prompts-per-step * --group-size = {n_rollouts} must be divisible by --micro-batch-size ({args.micro_batch_size})")
     # a flag the chosen method never reads is refused: a run that silently ignores it would be mislabelled
     if args.method == "grpo":
-        ignored = [f"--{name.replace('_', '-')}" for name in ("divergence", "term", "compose", "lambda_max")
+        ignored = [f"--{name.replace('_', '-')}" for name in ("divergence", "term", "lambda_form", "compose", "lambda_max")
                    if getattr(args, name) != p.get_default(name)]
         ignored += ["--gate"] if args.gate not in (None, "none") else []
         if ignored:
@@ -2564,6 +2580,9 @@ def get_args(argv=None):
     if args.term == "official" and (args.method != "antisd" or args.divergence != "jsd" or args.estimator != "token"):
         p.error("--term official is the official code's form of the sampled-token -phi(u): it needs --method antisd, "
                 "--divergence jsd and --estimator token")
+    if args.lambda_form == "continuous" and (args.method != "antisd" or args.gate != "perplexity" or args.estimator != "token"):
+        p.error("--lambda-form continuous is the official code's per-rollout lambda: it needs --method antisd, "
+                "--gate perplexity (whose tau_down it divides by) and --estimator token")
     if args.gate is None:
         args.gate = "entropy" if args.method == "antisd" else "none"
     if args.temperature <= 0 or not 0 < args.top_p <= 1:

@@ -998,6 +998,29 @@ def test_official_term_matches_a_token_by_token_float64_reference():
     assert abs(float(paper["a"][1, 0]) - (-0.5 * (math.log1p(math.exp(2.0)) - math.log(2)))) < 1e-6
 
 
+def test_continuous_lambda_is_per_rollout_from_the_teachers_perplexity_after_the_warm_up():
+    args = step_args("--term", "official", "--gate", "perplexity", "--lambda-form", "continuous", "--gate-warmup", "1")
+    gate = antisd.make_gate(args)
+    stats, mask = hand_made_stats()
+    seq_adv = torch.tensor([1.0, -1.0])
+    warm = antisd.gate_and_advantages(stats, mask, seq_adv, gate, args)   # warm-up: lambda 0, A_seq alone
+    assert warm["lam"] == 0.0 and torch.equal(warm["advantages"], torch.tensor([[1.0, 1.0, 1.0], [-1.0, 0.0, 0.0]]))
+    # by hand: the batch perplexity exp(-(-0.5 - 4 - 0.5 - 1) / 4) = exp(1.5) is the warm-up value, tau = 0.93 of it;
+    # rollout 0's perplexity is exp(5/3), rollout 1's exp(1)
+    tau = 0.93 * math.exp(1.5)
+    by_hand = [min(0.5, max(0.0, 0.2 * math.log(min(3.0, max(0.5, math.exp(x) / tau))))) for x in (5 / 3, 1.0)]
+    assert by_hand[0] > 0 and by_hand[1] == 0.0  # rollout 1's perplexity is below tau: no term
+    out = antisd.gate_and_advantages(stats, mask, seq_adv, gate, args)
+    term = official_term_by_hand([[0.5, -2.0, 0.0], [2.0]])
+    for i, row in enumerate(term):
+        for t, a in enumerate(row):
+            assert abs(float(out["advantages"][i, t]) - (float(seq_adv[i]) + by_hand[i] * a)) < 1e-6, (i, t)
+    assert abs(out["lam"] - sum(by_hand) / 2) < 1e-6
+    # a perplexity far above tau is capped at 0.2 log 3, and lambda_max caps that in turn
+    assert abs(float(antisd.continuous_lambda(torch.tensor([[-9.0]]), torch.tensor([[True]]), 1.0, 0.5)) - 0.2 * math.log(3)) < 1e-6
+    assert float(antisd.continuous_lambda(torch.tensor([[-9.0]]), torch.tensor([[True]]), 1.0, 0.1)) == pytest.approx(0.1)
+
+
 def test_step_advantages_use_u_as_teacher_minus_student_log_prob():
     stats, mask = hand_made_stats()
     seq_adv = torch.tensor([1.0, -1.0])
@@ -3331,6 +3354,8 @@ def test_bad_flags_are_refused_with_a_message_naming_them(tmp_path, capsys, argv
     (["--method", "sd", "--term", "official"], "--term official .* needs --method antisd"),
     (["--term", "official", "--divergence", "rkl"], "--term official .* --divergence jsd"),
     (["--term", "official", "--estimator", "full"], "--term official .* --estimator token"),
+    (["--lambda-form", "continuous"], "--lambda-form continuous .* needs --method antisd, --gate perplexity"),
+    (["--method", "grpo", "--lambda-form", "continuous"], "--lambda-form has no effect with --method grpo"),
 ])
 def test_flags_without_effect_in_the_chosen_method_are_refused(capsys, argv, message):
     import re
