@@ -1503,9 +1503,11 @@ def out_of_memory(phase, flag, value):
 
 # what defines a run: resuming with any of these changed would silently make it another run
 RUN_DEFINING = ["model", "dataset", "enable_thinking", "max_solution_tokens", "method", "estimator",
-                "divergence", "compose", "lambda_max", "gate", "gate_warmup", "tau_ratio",
+                "divergence", "term", "lambda_form", "compose", "lambda_max", "gate", "gate_warmup", "tau_ratio",
                 "prompts_per_step", "group_size", "max_new_tokens", "temperature", "top_p", "lr",
                 "clip", "ppo_epochs", "grad_clip", "seed", "dataset_fingerprint"]
+# settings added after checkpoints had been written without them, and the value those runs had
+RUN_DEFINING_ADDED = {"term": "paper", "lambda_form": "gate"}
 
 
 def setting_name(key):
@@ -1540,8 +1542,9 @@ def start_or_resume(args, checkpoints, device, world):
         raise UserError(f"{checkpoint} was written by {resumed.get('world_size', 1)} process(es), each with its "
                         f"own optimizer shard and random state; resume it with that many "
                         f"(torchrun --nproc_per_node {resumed.get('world_size', 1)}), not {world.size}")
-    changed = [f"{setting_name(key)} {resumed['args'].get(key)!r} -> {getattr(args, key)!r}"
-               for key in RUN_DEFINING if resumed["args"].get(key) != getattr(args, key)]
+    saved = {key: resumed["args"].get(key, RUN_DEFINING_ADDED.get(key)) for key in RUN_DEFINING}
+    changed = [f"{setting_name(key)} {saved[key]!r} -> {getattr(args, key)!r}"
+               for key in RUN_DEFINING if saved[key] != getattr(args, key)]
     if changed:
         raise SystemExit(f"refusing to resume {checkpoint} with different settings: " + "; ".join(changed))
     return checkpoint, resumed, model, tokenizer

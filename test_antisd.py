@@ -2613,6 +2613,30 @@ def test_resume_with_other_settings_is_refused_naming_the_difference(tmp_path):
         antisd.main(TINY_RUN + ["--steps", "2", "--out-dir", str(tmp_path)])
 
 
+def test_resume_refuses_a_changed_term_and_reads_a_checkpoint_from_before_term_existed(tmp_path):
+    run = TINY_RUN + ["--max-new-tokens", "4", "--out-dir", str(tmp_path)]
+    antisd.main(run + ["--steps", "1"])
+    state_file = tmp_path / "checkpoint-1" / "trainer_state.pt"
+    state = torch.load(state_file, weights_only=False)
+    for key in ("term", "lambda_form"):  # as written before these settings existed
+        del state["args"][key]
+    torch.save(state, state_file)
+    with pytest.raises(SystemExit, match=r"--term 'paper' -> 'official'"):
+        antisd.main(run + ["--steps", "2", "--resume", "--term", "official"])
+    antisd.main(run + ["--steps", "2", "--resume"])  # a checkpoint without the new settings ran with their defaults
+    assert [line["step"] for line in metrics_lines(tmp_path)] == [1, 2]
+
+
+def test_every_setting_either_defines_the_run_or_may_change_on_resume():
+    # a new flag must be put on one side: defining (refused when changed on resume) or not
+    may_change = {"init", "gen_batch_size", "generate_with", "steps", "micro_batch_size", "max_bad_steps", "offload",
+                  "eval_every", "eval_benchmarks", "eval_n", "eval_limit", "eval_data_dir", "out_dir", "save_every",
+                  "keep_checkpoints", "resume", "device"}
+    settings = set(vars(step_args()))
+    assert settings - may_change == set(antisd.RUN_DEFINING) - {"dataset_fingerprint"}
+    assert set(antisd.RUN_DEFINING_ADDED) <= set(antisd.RUN_DEFINING)
+
+
 def test_resume_restores_the_sibling_choice_of_the_teacher_prompts(tmp_path, monkeypatch):
     # the tiny model never earns reward by itself: half the rollouts are declared correct, so that the
     # teacher's solution is a sibling drawn at random (M7), and that draw changes u, the loss and the weights
