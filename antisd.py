@@ -55,6 +55,7 @@ Where this file differs from the paper, and why:
 Run:  python antisd.py                                        # Qwen3-1.7B on MATH, one GPU
       python antisd.py --method grpo --out-dir runs/grpo      # the GRPO baseline, same code
       python antisd.py --method sd --out-dir runs/sd          # default self-distillation
+      python antisd.py --term official --lambda-form continuous --gate perplexity  # the official code's AntiSD (M8)
       python antisd.py --resume                               # continue runs/antisd after a stop
       python antisd.py --model tiny --method grpo             # CPU, offline, minutes: a small model trained on
                                                               # arith (cached on first use), RL on held-out-checked arith
