@@ -1,6 +1,6 @@
 """AntiSD: anti-self-distillation for reasoning RL, on one GPU.
 
-One step (Algorithm 1 of arXiv 2605.11609; "M<n>" below cites section n of METHOD.md, the summary
+One step (Algorithm 1 of arXiv 2605.11609; "M<n>" below cites section n of docs/METHOD.md, the summary
 of the paper's equations and settings that this file follows):
   1. sample G rollouts per problem from the student                                  (M1)
   2. reward each rollout: is its final boxed answer equivalent to the gold (verify)? (M1)
@@ -23,7 +23,7 @@ Design decisions:
      and the logits for response positions are one slice (`logits_to_keep`); position ids come from
      the attention mask, so padding never shifts a token's position.
   3. Everything per-token over the vocabulary (log-probs, entropies, JSD) goes through
-     kernels.lm_head_token_stats: the lm_head projection fused with the statistics, a chunk of rows
+     antisd_kernels.lm_head_token_stats: the lm_head projection fused with the statistics, a chunk of rows
      at a time, so no [tokens, V] logits exist; only per-token scalars live between micro-batches.
   4. The loss is a token-mean over the whole batch (sum over micro-batches / total tokens), so the
      gradient does not depend on --micro-batch-size.
@@ -49,7 +49,7 @@ Where this file differs from the paper, and why:
     paper's form stays the default.
   - --estimator full (not in the paper) replaces the sampled-token term by the exact gradient of the
     full-vocabulary JSD, at the cost of one more teacher forward per micro-batch. It is refused for
-    --method sd, whose objective is the reverse KL (M3): kernels.py computes the JSD, and its exact
+    --method sd, whose objective is the reverse KL (M3): antisd_kernels.py computes the JSD, and its exact
     gradient would descend another objective than the +u of the token estimator.
 
 Run:  python antisd.py                                        # Qwen3-1.7B on MATH, one GPU
@@ -89,7 +89,7 @@ import zlib
 import torch
 import torch.nn.functional as F
 
-from kernels import IGNORE_INDEX, lm_head_token_stats
+from antisd_kernels import IGNORE_INDEX, lm_head_token_stats
 
 
 # -----------------------------------------------------------------------------
@@ -544,7 +544,7 @@ def response_hidden(model, prompts, responses, pad_id):
 def response_token_stats(model, prompts, responses, pad_id, temperature, teacher_prompts=None):
     """Per response token of one micro-batch, [B, R] each: logp and entropy (differentiable), and with
     teacher_prompts t_logp, t_entropy and jsd (the teacher's forward runs under no_grad, M1). The
-    lm_head projection is fused with kernels.token_stats per chunk of rows, so memory beyond the
+    lm_head projection is fused with antisd_kernels.token_stats per chunk of rows, so memory beyond the
     hidden states is O(chunk x V) whatever the response length (design decision 3)."""
     teacher_hidden = None
     if teacher_prompts is not None:  # first: the student's forward is then the last before its backward

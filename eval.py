@@ -9,7 +9,7 @@ Design decisions:
   1. The prompt, the chat-template settings (--enable-thinking) and the verifier are the training
      student's (antisd.student_prompt_ids, antisd.verify), imported rather than copied, so the
      numbers measure exactly the behaviour that training rewards.
-  2. Sampling defaults are the paper's eval settings: T=0.7, top-p 0.95 (METHOD.md 9). The paper
+  2. Sampling defaults are the paper's eval settings: T=0.7, top-p 0.95 (M9, docs/METHOD.md). The paper
      reports avg@32 on AIME and avg@4 on Minerva; the default here is n=4 on a small set, sized
      for one GPU (see 7).
   3. Each benchmark names its own columns explicitly (BENCHMARKS below), separately for the hub
@@ -629,8 +629,8 @@ def main(argv=None):
     parser.add_argument("--device", default=None, help="cuda, cuda:1, cpu")  # None: CUDA when available (antisd.pick_device)
     # sampling
     parser.add_argument("--n", type=int, default=4, help="samples per problem")  # the paper's avg@4 (Minerva); it uses 32 for AIME
-    parser.add_argument("--temperature", type=float, default=0.7)  # the paper's eval sampling (METHOD.md 9)
-    parser.add_argument("--top-p", type=float, default=0.95)  # the paper's eval sampling (METHOD.md 9)
+    parser.add_argument("--temperature", type=float, default=0.7)  # the paper's eval sampling (M9, docs/METHOD.md)
+    parser.add_argument("--top-p", type=float, default=0.95)  # the paper's eval sampling (M9, docs/METHOD.md)
     parser.add_argument("--max-new-tokens", type=int, default=2048)  # fits one GPU in well under an hour (estimate, docstring 7); the paper allows 32K
     parser.add_argument("--enable-thinking", action="store_true",
                         help="Qwen3 chat-template thinking mode; use the same setting as training")  # off, as antisd.py: answers fit the token budget

@@ -1,4 +1,4 @@
-"""Tests for antisd.py, kernels.py and eval.py: CPU, offline, tiny models, exact expectations.
+"""Tests for antisd.py, antisd_kernels.py and eval.py: CPU, offline, tiny models, exact expectations.
 
 Each test is named after the failure it prevents and compares against something independent: a
 float64 brute force, a one-sequence-at-a-time forward, an enumeration. Tests that use the real
@@ -13,14 +13,31 @@ The sections follow a training step, then the kernels, the evaluation and the in
   Step 6. per-token advantages
   Step 7. the update: policy_loss, policy_gradient, MasterAdamW
   The whole loop: end to end, per-method runs, logged numbers
-  kernels.py: float64 definition, torch reference, fused kernels, layout, chunked lm_head
+  antisd_kernels.py: float64 definition, torch reference, fused kernels, layout, chunked lm_head
   eval.py: metrics, loading, sampling and the command line
   Infrastructure: data, model, checker worker, logging, checkpoints, tiny models, FSDP2, CLI
 """
 
+import importlib.metadata
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")   # before kernels.py is imported: Triton runs on the CPU
+
+def version_of(package):
+    """(major, minor) of an installed package, or None."""
+    try:
+        return tuple(int(part) for part in importlib.metadata.version(package).split(".")[:2])
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+# Triton 3.6's interpreter turns a loop bound into an int with int() of a one-element array, which
+# numpy 2.4 refuses (Triton 3.7 squeezes the array first). Only the interpreter runs that code, never
+# the compiled kernels; with that pair installed the Triton tests skip, and say why.
+INTERPRETER_BROKEN = (version_of("triton") or (99, 0)) < (3, 7) and (version_of("numpy") or (0, 0)) >= (2, 4)
+NO_INTERPRETER = ("Triton's CPU interpreter: needs TRITON_INTERPRET=1 before antisd_kernels.py is imported"
+                  + (", and does not run with triton < 3.7 and numpy >= 2.4" if INTERPRETER_BROKEN else ""))
+if not INTERPRETER_BROKEN:
+    os.environ.setdefault("TRITON_INTERPRET", "1")   # before antisd_kernels.py is imported: Triton runs on the CPU
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
@@ -51,11 +68,11 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import antisd
-import kernels
+import antisd_kernels
 
 evaluation = importlib.import_module("eval")  # `import eval` would shadow the builtin eval
 
-if kernels.INTERPRETED:
+if antisd_kernels.INTERPRETED:
     # Triton imports triton.experimental.gluon at its first kernel launch (to specialise the arguments),
     # and that import asserts that the interpreter is on, reading TRITON_INTERPRET at that moment. It is
     # switched off below, so the first launch would fail in any test run before the `token_stats_path`
@@ -66,7 +83,7 @@ if kernels.INTERPRETED:
         pass
 
 # The interpreter is slow per program: by default CPU tensors take the torch reference, the kernel
-# tests call kernels.token_stats_triton directly, and the `token_stats_path` fixture sends a few
+# tests call antisd_kernels.token_stats_triton directly, and the `token_stats_path` fixture sends a few
 # model-level tests (scoring alignment, micro-batching, the full estimator) through the kernel too.
 os.environ["TRITON_INTERPRET"] = "0"
 
@@ -81,8 +98,8 @@ EVAL_BENCHMARKS = ["math500", "aime24", "aime25", "amc23", "minerva_math", "olym
 def token_stats_path(request, monkeypatch):
     """Runs a test once through the torch reference and once through the Triton kernel."""
     if request.param == "triton":
-        if not kernels.INTERPRETED:
-            pytest.skip("the Triton path on CPU needs TRITON_INTERPRET=1 before kernels.py is imported")
+        if not antisd_kernels.INTERPRETED:
+            pytest.skip(NO_INTERPRETER)
         monkeypatch.setenv("TRITON_INTERPRET", "1")
     return request.param
 
@@ -1483,21 +1500,20 @@ def test_step_metrics_are_hand_counts_of_the_steps_rollouts():
 
 
 # -----------------------------------------------------------------------------
-# kernels.py: the torch reference, the fused Triton kernels and the chunked lm_head, against float64
+# antisd_kernels.py: the torch reference, the fused Triton kernels and the chunked lm_head, against float64
 
 IGNORE = -100
 
 # The Triton tests run on the CPU through the interpreter (or on a GPU when one is present and the
 # interpreter is switched off). The interpreter only applies if TRITON_INTERPRET=1 was set before
-# kernels.py was first imported (see the top of this file).
-if kernels.INTERPRETED:
+# antisd_kernels.py was first imported (see the top of this file).
+if antisd_kernels.INTERPRETED:
     DEVICE = "cpu"
-elif kernels.HAS_TRITON and torch.cuda.is_available():
+elif antisd_kernels.HAS_TRITON and torch.cuda.is_available():
     DEVICE = "cuda"
 else:
     DEVICE = None
-needs_triton = pytest.mark.skipif(DEVICE is None, reason="needs triton and either a GPU or "
-                                  "TRITON_INTERPRET=1 set before kernels.py is imported")
+needs_triton = pytest.mark.skipif(DEVICE is None, reason="needs triton and either a GPU or " + NO_INTERPRETER)
 
 # One vocabulary block per row where possible: the interpreter is slow per block, fast per element.
 BLOCK_CAP = 65536
@@ -1508,7 +1524,7 @@ def block_for(V):
 
 
 # -----------------------------------------------------------------------------
-# kernels.py: independent float64 definition (deliberately not calling kernels.py)
+# antisd_kernels.py: independent float64 definition (deliberately not calling antisd_kernels.py)
 
 def stats_float64(logits, targets, teacher_logits, beta, temperature):
     """Float64 brute force of the five statistics, differentiable through `logits`."""
@@ -1566,7 +1582,7 @@ def max_err(a, b):
 
 
 # -----------------------------------------------------------------------------
-# kernels.py: the torch reference against float64
+# antisd_kernels.py: the torch reference against float64
 
 @pytest.mark.parametrize("with_teacher", [True, False])
 def test_torch_reference_matches_float64_on_peaked_and_huge_logit_rows(with_teacher):
@@ -1574,7 +1590,7 @@ def test_torch_reference_matches_float64_on_peaked_and_huge_logit_rows(with_teac
     logits, targets, teacher = make_rows(V, torch.float32, seed=1)
     teacher = teacher if with_teacher else None
     up = random_upstream(5, seed=2)
-    chunked = functools.partial(kernels.token_stats_torch, chunk_rows=2)   # several chunks per call
+    chunked = functools.partial(antisd_kernels.token_stats_torch, chunk_rows=2)   # several chunks per call
     out, grad, _ = run(chunked, logits, targets, teacher, up, beta=beta, temperature=T)
     ref, ref_grad, _ = run(stats_float64, logits, targets, teacher, up, beta=beta, temperature=T)
     assert set(out) == set(ref)
@@ -1611,14 +1627,14 @@ def test_torch_token_stats_keeps_memory_bounded_by_chunks():
     targets = torch.randint(0, 1000, (64,))
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
-        out = kernels.token_stats_torch(logits, targets, torch.randn(64, 1000), chunk_rows=16)
+        out = antisd_kernels.token_stats_torch(logits, targets, torch.randn(64, 1000), chunk_rows=16)
     assert sum(saved) <= 2 * 64 * 1000 + 64      # logits and teacher logits, nothing more
     out["jsd"].sum().backward()
     assert logits.grad.shape == logits.shape
 
 
 # -----------------------------------------------------------------------------
-# kernels.py: fused kernels against float64
+# antisd_kernels.py: fused kernels against float64
 
 CASES = [(V, dtype) for V in (1000, 32003) for dtype in (torch.float32, torch.bfloat16)]
 CASES += [(151936, torch.float32), (151936, torch.bfloat16), (1000, torch.float16)]
@@ -1632,9 +1648,9 @@ def test_triton_values_and_gradients_match_float64_incl_peaked_huge_and_ignored_
     if V == 151936:        # keep the interpreter fast: ordinary, ignored, huge, peaked rows only
         logits, targets, teacher = logits[:4], targets[:4], teacher[:4]
     up = random_upstream(len(targets), seed=V + 1, device=DEVICE)
-    out, grad, raw = run(kernels.token_stats_triton, logits, targets, teacher, up, beta=beta,
+    out, grad, raw = run(antisd_kernels.token_stats_triton, logits, targets, teacher, up, beta=beta,
                          temperature=T, block=block_for(V))
-    ref, ref_grad, _ = run(kernels.token_stats_torch, logits, targets, teacher, up, beta=beta,
+    ref, ref_grad, _ = run(antisd_kernels.token_stats_torch, logits, targets, teacher, up, beta=beta,
                            temperature=T)
     exact, exact_grad, _ = run(stats_float64, logits, targets, teacher, up, beta=beta, temperature=T)
 
@@ -1673,9 +1689,9 @@ def test_triton_gradient_matches_float64_at_confident_targets():
         logits = base.to(dtype)
         up = random_upstream(3, seed=8)
         up["logp"] = torch.tensor([1.0, -2.0, 0.5])
-        _, grad, _ = run(kernels.token_stats_triton, logits.to(DEVICE), targets.to(DEVICE), None,
+        _, grad, _ = run(antisd_kernels.token_stats_triton, logits.to(DEVICE), targets.to(DEVICE), None,
                          {k: v.to(DEVICE) for k, v in up.items()}, temperature=T, block=block_for(V))
-        _, ref_grad, _ = run(kernels.token_stats_torch, logits, targets, None, up, temperature=T)
+        _, ref_grad, _ = run(antisd_kernels.token_stats_torch, logits, targets, None, up, temperature=T)
         _, exact, _ = run(stats_float64, logits, targets, None, up, beta=0.5, temperature=T)
         at_target = grad.cpu().double()[torch.arange(3), targets]
         exact_target = exact[torch.arange(3), targets]
@@ -1688,7 +1704,7 @@ def test_triton_default_temperature_and_beta_without_teacher():
     V = 32003
     logits, targets, _ = make_rows(V, torch.bfloat16, seed=11, device=DEVICE)
     up = random_upstream(5, seed=12, device=DEVICE)
-    out, grad, raw = run(kernels.token_stats_triton, logits, targets, None, up, block=block_for(V))
+    out, grad, raw = run(antisd_kernels.token_stats_triton, logits, targets, None, up, block=block_for(V))
     exact, exact_grad, _ = run(stats_float64, logits, targets, None, up, beta=0.5, temperature=1.0)
     assert set(raw) == {"logp", "entropy"}
     for name in exact:
@@ -1699,7 +1715,7 @@ def test_triton_default_temperature_and_beta_without_teacher():
 
 
 # -----------------------------------------------------------------------------
-# kernels.py: layout, partial upstream gradients, write coverage
+# antisd_kernels.py: layout, partial upstream gradients, write coverage
 
 @needs_triton
 def test_triton_handles_strided_rows_from_sliced_and_reshaped_views():
@@ -1712,11 +1728,11 @@ def test_triton_handles_strided_rows_from_sliced_and_reshaped_views():
     assert logits.stride(0) == V + pad and teacher.stride(0) == V + 2 * pad
     targets = torch.tensor([3, IGNORE, 1002, 0, 500, 7], device=DEVICE, dtype=torch.int32)
     up = random_upstream(6, seed=22, device=DEVICE)
-    out = kernels.token_stats_triton(logits, targets, teacher, 0.4, 1.3, block=block_for(V))
+    out = antisd_kernels.token_stats_triton(logits, targets, teacher, 0.4, 1.3, block=block_for(V))
     torch.autograd.backward([out["logp"], out["entropy"], out["jsd"]],
                             [up["logp"], up["entropy"], up["jsd"]])
     dense = logits.detach().contiguous()
-    out_c, grad_c, _ = run(kernels.token_stats_triton, dense, targets, teacher.contiguous(), up,
+    out_c, grad_c, _ = run(antisd_kernels.token_stats_triton, dense, targets, teacher.contiguous(), up,
                            beta=0.4, temperature=1.3, block=block_for(V))
     for name in out_c:
         assert torch.equal(out[name].detach().double().cpu(), out_c[name]), name
@@ -1730,7 +1746,7 @@ def test_triton_gradient_with_some_outputs_unused_matches_reference(used):
     V = 1000
     logits, targets, teacher = make_rows(V, torch.float32, seed=31)
     results = []
-    for fn, kw in ((kernels.token_stats_triton, {"block": block_for(V)}), (kernels.token_stats_torch, {})):
+    for fn, kw in ((antisd_kernels.token_stats_triton, {"block": block_for(V)}), (antisd_kernels.token_stats_torch, {})):
         leaf = logits.to(DEVICE).requires_grad_()
         out = fn(leaf, targets.to(DEVICE), teacher.to(DEVICE), 0.3, 0.7, **kw)
         # .sum() hands the backward an expanded (stride 0) upstream gradient
@@ -1743,13 +1759,13 @@ def test_triton_gradient_with_some_outputs_unused_matches_reference(used):
 def test_triton_writes_every_output_and_gradient_element(monkeypatch):
     """Outputs, saved row statistics and the gradient are allocated NaN-filled: any element the
     kernels forget to write (ignored rows, the ragged last block, unused teacher slots) shows up."""
-    monkeypatch.setattr(kernels, "_poison", True)
+    monkeypatch.setattr(antisd_kernels, "_poison", True)
     V = 1003
     logits, targets, teacher = make_rows(V, torch.bfloat16, seed=41, device=DEVICE)
     up = random_upstream(5, seed=42, device=DEVICE)
     for t in (teacher, None):
         for block in (block_for(V), 256):            # one block per row, and a ragged last block
-            out, grad, raw = run(kernels.token_stats_triton, logits, targets, t, up, beta=0.3,
+            out, grad, raw = run(antisd_kernels.token_stats_triton, logits, targets, t, up, beta=0.3,
                                  temperature=0.7, block=block)
             assert all(not v.isnan().any() for v in raw.values())
             assert not grad.isnan().any()
@@ -1763,8 +1779,8 @@ def test_triton_small_block_matches_single_block():
     logits, targets, teacher = make_rows(V, torch.float32, seed=51, device=DEVICE)
     logits[0] = torch.linspace(-5, 20, V, device=DEVICE)          # max keeps moving to the right
     up = random_upstream(5, seed=52, device=DEVICE)
-    one, g_one, _ = run(kernels.token_stats_triton, logits, targets, teacher, up, block=8192)
-    many, g_many, _ = run(kernels.token_stats_triton, logits, targets, teacher, up, block=512)
+    one, g_one, _ = run(antisd_kernels.token_stats_triton, logits, targets, teacher, up, block=8192)
+    many, g_many, _ = run(antisd_kernels.token_stats_triton, logits, targets, teacher, up, block=512)
     for name in one:
         assert torch.allclose(one[name], many[name], rtol=1e-5, atol=1e-5), name
     assert torch.allclose(g_one, g_many, rtol=1e-5, atol=1e-8)
@@ -1774,11 +1790,11 @@ def test_triton_small_block_matches_single_block():
 def test_triton_empty_batch_and_all_ignored_rows():
     V = 100
     empty = torch.zeros(0, V, device=DEVICE, requires_grad=True)
-    out = kernels.token_stats_triton(empty, torch.zeros(0, dtype=torch.long, device=DEVICE), empty.detach())
+    out = antisd_kernels.token_stats_triton(empty, torch.zeros(0, dtype=torch.long, device=DEVICE), empty.detach())
     assert all(v.shape == (0,) for v in out.values())
     logits = torch.randn(3, V, device=DEVICE, requires_grad=True)
     targets = torch.full((3,), IGNORE, device=DEVICE)
-    out = kernels.token_stats_triton(logits, targets, torch.randn(3, V, device=DEVICE))
+    out = antisd_kernels.token_stats_triton(logits, targets, torch.randn(3, V, device=DEVICE))
     assert all((v == 0).all() for v in out.values())
     (out["logp"] + out["entropy"] + out["jsd"]).sum().backward()
     assert (logits.grad == 0).all()
@@ -1789,7 +1805,7 @@ def test_teacher_gets_no_gradient_and_teacher_stats_are_not_differentiable():
     V = 300
     logits = torch.randn(2, V, device=DEVICE, requires_grad=True)
     teacher = torch.randn(2, V, device=DEVICE, requires_grad=True)
-    out = kernels.token_stats_triton(logits, torch.tensor([1, 2], device=DEVICE), teacher)
+    out = antisd_kernels.token_stats_triton(logits, torch.tensor([1, 2], device=DEVICE), teacher)
     assert not out["t_logp"].requires_grad and not out["t_entropy"].requires_grad
     out["jsd"].sum().backward()
     assert teacher.grad is None and logits.grad is not None
@@ -1797,14 +1813,14 @@ def test_teacher_gets_no_gradient_and_teacher_stats_are_not_differentiable():
 
 def test_token_stats_dispatch_follows_device_and_interpreter_flag(monkeypatch):
     calls = []
-    monkeypatch.setattr(kernels, "token_stats_triton", lambda *a, **k: calls.append("triton"))
-    monkeypatch.setattr(kernels, "token_stats_torch", lambda *a, **k: calls.append("torch"))
+    monkeypatch.setattr(antisd_kernels, "token_stats_triton", lambda *a, **k: calls.append("triton"))
+    monkeypatch.setattr(antisd_kernels, "token_stats_torch", lambda *a, **k: calls.append("torch"))
     x, y = torch.randn(2, 5), torch.tensor([0, 1])
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    kernels.token_stats(x, y)
+    antisd_kernels.token_stats(x, y)
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    kernels.token_stats(x, y)
-    assert calls == ["torch", "triton" if kernels.INTERPRETED else "torch"]
+    antisd_kernels.token_stats(x, y)
+    assert calls == ["torch", "triton" if antisd_kernels.INTERPRETED else "torch"]
 
 
 @needs_triton
@@ -1812,20 +1828,20 @@ def test_triton_out_of_range_target_gives_nan_instead_of_reading_outside_the_row
     V = 100
     logits = torch.randn(3, V, device=DEVICE)
     targets = torch.tensor([V, 5, V + 1000], device=DEVICE)
-    out = kernels.token_stats_triton(logits, targets, logits + 1)
+    out = antisd_kernels.token_stats_triton(logits, targets, logits + 1)
     assert out["logp"][[0, 2]].isnan().all() and out["t_logp"][[0, 2]].isnan().all()
     assert torch.isfinite(out["logp"][1]) and torch.isfinite(out["entropy"]).all()
 
 
 # -----------------------------------------------------------------------------
-# kernels.py: logits projected from the hidden states chunk by chunk (the chunked lm_head)
+# antisd_kernels.py: logits projected from the hidden states chunk by chunk (the chunked lm_head)
 
 def float64_stats(logits, targets, teacher_logits, beta, temperature):
     """The five statistics in float64 by their definitions, all rows at once."""
     logp_all = torch.log_softmax(logits.double() / temperature, -1)
     t_logp_all = torch.log_softmax(teacher_logits.double() / temperature, -1)
     mix = beta * t_logp_all.exp() + (1 - beta) * logp_all.exp()
-    valid = targets != kernels.IGNORE_INDEX
+    valid = targets != antisd_kernels.IGNORE_INDEX
     pick = lambda table: table.gather(-1, targets.clamp(min=0)[:, None])[:, 0] * valid
     kl = lambda lp: (lp.exp() * (lp - mix.log())).sum(-1)
     return {"logp": pick(logp_all), "entropy": -(logp_all.exp() * logp_all).sum(-1) * valid,
@@ -1841,7 +1857,7 @@ def test_chunked_lm_head_stats_equal_the_unchunked_path_and_float64_in_values_an
     extra = torch.randn(N, H, generator=g).requires_grad_()
     ids = torch.randint(0, V, (N,), generator=g)
     targets = torch.randint(0, V, (N,), generator=g)
-    targets[[2, 9]] = kernels.IGNORE_INDEX
+    targets[[2, 9]] = antisd_kernels.IGNORE_INDEX
     teacher_hidden = torch.randn(N, H, generator=g)
     upstream = {name: torch.randn(N, generator=g) for name in ("logp", "entropy", "jsd")}
 
@@ -1854,13 +1870,13 @@ def test_chunked_lm_head_stats_equal_the_unchunked_path_and_float64_in_values_an
         grads = torch.autograd.grad(loss, [weight, extra])
         return {k: v.detach().double() for k, v in out.items()}, [gr.double() for gr in grads]
 
-    chunked, chunked_grads = run(lambda h, w, t: kernels.lm_head_token_stats(h, w, targets, t, beta, temperature,
+    chunked, chunked_grads = run(lambda h, w, t: antisd_kernels.lm_head_token_stats(h, w, targets, t, beta, temperature,
                                                                             chunk_rows=4))
-    whole, whole_grads = run(lambda h, w, t: kernels.token_stats_torch(h @ w.T, targets, t @ w.T, beta, temperature))
+    whole, whole_grads = run(lambda h, w, t: antisd_kernels.token_stats_torch(h @ w.T, targets, t @ w.T, beta, temperature))
     # the teacher is a constant (M1): no gradient through its logits, although they use the same weight
     exact, exact_grads = run(lambda h, w, t: float64_stats(h @ w.T, targets, t @ w.detach().T, beta, temperature),
                              torch.float64)
-    for name in kernels.STAT_NAMES:
+    for name in antisd_kernels.STAT_NAMES:
         torch.testing.assert_close(chunked[name], whole[name], rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(chunked[name], exact[name], rtol=1e-4, atol=1e-4)
     for got, same_path, reference in zip(chunked_grads, whole_grads, exact_grads):
@@ -1907,7 +1923,7 @@ def test_chunked_lm_head_memory_stays_flat_as_rows_grow_while_unchunked_memory_g
         hidden = torch.randn(rows, H).requires_grad_()
         targets, teacher = torch.randint(0, V, (rows,)), torch.randn(rows, H)
         with PeakLiveTensorBytes() as memory:
-            out = kernels.lm_head_token_stats(hidden, weight, targets, teacher, chunk_rows=chunk_rows)
+            out = antisd_kernels.lm_head_token_stats(hidden, weight, targets, teacher, chunk_rows=chunk_rows)
             (out["logp"] + out["entropy"] + out["jsd"]).sum().backward()
         return memory.peak / 2**20
 
@@ -3493,3 +3509,28 @@ def test_an_error_raised_inside_eval_during_training_is_one_paragraph(tmp_path, 
     assert "Traceback" not in result.stderr
     assert result.stderr.strip().startswith("error: ") and "\n" not in result.stderr.strip(), result.stderr
     assert ("nosuch" if "nosuch" in flags else "/nonexistent") in result.stderr
+
+
+# -----------------------------------------------------------------------------
+# Installation: what a fresh clone on a new machine needs
+
+# import names that a dependency may import although no package of that name is installed here
+# (transformers 5.25 and later import Hugging Face's `kernels`; earlier ones do when it is installed)
+KNOWN_IMPORT_NAMES = {"kernels"}
+
+
+def test_no_module_of_the_repository_stands_in_for_a_package_its_dependencies_import():
+    """Python puts the script's folder first on sys.path, so a top-level kernels.py here was imported
+    by transformers in place of Hugging Face's `kernels` package, and every run failed. No top-level
+    module of the repository may share its import name with the standard library, with any package
+    installed in this environment, or with KNOWN_IMPORT_NAMES."""
+    import importlib.metadata
+    import pkgutil
+    ours = {path.stem for path in HERE.glob("*.py")} | {path.name for path in HERE.iterdir()
+                                                          if (path / "__init__.py").is_file()}
+    elsewhere = [entry for entry in sys.path if entry and Path(entry).resolve() != HERE]
+    taken = (set(sys.stdlib_module_names) | set(sys.builtin_module_names) | KNOWN_IMPORT_NAMES
+             | set(importlib.metadata.packages_distributions())
+             | {module.name for module in pkgutil.iter_modules(elsewhere)})
+    assert "antisd" in ours and "torch" in taken and "json" in taken  # the two sides were found
+    assert not ours & taken, f"these modules of the repository shadow installed or standard ones: {sorted(ours & taken)}"

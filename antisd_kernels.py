@@ -6,7 +6,7 @@ teacher's logits over the whole vocabulary (151,936 columns for Qwen):
   logp      = log p_S(y_t)                         log-softmax of the student at the sampled token
   entropy   = -sum_v p_S(v) log p_S(v)             the student's entropy
   t_logp    = log p_T(y_t)                         the same for the teacher (no gradient)
-  t_entropy = -sum_v p_T(v) log p_T(v)             drives the entropy gate (METHOD.md 6)
+  t_entropy = -sum_v p_T(v) log p_T(v)             drives the entropy gate (M6, docs/METHOD.md)
   jsd       = beta KL(p_T || M) + (1-beta) KL(p_S || M),   M = beta p_T + (1-beta) p_S
 
 with p = softmax(logits / temperature). logp, entropy and jsd are differentiable with respect to the
@@ -170,7 +170,7 @@ LOG2E = 1.0 / LN2
 N_ROW_STATS = 6        # saved per row: m_S, log2 s_S, m_T, log2 s_T, entropy_S, KL(p_S || M)
 
 # Launch settings for the GPU, chosen from ptxas register counts for sm_90 (not yet timed on
-# hardware; `python kernels.py --sweep` times alternatives). Forward: 8 elements per thread keep the
+# hardware; `python antisd_kernels.py --sweep` times alternatives). Forward: 8 elements per thread keep the
 # teacher variant at ~80 registers, so three 8-warp programs share an SM and hide each other's
 # per-block max reduction; 16 elements per thread would need ~170 registers (one program per SM).
 # Backward: no reductions; 16 elements per thread at ~64 registers, four programs per SM.
@@ -479,7 +479,7 @@ def token_stats_triton(logits, targets, teacher_logits=None, beta=0.5, temperatu
         raise RuntimeError("token_stats_triton needs triton")
     if not logits.is_cuda and not INTERPRETED:
         raise RuntimeError("token_stats_triton on CPU tensors needs TRITON_INTERPRET=1 set before "
-                           "kernels.py is imported")
+                           "antisd_kernels.py is imported")
     _check_shapes(logits, targets, teacher_logits)
     if block is not None and (block <= 0 or block & (block - 1)):
         raise ValueError(f"token_stats_triton: block must be a power of two, got {block}")
@@ -596,7 +596,7 @@ def lm_head_token_stats(hidden, weight, targets, teacher_hidden=None, beta=0.5, 
 
 
 # -----------------------------------------------------------------------------
-# Benchmark: python kernels.py (needs a CUDA GPU)
+# Benchmark: python antisd_kernels.py (needs a CUDA GPU)
 #
 # Bytes counted, per vocabulary entry, e = element size of the logits (2 for bf16):
 #   forward,        student only: e       (one pass over the student row)
@@ -736,10 +736,10 @@ def _sweep_launch_settings(N=8192, V=151_936):
 if __name__ == "__main__":
     if "--dry-run" in sys.argv[1:]:  # CPU: the same benchmark code at tiny sizes (needs TRITON_INTERPRET=1)
         if not INTERPRETED:
-            sys.exit("kernels.py --dry-run: set TRITON_INTERPRET=1 so that the Triton kernels run on the CPU")
+            sys.exit("antisd_kernels.py --dry-run: set TRITON_INTERPRET=1 so that the Triton kernels run on the CPU")
         _benchmark(Ns=(8,), V=256, device="cpu", compile_backend="eager")
     elif not (torch.cuda.is_available() and HAS_TRITON) or INTERPRETED:
-        print("kernels.py benchmark: needs a CUDA GPU with triton (and TRITON_INTERPRET unset); "
+        print("antisd_kernels.py benchmark: needs a CUDA GPU with triton (and TRITON_INTERPRET unset); "
               "nothing to measure here.")
     elif "--sweep" in sys.argv[1:]:
         _sweep_launch_settings()
