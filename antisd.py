@@ -10,11 +10,13 @@ of the paper's equations and settings that this file follows):
   5. gate: switch the self-distillation term off while the teacher's entropy has collapsed (M6)
   6. per-token advantage = group advantage + lambda * (-phi(u)),  u = teacher - student log-prob (M4, M5)
   7. one clipped policy-gradient step, token-mean over the whole batch               (M2)
-The file follows that order: one section per step, then `main` (the loop, steps 1-7 once per
-optimizer step), then the infrastructure the steps call (data, model, the checker's worker, logging,
-checkpoints, the tiny CPU models, torchrun, the command line). Default self-distillation
-(--method sd, advantage +u, M3) runs the same code with another term in step 6. GRPO (--method grpo)
-skips the teacher: no teacher prompts or scoring in step 4, no gate in step 5, no term in step 6.
+The file has two parts. Part I, from step 1 to the end of `main`, is the method: one section per
+step, then `one_step` (steps 1-7 on one batch) and `main` (the loop). Part II is what the steps stand
+on: the reward's refusal rules, the checker's worker, the float32 master weights, data, logging,
+checkpoints, torchrun, the command line. The laptop tasks and their tiny models are in tiny_tasks.py.
+Default self-distillation (--method sd, advantage +u, M3) runs the same code with another term in
+step 6. GRPO (--method grpo) skips the teacher: no teacher prompts or scoring in step 4, no gate in
+step 5, no term in step 6.
 
 Design decisions:
   1. The teacher is the student's own current weights with a longer prompt (M1); it scores the
@@ -33,14 +35,16 @@ Design decisions:
      responses up to 1,536 tokens (the paper: 32 x 8 and 32K tokens on many GPUs, M9).
   7. The reward checker (math-verify) runs in a worker process killed after VERIFY_SECONDS: some
      answers (9^9^9^9) hang it past its own time limit. A killed check scores 0, with a warning on
-     stderr. The worker exits
-     with its parent, even after a kill -9.
+     stderr. The worker exits with its parent, even after a kill -9.
   8. Checkpoints hold everything a run needs to continue bit for bit (optimizer, RNG states, data
      cursor, gate state); --resume continues the newest whole one and refuses changed settings or
      data. Expected failures (bad input, out of memory) end with a one-paragraph message, no traceback.
 
 Where this file differs from the paper, and why:
   - batch and response length are smaller (one GPU; see 6 above); everything else is M9's settings.
+  - the teacher's prompt (M7) shows a correct sibling's text after its thinking block (the answer, not
+    the search for it), and where neither a correct sibling nor a reference solution exists (DAPO has
+    answers only) it shows "The final answer is \\boxed{gold}." rather than no solution at all.
   - --gate perplexity keeps the on/off gate of M6 with the official code's signal (teacher
     perplexity, reopening at 1.07x its warm-up value, M8).
   - --term official is the official code's form of the term (M8): -phi(u) with u clamped, tokens with
@@ -63,8 +67,9 @@ Run:  python antisd.py                                        # Qwen3-1.7B on MA
                                                               # SD stops checking and AntiSD keeps it (README)
       python antisd.py --model tiny-random --dataset arith --steps 3  # CPU, seconds: an untrained model, shapes only
       torchrun --nproc_per_node 8 antisd.py --eval-every 0    # FSDP2 over 8 GPUs (see World)
-      python antisd.py --offload --model Qwen/Qwen3-8B --eval-every 0  # FSDP2 CPU offload, one GPU
+      python tiny_tasks.py                                    # one step by hand: what each step computes
 """
+
 
 import argparse
 import contextlib
@@ -84,24 +89,22 @@ import shutil
 import signal
 import sys
 import time
-import zlib
+import types
 
 import torch
 import torch.nn.functional as F
 
 from antisd_kernels import IGNORE_INDEX, lm_head_token_stats
 
-
-# -----------------------------------------------------------------------------
-# Configuration: every setting is a command-line flag (get_args, in the last section), named after
-# the paper's symbol where it has one (README: "Flags and the paper's symbols"). The defaults are a
-# one-GPU run (design decision 6); `--model tiny` and `--model tiny-random` shrink them to a CPU
-# (tiny_run_defaults).
-
 class UserError(ValueError):
     """A failure the user can fix (a bad flag, file, row or checkpoint, settings that break training):
     the command line prints its message alone and exits non-zero. Any other exception is a bug and
     keeps its traceback (run_command, at the end of this file)."""
+
+
+# =============================================================================
+# Part I: the method. Steps 1-7 of Algorithm 1 and the loop; read this next to the paper.
+# =============================================================================
 
 
 # -----------------------------------------------------------------------------
@@ -127,47 +130,12 @@ def student_prompt_ids(tokenizer, problem, enable_thinking):
     return render_prompt(tokenizer, student_message(problem), enable_thinking)
 
 
-def left_pad(sequences, pad_id, device):
-    width = max(len(s) for s in sequences)
-    input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    for row, seq in enumerate(sequences):
-        input_ids[row, width - len(seq):] = torch.tensor(seq)
-        attention_mask[row, width - len(seq):] = 1
-    return input_ids.to(device), attention_mask.to(device)
-
-
-# --generate-with compiled: transformers decodes from a static KV cache with its forward under
-# torch.compile (mode "reduce-overhead": CUDA graphs, so one token step is a few graph launches instead
-# of hundreds of Python-issued kernels). The prefill stays eager. It compiles again whenever a shape
-# changes, and CUDA graphs are recorded again whenever the cache moves in memory, so both are fixed
-# for the whole run: every call is padded to exactly batch_size rows and decodes into one cache,
-# allocated once (STATIC_CACHE_BUCKET-rounded prompt width + max_new_tokens) and emptied in place
-# before each call. Weights are read by address, so in-place optimizer steps need no recompilation.
-STATIC_CACHE_BUCKET = 512
-COMPILE_OPTIONS = {"mode": "reduce-overhead", "fullgraph": False, "dynamic": False}
-
-
-def reusable_static_cache(model, batch_size, prompt_width, max_new_tokens):
-    """The model's one static KV cache, emptied; a new one only for a new batch size or a longer
-    prompt than it holds (then the decode step compiles again)."""
-    from transformers import StaticCache
-    needed = prompt_width + max_new_tokens
-    cache, size = getattr(model, "_rollout_cache", (None, None))
-    if cache is None or size[0] != batch_size or size[1] < needed:
-        model._rollout_cache = None  # free the old one first
-        length = -(-prompt_width // STATIC_CACHE_BUCKET) * STATIC_CACHE_BUCKET + max_new_tokens
-        cache, size = StaticCache(config=model.config, max_cache_len=length), (batch_size, length)
-        model._rollout_cache = (cache, size)
-    cache.reset()
-    return cache
-
-
 @torch.no_grad()
-def generate(model, tokenizer, prompt_ids, max_new_tokens, temperature, top_p, batch_size, generate_with="eager",
-             synced_gpus=False):
+def generate(model, tokenizer, prompt_ids, max_new_tokens, temperature, top_p, batch_size, synced_gpus=False,
+             compiled=False):
     """One sampled response per prompt: (token ids up to and including the stop token, truncated).
-    Prompts are generated in length order to cut padding; results come back in input order."""
+    Prompts are generated in length order to cut padding; results come back in input order.
+    compiled=True decodes with the compiled decoder (Part II; unmeasured, only the GPU benchmark uses it)."""
     from transformers import CompileConfig, GenerationConfig
     stop_ids = stop_token_ids(model, tokenizer)
     # every sampling setting is explicit: unset ones would be filled from the model's own
@@ -175,7 +143,6 @@ def generate(model, tokenizer, prompt_ids, max_new_tokens, temperature, top_p, b
     config = GenerationConfig(do_sample=True, temperature=temperature, top_p=top_p, top_k=0,
                               min_p=0.0, repetition_penalty=1.0, max_new_tokens=max_new_tokens,
                               eos_token_id=stop_ids, pad_token_id=tokenizer.pad_token_id)
-    compiled = generate_with == "compiled"
     if compiled:
         config.compile_config = CompileConfig(**COMPILE_OPTIONS)
         config.compile_config._compile_all_devices = True  # transformers compiles on CUDA only unless told
@@ -217,227 +184,16 @@ def decode_response(tokenizer, ids):
 # 2. Reward: 1 if the final \boxed{} answer is equivalent to the gold answer (M1)
 
 def verify(response, gold):
-    """1.0 if the response's final answer equals the gold answer, else 0.0. The rules, in order:
-      1. the answer is what follows </think>; no answer while thinking is unfinished;
-      2. every \\boxed{} there, read together as one list; a cut-off last box means no answer;
-      3. a box is refused if it could hold two answers (clean_answer): an unescaped $, a line break
-         or & outside a matrix, a LaTeX command that answers are not written with (arrows,
-         strike-outs, \\tag, documents, environments other than matrices), an unpaired |, or text
-         between formulas other than "and"/"or";
-      4. both sides are normalised (normalise_math; a raw gold goes through clean_gold first): whitespace and newlines, thin spaces as
-         thousands separators (10\\,000), \\mathrm{e} and \\mathrm{i} as e and i, % as \\%, \\$ dropped;
-      5. x = 5 is the answer 5, but a relation between two different numbers (6 = 5) is wrong;
-      6. math-verify decides equivalence, in the worker, within VERIFY_SECONDS.
-    A missing or refused answer and an unparsable gold are 0, never 1."""
+    """1.0 if the response's final answer equals the gold answer, else 0.0 (M1). The answer is every
+    \\boxed{} after the thinking block, read together as one list (extract_boxed); a box that could
+    hold two answers is refused (clean_answer); math-verify decides equivalence, in a worker process
+    killed after VERIFY_SECONDS. A missing or refused answer and an unparsable gold are 0, never 1.
+    The rules are in Part II ("The reward's rules")."""
     gold = clean_gold_once(gold) if isinstance(gold, str) else clean_gold(gold)
     answer = extract_boxed(response)
     if answer is None or gold is None or len(answer) > MAX_ANSWER_CHARS:
         return 0.0
     return float(_check_math("verify", gold, answer))
-
-
-@functools.lru_cache(maxsize=65536)
-def clean_gold_once(gold):
-    """clean_gold of a text gold, remembered: training verifies every rollout against its gold, and a
-    gold that is not a plain number costs a round trip to the worker to clean. Golds that are already
-    clean come back unchanged."""
-    return clean_gold(gold)
-
-
-MAX_ANSWER_CHARS = 1000  # no real answer is longer; a runaway one is wrong, not worth 5 seconds
-
-
-def extract_boxed(response):
-    """The final answer: every \\boxed{} after the thinking block, read together as one list, whatever
-    stands between them ("\\boxed{1} and \\boxed{2}" is 1, 2; a repeated box counts once). Boxes that
-    hedge ("\\boxed{5}, no wait, \\boxed{6}") are then a list that equals no single gold. None while
-    thinking is unfinished, when there is no box, when the last box is cut off, or when a box is
-    refused by clean_answer."""
-    if "</think>" in response:
-        response = response.rsplit("</think>", 1)[1]
-    elif "<think>" in response:
-        return None
-    boxes = all_boxed(response, prose_between=True)
-    if boxes is None:  # no box, or one cut off (an earlier, retracted box is not the answer)
-        return None
-    answers = [clean_answer(box) for box in boxes]
-    if None in answers:
-        return None
-    return ", ".join(dict.fromkeys(answers))
-
-
-def last_boxed(text):
-    """Content of the last balanced \\boxed{...} in text, or None."""
-    start = text.rfind("\\boxed{")
-    while start != -1:
-        depth, i = 0, start + len("\\boxed")
-        for j in range(i, len(text)):
-            depth += {"{": 1, "}": -1}.get(text[j], 0)
-            if depth == 0:
-                return text[i + 1:j]
-        start = text.rfind("\\boxed{", 0, start)  # unbalanced (cut off): try the one before
-    return None
-
-
-def all_boxed(text, prose_between=False):
-    """Contents of every \\boxed{...} in text, in order. Unless prose_between, the text between two
-    boxes may only be a list separator (",", "and", "or", spacing, $ or \\( \\)), so
-    "\\boxed{1} and \\boxed{2}" is 1, 2 but "\\boxed{1} no, \\boxed{2}" is None. None also when a box
-    is cut off (unbalanced) and when there is no box."""
-    boxes, gaps, start, end = [], [], text.find("\\boxed{"), 0
-    while start != -1:
-        gaps.append(text[end:start])
-        depth, i = 0, start + len("\\boxed")
-        for j in range(i, len(text)):
-            depth += {"{": 1, "}": -1}.get(text[j], 0)
-            if depth == 0:
-                boxes.append(text[i + 1:j])
-                break
-        else:
-            return None
-        end = j + 1
-        start = text.find("\\boxed{", end)
-    for gap in gaps[1:] if not prose_between else []:
-        words = re.sub(r"\\[()\[\]]|\$|\\q?quad|\\text\s*\{|\\[,;!]|[\s,.;:{}~&]", " ", gap).split()
-        if not set(words) <= {"and", "or"}:
-            return None
-    return boxes or None
-
-
-# What a box may hold. math-verify reads an unknown relation or arrow as its right side and skips what
-# it cannot parse, so "6 \to 5", "\cancel{6} 5", "6 \\ 5" or "6 \tag{x} 5" would all be read as 5: one
-# box, two answers. So a box may use only the LaTeX commands that answers are written with.
-ANSWER_COMMANDS = set("""
-    frac dfrac tfrac cfrac sqrt binom dbinom tbinom left right big Big bigg Bigg bigl bigr Bigl Bigr
-    cdot times div pm mp circ degree prime infty partial nabla hbar ell AA mho angle triangle odot star ast
-    alpha beta gamma delta epsilon varepsilon zeta eta theta vartheta iota kappa lambda mu nu xi omicron pi
-    varpi rho varrho sigma varsigma tau upsilon phi varphi chi psi omega Gamma Delta Theta Lambda Xi Pi
-    Sigma Upsilon Phi Psi Omega sin cos tan cot sec csc arcsin arccos arctan sinh cosh tanh log ln lg exp
-    max min gcd lcm det deg lim sum prod int pmod
-    text textbf textit textrm textnormal textup textsf mbox mathrm mathbf mathit mathsf mathcal mathbb
-    boldsymbol bold emph operatorname overline underline bar hat vec dot ddot tilde widehat widetilde
-    overrightarrow emptyset varnothing setminus cup cap in notin subset subseteq supset supseteq le leq ge
-    geq lt gt neq ne leqslant geqslant approx equiv sim simeq cong propto mid parallel perp lfloor rfloor
-    lceil rceil langle rangle lvert rvert vert Vert quad qquad dots ldots cdots displaystyle limits
-    begin end""".split())
-MATRIX = re.compile(r"\\begin\{([pbBvV]?matrix|smallmatrix|array)\}.*?\\end\{\1\}")  # their \\ and & are theirs
-TEXT = re.compile(r"(\\(?:text(?:bf|it|rm|sf|normal|up)?|mbox|mathrm)\s*\{[^{}]*\})")
-LIST_WORDS = {"and", "or", ",", ", and", "and also"}  # "6 \text{ and } 8" is the list 6, 8
-REFUSED_IN_ANSWER = re.compile(
-    r"(?<!\\)\$"                                     # a '$' splits the box into two formulas
-    r"|\\\\|&|\\&|:=|=:"                             # a line break or a column outside a matrix
-    r"|\\operatorname\s*\{[^{}]*[^a-zA-Z{}][^{}]*\}"  # \operatorname{6}: a name is letters
-    r"|(?<![,+\-=])(?<![,+\-=] )\\[lc]?dots(?! ?[,+\-=])")  # "6 \dots 5"; "1, 2, \dots" is a list
-
-
-# relations whose two sides, both numbers, must be equal: "6 = 5" is not the answer 5
-RELATION = re.compile(r"(?<![<>!\\])=(?!=)|\\(?:equiv|approx|sim|simeq|cong|propto|in|mid|parallel|perp|cup|cap"
-                      r"|setminus|subset|subseteq|supset|supseteq)(?![a-zA-Z])")
-
-
-def normalise_math(text):
-    """What both golds and answers go through: whitespace, thousands separators, e and i, % and \\$."""
-    text = re.sub(r"\s+", " ", text).strip()  # a newline inside a box is layout, not a second answer
-    # thin spaces as thousands separators: 10\,000, 11,\!111, 1{,}000
-    text = re.sub(r"(?<=\d)(?:\{,\}|,\\!|\\,|\\!|\\ |\\;|~) ?(?=\d{3}(?!\d))", "", text)
-    text = re.sub(r"(?<![\d.])(\d{1,3}(?: \d{3})+)(?![\d.])", lambda m: m.group(1).replace(" ", ""), text)  # 1 000
-    text = re.sub(r"\\(?:mathrm|text)\s*\{\s*([ei])\s*\}", r"\1", text)  # Euler's e and i, not units
-    text = re.sub(r"(?<!\\)%", r"\\%", text)  # a bare % starts a LaTeX comment: it would hide the rest
-    text = text.replace("\\$", "")  # a dollar sign is a unit
-    text = re.sub(r"~|\\[>:;]|\\h?space\*?\{[^{}]*\}", " ", text)  # spacing commands are spaces
-    return text.strip()
-
-
-def clean_answer(box):
-    """The content of a final \\boxed{} ready for math-verify, or None if it is refused because one box
-    could hold two answers: an unescaped $, a line break or & outside a matrix, any LaTeX command but
-    those of ANSWER_COMMANDS (arrows, strike-outs, \\tag, \\color, documents, other environments), an
-    unpaired |, text between two formulas other than "and"/"or" (read as a list), a text before a
-    formula that is not its label, or a number inside a text."""
-    box = normalise_math(box)
-    while re.fullmatch(r"\\boxed\{(.*)\}", box) and all_boxed(box) == [box[7:-1]]:
-        box = box[7:-1].strip()  # \boxed{\boxed{5}} is 5
-    outside = TEXT.sub(" ", MATRIX.sub(" ", box))  # what is not a matrix and not in a \text{}
-    commands = set(re.findall(r"\\([a-zA-Z]+)", outside))
-    if (not box or not commands <= ANSWER_COMMANDS or {"begin", "end"} & commands
-            or REFUSED_IN_ANSWER.search(outside) or (outside.count("|") + outside.count("\\vert")) % 2):
-        return None  # an unknown command, an environment other than a matrix, or an unpaired |
-    # text between two formulas: a list word becomes a comma; anything else ("no wait") is refused
-    pieces = TEXT.split(box)  # formula, text, formula, text, ..., formula
-    formulas = [p.strip() for p in pieces[0::2]]
-    has_formula = [bool(re.sub(r"[\s,.;:]|\\quad|\\qquad", "", f)) and not f.startswith(("^", "_")) for f in formulas]
-    for k, text in enumerate(pieces[1::2]):
-        preceding = "".join(pieces[:2 * k + 1])
-        if preceding.count("{") > preceding.count("}"):
-            continue  # inside a subscript or an argument (\lambda_{\text{red}}): a label, not prose
-        before, after = any(has_formula[:k + 1]), has_formula[k + 1]
-        words = " ".join(text[text.index("{") + 1:-1].split()).strip(" .").lower()
-        if (before or after) and re.search(r"\d", words):
-            return None  # "5 \text{ (or 6)}": a number in the prose is a second answer
-        if before and after:
-            if words not in LIST_WORDS:
-                return None
-            pieces[2 * k] = pieces[2 * k].rstrip().rstrip(",")  # "7, -2, \text{ and } -5": one comma
-            pieces[2 * k + 1] = ", "
-        elif after and not formulas[k + 1].startswith(("=", ":", "\\in", "<", ">", "\\le", "\\ge")):
-            return None  # a label before a formula ("answer: 2") leaves a second reading
-    return re.sub(r"\s+", " ", "".join(pieces)).strip()
-
-
-def states_two_different_numbers(text, math_verify):
-    """True for "6 = 5" or "x = 5+5 = 7": a relation between two numbers that are not equal. Runs in
-    the worker (it parses); a formula without a relation costs nothing."""
-    if "\\begin" in text:
-        return False
-    sides, start = [], 0
-    for match in RELATION.finditer(text):  # split at relations outside braces
-        depth_here = text.count("{", 0, match.start()) - text.count("}", 0, match.start())
-        if depth_here == 0:
-            sides.append(text[start:match.start()])
-            start = match.end()
-    if not sides:
-        return False
-    sides.append(text[start:])
-    values = []  # each side's value if it is a number, else None
-    for side in sides:
-        parsed = math_verify.parse(f"${side}$", parsing_timeout=3) if side.strip() else []
-        value = parsed[0] if parsed else None
-        is_number = getattr(value, "is_number", False) and not getattr(value, "free_symbols", True)
-        values.append(value if is_number else None)
-    return any(a is not None and b is not None and not math_verify.verify([a], [b], timeout_seconds=3)
-               for a, b in zip(values, values[1:]))
-
-
-def clean_gold(value):
-    """A gold answer as a string math-verify can parse, or None. Only strings and real numbers are
-    golds: a dict, a bool or a NaN would otherwise become a string ("nan") that an answer can match."""
-    if isinstance(value, list):  # OlympiadBench: a list of answers
-        value = value[0] if value else None
-    if isinstance(value, bool) or not isinstance(value, (str, numbers.Real)):
-        return None
-    if isinstance(value, numbers.Integral):
-        value = str(int(value))
-    elif isinstance(value, numbers.Real):
-        if not math.isfinite(value):
-            return None
-        value = str(int(value)) if float(value).is_integer() else repr(float(value))  # AMC: 27.0
-    text = value.strip()
-    if "####" in text:  # GSM8K: the answer follows '####'
-        text = text.split("####")[-1].strip().replace(",", "")
-    if "\\boxed{" in text:  # several boxes are one answer together: "\\boxed{1} and \\boxed{-2}" is 1, -2
-        boxes = all_boxed(text, prose_between=True) or []
-        if len(set(boxes)) > 1 and all_boxed(text) is None:
-            boxes = []  # different boxes with prose between ("\\boxed{1} no no \\boxed{2}"): no reading, dropped
-        text = ", ".join(dict.fromkeys(boxes))
-    text = text.strip().rstrip(".").strip().strip("$").strip()  # OlympiadBench: "$(-\\infty, 0)$."
-    # Minerva writes 4.5e33; math-verify would read it as 4.5
-    text = re.sub(r"^(-?\d+(?:\.\d+)?)[eE]\+?(-?\d+)$", r"\1 \\times 10^{\2}", text)
-    text = normalise_math(re.sub(r"(?<!\\)\$", " ", text))  # "$21,16$ or $11$": inner '$' only delimit
-    # a plain number or one capital letter always parses: no round trip to the worker (arith and GSM8K
-    # golds are all numbers, search golds letters)
-    if not text or not (re.fullmatch(r"-?\d+(?:\.\d+)?|[A-Z]", text) or _check_math("parse", text)):
-        return None
-    return text
 
 
 # -----------------------------------------------------------------------------
@@ -459,6 +215,9 @@ def strip_thinking(text):
     or without a <think> opener: templates that put <think> in the prompt (Qwen3 *-Thinking-2507)
     leave only the closing tag in the response."""
     return text.rsplit("</think>", 1)[-1].strip()
+
+
+MAX_SOLUTION_TOKENS = 1024  # the solution shown to the teacher is cut to this; the problem never is
 
 
 def truncate_to_tokens(tokenizer, text, budget):
@@ -499,7 +258,7 @@ def teacher_prompts_for_step(tokenizer, problems, rewards, texts, rng, args):
         group = slice(first, first + group_size)
         item = problems[i // group_size]
         message = build_teacher_prompt(item["problem"], i - first, rewards[group], texts[group], item["solution"],
-                                       item["answer"], rng, tokenizer, args.max_solution_tokens)
+                                       item["answer"], rng, tokenizer, MAX_SOLUTION_TOKENS)
         prompts.append(render_prompt(tokenizer, message, args.enable_thinking))
     return prompts
 
@@ -722,6 +481,9 @@ def gate_and_advantages(stats, mask, seq_adv, gate, args):
 # -----------------------------------------------------------------------------
 # 7. The update: PPO clipped surrogate, token-mean over the batch (M2)
 
+GRAD_CLIP = 1.0  # the norm the gradient is clipped to before each optimizer step, as in verl
+
+
 def policy_loss(new_logp, old_logp, advantages, mask, total_tokens, clip):
     """Sum over this micro-batch of the clipped surrogate, divided by the token count of the whole
     batch: summed over micro-batches it is the batch token-mean. Also the number of tokens where
@@ -777,7 +539,7 @@ def update_policy(model, optimizer, prompts, responses, terms, mask, old_stats, 
             loss, clipped = world.sum(loss), int(world.sum(clipped))  # global: every rank agrees
         except torch.cuda.OutOfMemoryError:
             raise out_of_memory("the update", "--micro-batch-size", args.micro_batch_size) from None
-        grad_norm = optimizer.clip_gradients(args.grad_clip)
+        grad_norm = optimizer.clip_gradients(GRAD_CLIP)
         update["losses"].append(loss)
         update["grad_norms"].append(grad_norm)
         update["clipped_tokens"] += clipped
@@ -789,79 +551,61 @@ def update_policy(model, optimizer, prompts, responses, terms, mask, old_stats, 
     return update
 
 
-class MasterAdamW:
-    """AdamW on float32 master copies of low-precision weights (see design decision 5). Float32
-    weights are updated directly."""
-
-    def __init__(self, model, lr, world=None):
-        self.params = [p for p in model.parameters() if p.requires_grad]
-        self.world = world
-        # FSDP2 (see World): the parameters are float32 shards, and each rank's shard is its master
-        self.sharded = hasattr(self.params[0], "to_local")
-        self.master = [p.to_local().detach() if self.sharded else p if p.dtype == torch.float32
-                       else p.detach().float().clone() for p in self.params]
-        self.copy_back = not self.sharded and any(m is not p for p, m in zip(self.params, self.master))
-        # weight decay 0.01 as in verl, which the paper's code builds on (negligible at lr 1e-6)
-        self.optimizer = torch.optim.AdamW(self.master, lr=lr, weight_decay=0.01)
-
-    def clip_gradients(self, max_norm):
-        """Moves the gradients onto the master copies and clips them; returns the norm before clipping."""
-        for p, m in zip(self.params, self.master):
-            if m is not p:
-                # FSDP2 averages over ranks; each rank's loss already has the global token count: sum
-                m.grad = None if p.grad is None else (p.grad.to_local() * self.world.size if self.sharded else p.grad).float()
-                p.grad = None
-        if not self.sharded:
-            return float(torch.nn.utils.clip_grad_norm_(self.master, max_norm))
-        # the norm of the whole gradient: each rank holds a disjoint shard of every parameter
-        grads = [m.grad for m in self.master if m.grad is not None]
-        norm = math.sqrt(self.world.sum(sum(float(g.double().pow(2).sum()) for g in grads)))
-        for g in grads:  # the same factor as clip_grad_norm_
-            g.mul_(min(1.0, max_norm / (norm + 1e-6)))
-        return norm
-
-    def step(self):
-        self.optimizer.step()
-        self.zero_grad()
-        # a finite loss and gradient can still overflow the weights (an absurd --lr): stop here, so that
-        # no later step, log line or checkpoint uses them (bf16 weights never even receive them)
-        finite = bool(torch.stack([m.isfinite().all() for m in self.master]).all())
-        if self.sharded:  # every rank must take the same branch
-            finite = self.world.sum(not finite) == 0
-        if not finite:
-            raise UserError("the update made some weights infinite or NaN although the loss and gradient "
-                            "were finite: the learning rate is too large for these weights. Nothing was "
-                            "saved after the last checkpoint; lower --lr and resume or restart.")
-        with torch.no_grad():
-            for p, m in zip(self.params, self.master):
-                if self.copy_back and m is not p:
-                    p.copy_(m)
-
-    def zero_grad(self):
-        self.optimizer.zero_grad(set_to_none=True)
-        for p in self.params:
-            p.grad = None
-
-    def state_dict(self):
-        return {"adamw": self.optimizer.state_dict(), "master": [m.detach().cpu() for m in self.master]}
-
-    def load_state_dict(self, state):
-        with torch.no_grad():
-            for p, m, saved in zip(self.params, self.master, state["master"]):
-                m.copy_(saved)
-                if self.copy_back and m is not p:
-                    p.copy_(m)
-        self.optimizer.load_state_dict(state["adamw"])
-
-
 # -----------------------------------------------------------------------------
 # The training loop: steps 1-7 once per optimizer step
+
+def one_step(model, tokenizer, batch, optimizer, gate, rng, world, timer, args):
+    """Steps 1-7 of Algorithm 1 on one batch of problems (rollout i is of batch[i // G]). Returns what
+    the step computed: the loop logs it, and the worked step (python tiny_tasks.py) prints it."""
+    my_problems = world.share(batch)  # torchrun: this rank's whole groups; one process: all
+
+    # ---- 1. sample G rollouts per problem from the student (M1)
+    student_prompts = [student_prompt_ids(tokenizer, item["problem"], args.enable_thinking)
+                       for item in my_problems for _ in range(args.group_size)]
+    with timer("generate", "--gen-batch-size", args.gen_batch_size), whole_weights_for_generation(model):
+        samples = generate(model, tokenizer, student_prompts, args.max_new_tokens, args.temperature, args.top_p,
+                           args.gen_batch_size, synced_gpus=world.size > 1)
+    my_responses = [ids for ids, _ in samples]
+    my_texts = [decode_response(tokenizer, ids) for ids in my_responses]
+
+    # ---- 2. reward: 1 if the final boxed answer is equivalent to the gold (M1)
+    my_golds = [item["answer"] for item in my_problems for _ in range(args.group_size)]
+    my_rewards = [verify(text, gold) for text, gold in zip(my_texts, my_golds)]
+
+    # ---- 3. group advantages over the whole step (M2); torchrun: every rank's rollouts
+    responses, texts, rewards = (world.gather(x) for x in (my_responses, my_texts, my_rewards))
+    truncated = world.gather([cut for _, cut in samples])
+    seq_adv = group_advantages(rewards, args.group_size).to(model.device)                 # [N]
+
+    # ---- 4. score the sampled ids as student and as teacher (M1, M7): s_old, t, H, JSD
+    with timer("score", "--micro-batch-size", args.micro_batch_size):
+        teacher_prompts = None if args.method == "grpo" else teacher_prompts_for_step(
+            tokenizer, my_problems, my_rewards, my_texts, rng, args)
+        stats = None  # grpo with one epoch: ratio 1, the old log-probs are the detached new ones
+        if args.method != "grpo" or args.ppo_epochs > 1:
+            stats = score(model, student_prompts, teacher_prompts, my_responses, tokenizer.pad_token_id,
+                          args.micro_batch_size, args.temperature)
+    if stats is not None:
+        stats = {name: world.gather(value).to(model.device) for name, value in stats.items()}  # [N, R]
+    mask = response_mask(responses, model.device)                                           # [N, R]
+
+    # ---- 5. gate (M6) and 6. per-token advantages A_seq + lambda * (-phi(u)) (M4, M5)
+    terms = gate_and_advantages(stats, mask, seq_adv, gate, args)
+
+    # ---- 7. clipped policy-gradient step(s), token-mean over the whole batch (M2)
+    with timer("update"):
+        update = update_policy(model, optimizer, student_prompts, my_responses, terms, mask, stats,
+                               teacher_prompts, tokenizer.pad_token_id, world, args)
+    return types.SimpleNamespace(student_prompts=student_prompts, teacher_prompts=teacher_prompts,
+                                 responses=responses, texts=texts, rewards=rewards, truncated=truncated,
+                                 seq_adv=seq_adv, stats=stats, mask=mask, terms=terms, update=update)
+
 
 def main(argv=None):
     args = get_args(argv)
     device = pick_device(args.device, args.model)
-    world = World(device, args.offload)  # torchrun's processes; one process: rank 0 of 1
-    refuse_what_sharding_cannot_do(world, device, args)
+    world = World(device)  # torchrun's processes; one process: rank 0 of 1
+    refuse_what_sharding_cannot_do(world, args)
     checkpoints = prepare_out_dir(args, world)  # one run per folder, never over an existing run
     problems, dropped = load_problems(args.dataset, args.seed)
     args.dataset_fingerprint = dataset_fingerprint(problems)  # a run-defining setting, saved with the others
@@ -872,7 +616,7 @@ def main(argv=None):
     if device.type == "cuda":
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if world.sharded:
-        model = shard_model(model, world, device, args.offload)
+        model = shard_model(model, world, device)
     model.train()
     optimizer = MasterAdamW(model, args.lr, world)
     gate = make_gate(args)
@@ -887,297 +631,293 @@ def main(argv=None):
     with logs, StopRequests() as stop:  # Ctrl-C / SIGTERM: finish the current step, save, exit
         if eval_sets and first_step == 1:  # the starting model, so that the curves show the change
             logs.write_metrics({"step": 0, **evaluate_in_loop(evaluation, model, tokenizer, eval_sets, args)})
-        progress = logs.progress_bar(first_step, args.steps, args.method)
-        for step in progress:
+        for step in logs.progress_bar(first_step, args.steps, args.method):
             batch = [problems[i] for i in stream.next(args.prompts_per_step)]
-            my_problems = world.share(batch)  # torchrun: this rank's whole groups; one process: all
-
-            # ---- 1. sample G rollouts per problem from the student (M1)
-            student_prompts = [student_prompt_ids(tokenizer, item["problem"], args.enable_thinking)
-                               for item in my_problems for _ in range(args.group_size)]
-            with timer("generate", "--gen-batch-size", args.gen_batch_size), whole_weights_for_generation(model):
-                samples = generate(model, tokenizer, student_prompts, args.max_new_tokens, args.temperature,
-                                   args.top_p, args.gen_batch_size, args.generate_with, world.size > 1)
-            my_responses = [ids for ids, _ in samples]
-            my_texts = [decode_response(tokenizer, ids) for ids in my_responses]
-
-            # ---- 2. reward: 1 if the final boxed answer is equivalent to the gold (M1)
-            my_golds = [item["answer"] for item in my_problems for _ in range(args.group_size)]
-            my_rewards = [verify(text, gold) for text, gold in zip(my_texts, my_golds)]
-
-            # ---- 3. group advantages over the whole step (M2); torchrun: every rank's rollouts
-            responses, texts, rewards = (world.gather(x) for x in (my_responses, my_texts, my_rewards))
-            truncated = world.gather([cut for _, cut in samples])
-            seq_adv = group_advantages(rewards, args.group_size).to(device)                   # [N]
-
-            # ---- 4. score the sampled ids as student and as teacher (M1, M7): s_old, t, H, JSD
-            with timer("score", "--micro-batch-size", args.micro_batch_size):
-                teacher_prompts = None if args.method == "grpo" else teacher_prompts_for_step(
-                    tokenizer, my_problems, my_rewards, my_texts, rng, args)
-                stats = None  # grpo with one epoch: ratio 1, the old log-probs are the detached new ones
-                if args.method != "grpo" or args.ppo_epochs > 1:
-                    stats = score(model, student_prompts, teacher_prompts, my_responses, tokenizer.pad_token_id,
-                                  args.micro_batch_size, args.temperature)
-            if stats is not None:
-                stats = {name: world.gather(value).to(device) for name, value in stats.items()}  # [N, R]
-            mask = response_mask(responses, device)                                           # [N, R]
-
-            # ---- 5. gate (M6) and 6. per-token advantages A_seq + lambda * (-phi(u)) (M4, M5)
-            terms = gate_and_advantages(stats, mask, seq_adv, gate, args)
-
-            # ---- 7. clipped policy-gradient step(s), token-mean over the whole batch (M2)
-            with timer("update"):
-                update = update_policy(model, optimizer, student_prompts, my_responses, terms, mask, stats,
-                                       teacher_prompts, tokenizer.pad_token_id, world, args)
+            done = one_step(model, tokenizer, batch, optimizer, gate, rng, world, timer, args)   # steps 1-7
 
             # ---- log, evaluate, save
-            bad_steps = 0 if update["epochs_applied"] == args.ppo_epochs else bad_steps + 1
-            record = step_metrics(step, rewards, truncated, mask, stats, terms, update, gate, timer, args, texts, batch)
+            bad_steps = 0 if done.update["epochs_applied"] == args.ppo_epochs else bad_steps + 1
+            record = step_metrics(step, done.rewards, done.truncated, done.mask, done.stats, done.terms, done.update,
+                                  gate, timer, args, done.texts, batch)
             if eval_sets and step % args.eval_every == 0:
                 record.update(evaluate_in_loop(evaluation, model, tokenizer, eval_sets, args))
-            logs.write_metrics(record)
-            logs.write_rollouts(step, rng, tokenizer, batch, responses, texts, rewards, truncated, terms["u"],
-                                args.group_size)
-            progress.set_postfix(reward=f"{record['reward_mean']:.3f}", lam=f"{terms['lam']:.2f}",
-                                 H_T=f"{record['teacher_entropy_median']:.3f}")
-            if bad_steps >= args.max_bad_steps:
+            logs.write_step(step, record, rng, tokenizer, batch, done, args.group_size)
+            if bad_steps >= MAX_BAD_STEPS:
                 raise too_many_bad_steps(step, bad_steps, last_saved, args)
             if step % args.save_every == 0 or step == args.steps or stop.requested:
                 last_saved = save_checkpoint(args.out_dir, step, model, tokenizer,
                                              trainer_state(step, args, optimizer, stream, gate, rng, device, world),
-                                             args.keep_checkpoints, world)
+                                             KEEP_CHECKPOINTS, world)
             if stop.requested and step < args.steps:
                 return stop.say_how_to_resume(step, last_saved, argv)
     print(f"done: {args.steps} steps, checkpoint in {last_saved}")
 
 
+# =============================================================================
+# Part II: infrastructure. Nothing below changes what a step computes; it makes it run (the
+# grader's refusal rules, the checker's process, the float32 master weights, data, checkpoints,
+# torchrun, the command line). The laptop tasks and their tiny models live in tiny_tasks.py.
+# =============================================================================
+
+
 # -----------------------------------------------------------------------------
-# Data loading: every problem becomes {problem, answer, solution or None}
+# Sampling mechanics: padding, and the compiled decoder
 
-def read_jsonl(path, with_line_numbers=False):
-    """Rows of a JSONL file; a bad line is an error that names the file and the line."""
-    rows = []
-    try:
-        f = open(path, "rb")  # bytes: a line that is not UTF-8 is reported with its number
-    except OSError as e:  # missing, a directory, no permission
-        raise UserError(f"{path}: cannot read it ({e.strerror})") from None
-    with f:
-        for line_number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line.decode("utf-8"))
-            except UnicodeDecodeError as e:
-                raise UserError(f"{path}, line {line_number}: not UTF-8 text (byte {line[e.start]:#04x} at "
-                                f"position {e.start})") from None
-            except json.JSONDecodeError as e:
-                raise UserError(f"{path}, line {line_number}: invalid JSON ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise UserError(f"{path}, line {line_number}: expected a JSON object, got {type(row).__name__}")
-            rows.append((line_number, row) if with_line_numbers else row)
-    return rows
+def left_pad(sequences, pad_id, device):
+    width = max(len(s) for s in sequences)
+    input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        input_ids[row, width - len(seq):] = torch.tensor(seq)
+        attention_mask[row, width - len(seq):] = 1
+    return input_ids.to(device), attention_mask.to(device)
 
 
-def gsm8k_solution(text):
-    """GSM8K's worked answer as prose ending in a boxed answer: drop the <<calculator>> notes."""
-    body, _, answer = text.rpartition("####")
-    body = re.sub(r"<<[^>]*>>", "", body).strip()
-    return f"{body}\nThe answer is \\boxed{{{answer.strip().replace(',', '')}}}."
+# --generate-with compiled: transformers decodes from a static KV cache with its forward under
+# torch.compile (mode "reduce-overhead": CUDA graphs, so one token step is a few graph launches instead
+# of hundreds of Python-issued kernels). The prefill stays eager. It compiles again whenever a shape
+# changes, and CUDA graphs are recorded again whenever the cache moves in memory, so both are fixed
+# for the whole run: every call is padded to exactly batch_size rows and decodes into one cache,
+# allocated once (STATIC_CACHE_BUCKET-rounded prompt width + max_new_tokens) and emptied in place
+# before each call. Weights are read by address, so in-place optimizer steps need no recompilation.
+STATIC_CACHE_BUCKET = 512
+COMPILE_OPTIONS = {"mode": "reduce-overhead", "fullgraph": False, "dynamic": False}
 
 
-DAPO_PREFIX = "Solve the following math problem step by step."
-DAPO_SUFFIX = "\n\nRemember to put your answer on its own line after \"Answer:\"."
+def reusable_static_cache(model, batch_size, prompt_width, max_new_tokens):
+    """The model's one static KV cache, emptied; a new one only for a new batch size or a longer
+    prompt than it holds (then the decode step compiles again)."""
+    from transformers import StaticCache
+    needed = prompt_width + max_new_tokens
+    cache, size = getattr(model, "_rollout_cache", (None, None))
+    if cache is None or size[0] != batch_size or size[1] < needed:
+        model._rollout_cache = None  # free the old one first
+        length = -(-prompt_width // STATIC_CACHE_BUCKET) * STATIC_CACHE_BUCKET + max_new_tokens
+        cache, size = StaticCache(config=model.config, max_cache_len=length), (batch_size, length)
+        model._rollout_cache = (cache, size)
+    cache.reset()
+    return cache
 
 
-def dapo_problem(content):
-    """DAPO wraps each problem in its own instruction; keep the problem, we add ours (M7)."""
-    if content.startswith(DAPO_PREFIX) and content.endswith(DAPO_SUFFIX):
-        return content[:-len(DAPO_SUFFIX)].split("\n\n", 1)[1]
-    return content
+# -----------------------------------------------------------------------------
+# The reward's rules: which box is the answer, what a box may hold, how golds are cleaned
+#
+# verify (step 2) applies them in this order:
+#   1. the answer is what follows </think>; no answer while thinking is unfinished;
+#   2. every \boxed{} there, read together as one list; a cut-off last box means no answer;
+#   3. a box is refused if it could hold two answers (clean_answer): an unescaped $, a line break
+#      or & outside a matrix, a LaTeX command that answers are not written with (arrows,
+#      strike-outs, \tag, documents, environments other than matrices), an unpaired |, or text
+#      between formulas other than "and"/"or";
+#   4. both sides are normalised (normalise_math; a raw gold goes through clean_gold first):
+#      whitespace and newlines, thin spaces as thousands separators (10\,000), \mathrm{e} and
+#      \mathrm{i} as e and i, % as \%, \$ dropped;
+#   5. x = 5 is the answer 5, but a relation between two different numbers (6 = 5) is wrong;
+#   6. math-verify decides equivalence, in the worker, within VERIFY_SECONDS.
 
 
-# The longest problem or solution in the real benchmark files has about 10,000 characters. A row
-# far beyond that is a broken file, and would stall the tokenizer (over a minute for 50 MB) when drawn.
-MAX_TEXT_CHARS = 100_000
+@functools.lru_cache(maxsize=65536)
+def clean_gold_once(gold):
+    """clean_gold of a text gold, remembered: training verifies every rollout against its gold, and a
+    gold that is not a plain number costs a round trip to the worker to clean. Golds that are already
+    clean come back unchanged."""
+    return clean_gold(gold)
 
 
-def check_text_size(text, field, where):
-    if text is not None and len(text) > MAX_TEXT_CHARS:
-        raise UserError(f"{where}: field {field!r} has {len(text):,} characters, more than the limit of "
-                        f"{MAX_TEXT_CHARS:,} (MAX_TEXT_CHARS in antisd.py)")
+MAX_ANSWER_CHARS = 1000  # no real answer is longer; a runaway one is wrong, not worth 5 seconds
 
 
-def problem_from_row(row, where):
-    """{problem, answer, solution} from a row with `problem` (or `question`) and an `answer`
-    (or `final_answer`) or a `solution` ending in a boxed answer. answer is None if unparsable."""
-    problem = row.get("problem", row.get("question"))
-    if not isinstance(problem, str) or not problem.strip():
-        raise UserError(f"{where}: missing field 'problem' (or 'question')")
-    solution = row.get("solution")
-    solution = solution if isinstance(solution, str) else None  # OlympiadBench has a list here
-    check_text_size(problem, "problem", where)
-    check_text_size(solution, "solution", where)
-    for field in ("answer", "final_answer"):
-        if field in row:
-            gold = row[field]
-            break
-    else:
-        if solution is None:
-            raise UserError(f"{where}: missing field 'answer' (or 'solution' with a \\boxed{{}} answer)")
-        gold = last_boxed(solution)
-    if isinstance(gold, str) and "####" in gold and solution is None:  # GSM8K: answer holds the solution
-        solution = gsm8k_solution(gold)
-    return {"problem": problem, "answer": clean_gold(gold), "solution": solution}
+def extract_boxed(response):
+    """The final answer: every \\boxed{} after the thinking block, read together as one list, whatever
+    stands between them ("\\boxed{1} and \\boxed{2}" is 1, 2; a repeated box counts once). Boxes that
+    hedge ("\\boxed{5}, no wait, \\boxed{6}") are then a list that equals no single gold. None while
+    thinking is unfinished, when there is no box, when the last box is cut off, or when a box is
+    refused by clean_answer."""
+    if "</think>" in response:
+        response = response.rsplit("</think>", 1)[1]
+    elif "<think>" in response:
+        return None
+    boxes = all_boxed(response, prose_between=True)
+    if boxes is None:  # no box, or one cut off (an earlier, retracted box is not the answer)
+        return None
+    answers = [clean_answer(box) for box in boxes]
+    if None in answers:
+        return None
+    return ", ".join(dict.fromkeys(answers))
 
 
-HUB_DATASETS = {  # --dataset name: (hub id, config), split "train"
-    "math": ("DigitalLearningGmbH/MATH-lighteval", "default"),  # MATH train: 7,500 with full solutions
-    "gsm8k": ("openai/gsm8k", "main"),
-    "dapo": ("BytedTsinghua-SIA/DAPO-Math-17k", None),           # answers only
-}
+def last_boxed(text):
+    """Content of the last balanced \\boxed{...} in text, or None."""
+    start = text.rfind("\\boxed{")
+    while start != -1:
+        depth, i = 0, start + len("\\boxed")
+        for j in range(i, len(text)):
+            depth += {"{": 1, "}": -1}.get(text[j], 0)
+            if depth == 0:
+                return text[i + 1:j]
+        start = text.rfind("\\boxed{", 0, start)  # unbalanced (cut off): try the one before
+    return None
 
 
-def load_problems(name, seed):
-    """Returns (problems, dropped): problems whose gold answer cannot be parsed are dropped."""
-    if name == "arith":
-        rows = make_arith_problems(2000, seed)
-        where = ["arith"] * len(rows)
-    elif name == "search":  # the tiny search task (section "The tiny models")
-        rows = make_search_problems(2000, seed)
-        where = ["search"] * len(rows)
-    elif name.endswith(".jsonl"):
-        if not os.path.exists(name):
-            raise UserError(f"--dataset {name}: file not found")
-        numbered = read_jsonl(name, with_line_numbers=True)
-        if not numbered:
-            raise UserError(f"--dataset {name}: the file holds no rows")
-        rows = [row for _, row in numbered]
-        where = [f"{name}, line {line_number}" for line_number, _ in numbered]
-    elif name in HUB_DATASETS:
-        import datasets
-        hub_id, config = HUB_DATASETS[name]
-        try:
-            hub_rows = datasets.load_dataset(hub_id, config, split="train")
-        except Exception as e:  # offline, renamed, gated: say which and what to do instead
-            raise UserError(f"--dataset {name}: could not load {hub_id} from the hub ({type(e).__name__}: {e}); "
-                             f"without the hub, pass a local .jsonl file") from None
-        if name == "dapo":  # DAPO-Math-17k repeats each problem ~100 times: keep one of each
-            seen, rows = set(), []
-            for row in hub_rows:
-                problem = dapo_problem(row["prompt"][0]["content"])
-                if problem not in seen:
-                    seen.add(problem)
-                    rows.append({"problem": problem, "answer": row["reward_model"]["ground_truth"]})
+def all_boxed(text, prose_between=False):
+    """Contents of every \\boxed{...} in text, in order. Unless prose_between, the text between two
+    boxes may only be a list separator (",", "and", "or", spacing, $ or \\( \\)), so
+    "\\boxed{1} and \\boxed{2}" is 1, 2 but "\\boxed{1} no, \\boxed{2}" is None. None also when a box
+    is cut off (unbalanced) and when there is no box."""
+    boxes, gaps, start, end = [], [], text.find("\\boxed{"), 0
+    while start != -1:
+        gaps.append(text[end:start])
+        depth, i = 0, start + len("\\boxed")
+        for j in range(i, len(text)):
+            depth += {"{": 1, "}": -1}.get(text[j], 0)
+            if depth == 0:
+                boxes.append(text[i + 1:j])
+                break
         else:
-            rows = list(hub_rows)
-        where = [f"{name}, row {i}" for i in range(len(rows))]
-    else:
-        raise UserError(f"--dataset {name!r}: expected one of math, gsm8k, dapo, arith, search, or a path to a .jsonl file")
-    problems = [problem_from_row(row, w) for row, w in zip(rows, where)]
-    kept = [p for p in problems if p["answer"] is not None]
-    if not kept:
-        raise UserError(f"--dataset {name}: all {len(problems)} rows were dropped: no gold answer could be parsed")
-    return kept, len(problems) - len(kept)
+            return None
+        end = j + 1
+        start = text.find("\\boxed{", end)
+    for gap in gaps[1:] if not prose_between else []:
+        words = re.sub(r"\\[()\[\]]|\$|\\q?quad|\\text\s*\{|\\[,;!]|[\s,.;:{}~&]", " ", gap).split()
+        if not set(words) <= {"and", "or"}:
+            return None
+    return boxes or None
 
 
-def dataset_fingerprint(problems):
-    """A hash of the problems as loaded (text, gold, solution): a run resumed on an edited file or a
-    changed hub dataset would silently train on other problems in another order."""
-    return hashlib.sha256(json.dumps(problems, sort_keys=True).encode()).hexdigest()[:16]
+# What a box may hold. math-verify reads an unknown relation or arrow as its right side and skips what
+# it cannot parse, so "6 \to 5", "\cancel{6} 5", "6 \\ 5" or "6 \tag{x} 5" would all be read as 5: one
+# box, two answers. So a box may use only the LaTeX commands that answers are written with.
+ANSWER_COMMANDS = set("""
+    frac dfrac tfrac cfrac sqrt binom dbinom tbinom left right big Big bigg Bigg bigl bigr Bigl Bigr
+    cdot times div pm mp circ degree prime infty partial nabla hbar ell AA mho angle triangle odot star ast
+    alpha beta gamma delta epsilon varepsilon zeta eta theta vartheta iota kappa lambda mu nu xi omicron pi
+    varpi rho varrho sigma varsigma tau upsilon phi varphi chi psi omega Gamma Delta Theta Lambda Xi Pi
+    Sigma Upsilon Phi Psi Omega sin cos tan cot sec csc arcsin arccos arctan sinh cosh tanh log ln lg exp
+    max min gcd lcm det deg lim sum prod int pmod
+    text textbf textit textrm textnormal textup textsf mbox mathrm mathbf mathit mathsf mathcal mathbb
+    boldsymbol bold emph operatorname overline underline bar hat vec dot ddot tilde widehat widetilde
+    overrightarrow emptyset varnothing setminus cup cap in notin subset subseteq supset supseteq le leq ge
+    geq lt gt neq ne leqslant geqslant approx equiv sim simeq cong propto mid parallel perp lfloor rfloor
+    lceil rceil langle rangle lvert rvert vert Vert quad qquad dots ldots cdots displaystyle limits
+    begin end""".split())
+MATRIX = re.compile(r"\\begin\{([pbBvV]?matrix|smallmatrix|array)\}.*?\\end\{\1\}")  # their \\ and & are theirs
+TEXT = re.compile(r"(\\(?:text(?:bf|it|rm|sf|normal|up)?|mbox|mathrm)\s*\{[^{}]*\})")
+LIST_WORDS = {"and", "or", ",", ", and", "and also"}  # "6 \text{ and } 8" is the list 6, 8
+REFUSED_IN_ANSWER = re.compile(
+    r"(?<!\\)\$"                                     # a '$' splits the box into two formulas
+    r"|\\\\|&|\\&|:=|=:"                             # a line break or a column outside a matrix
+    r"|\\operatorname\s*\{[^{}]*[^a-zA-Z{}][^{}]*\}"  # \operatorname{6}: a name is letters
+    r"|(?<![,+\-=])(?<![,+\-=] )\\[lc]?dots(?! ?[,+\-=])")  # "6 \dots 5"; "1, 2, \dots" is a list
 
 
-class ProblemStream:
-    """Seeded epochs of shuffled problems. Its state is two integers, so a resumed run sees the
-    same problems in the same order."""
-
-    def __init__(self, size, seed):
-        self.size, self.seed, self.epoch, self.cursor = size, seed, 0, 0
-
-    def _order(self):
-        order = list(range(self.size))
-        random.Random(self.seed * 1_000_003 + self.epoch).shuffle(order)
-        return order
-
-    def next(self, count):
-        taken = []
-        while len(taken) < count:
-            order = self._order()
-            take = order[self.cursor:self.cursor + count - len(taken)]
-            taken += take
-            self.cursor += len(take)
-            if self.cursor == self.size:
-                self.epoch, self.cursor = self.epoch + 1, 0
-        return taken
-
-    def state_dict(self):
-        return {"epoch": self.epoch, "cursor": self.cursor}
-
-    def load_state_dict(self, state):
-        self.epoch, self.cursor = state["epoch"], state["cursor"]
+# relations whose two sides, both numbers, must be equal: "6 = 5" is not the answer 5
+RELATION = re.compile(r"(?<![<>!\\])=(?!=)|\\(?:equiv|approx|sim|simeq|cong|propto|in|mid|parallel|perp|cup|cap"
+                      r"|setminus|subset|subseteq|supset|supseteq)(?![a-zA-Z])")
 
 
-# -----------------------------------------------------------------------------
-# The model and its tokenizer
-
-def pick_device(requested, model_name):
-    if requested:
-        try:
-            device = torch.device(requested)
-        except RuntimeError:
-            device = None
-        if device is None or device.type not in ("cuda", "cpu"):
-            raise UserError(f"--device {requested!r}: expected cuda, cuda:N or cpu")
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise UserError(f"--device {requested}: no CUDA GPU is available here (torch.cuda.is_available() is False)")
-        if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-            raise UserError(f"--device {requested}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
-        return device
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if model_name not in TINY_MODELS:
-        sys.exit(f"No CUDA GPU found: --model {model_name} needs one (pass --device cpu to force it).\n"
-                 f"For a CPU demo run:  python antisd.py --model tiny --dataset arith --steps 3")
-    return torch.device("cpu")
+def normalise_math(text):
+    """What both golds and answers go through: whitespace, thousands separators, e and i, % and \\$."""
+    text = re.sub(r"\s+", " ", text).strip()  # a newline inside a box is layout, not a second answer
+    # thin spaces as thousands separators: 10\,000, 11,\!111, 1{,}000
+    text = re.sub(r"(?<=\d)(?:\{,\}|,\\!|\\,|\\!|\\ |\\;|~) ?(?=\d{3}(?!\d))", "", text)
+    text = re.sub(r"(?<![\d.])(\d{1,3}(?: \d{3})+)(?![\d.])", lambda m: m.group(1).replace(" ", ""), text)  # 1 000
+    text = re.sub(r"\\(?:mathrm|text)\s*\{\s*([ei])\s*\}", r"\1", text)  # Euler's e and i, not units
+    text = re.sub(r"(?<!\\)%", r"\\%", text)  # a bare % starts a LaTeX comment: it would hide the rest
+    text = text.replace("\\$", "")  # a dollar sign is a unit
+    text = re.sub(r"~|\\[>:;]|\\h?space\*?\{[^{}]*\}", " ", text)  # spacing commands are spaces
+    return text.strip()
 
 
-def load_model(name, device, init="pretrained"):
-    """(model, tokenizer): bf16 weights on CUDA, float32 on CPU; left padding for generation.
-    init="random" builds the architecture from name/config.json with random weights (benchmarks)."""
-    if name in TINY_MODELS:
-        torch.set_num_threads(1)  # a model this small is overhead-bound: one thread beats two on a busy CPU
-    if name == "tiny-random":
-        model, tokenizer = build_tiny()
-    else:
-        name = tiny_arith_path() if name == "tiny" else tiny_search_path() if name == "tiny-search" else name
-        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(name)
-            if init == "random":
-                print("=" * 100 + f"\nRANDOM WEIGHTS (--init random): {name}/config.json with untrained weights. "
-                      f"For timing and memory only;\nrewards, entropies and every learning curve of this run "
-                      f"mean nothing.\n" + "=" * 100, flush=True)
-                with torch.device(device):  # initialised where they will live: 1.7B weights on a CPU take minutes
-                    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(name), dtype=dtype)
-                if os.path.exists(os.path.join(name, "generation_config.json")):  # its stop tokens (Qwen3: two)
-                    from transformers import GenerationConfig
-                    model.generation_config = GenerationConfig.from_pretrained(name)
-            else:
-                model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
-        except (OSError, ValueError) as e:  # not on the hub (or offline), not a model folder
-            where = "from its local folder" if os.path.isdir(name) else "no such local folder, nor from the hub"
-            raise UserError(f"--model {name}: could not load it ({where}): {one_line(e)}") from None
-    tokenizer.padding_side = "left"
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return model.to(device), tokenizer
+def clean_answer(box):
+    """The content of a final \\boxed{} ready for math-verify, or None if it is refused because one box
+    could hold two answers: an unescaped $, a line break or & outside a matrix, any LaTeX command but
+    those of ANSWER_COMMANDS (arrows, strike-outs, \\tag, \\color, documents, other environments), an
+    unpaired |, text between two formulas other than "and"/"or" (read as a list), a text before a
+    formula that is not its label, or a number inside a text."""
+    box = normalise_math(box)
+    while re.fullmatch(r"\\boxed\{(.*)\}", box) and all_boxed(box) == [box[7:-1]]:
+        box = box[7:-1].strip()  # \boxed{\boxed{5}} is 5
+    outside = TEXT.sub(" ", MATRIX.sub(" ", box))  # what is not a matrix and not in a \text{}
+    commands = set(re.findall(r"\\([a-zA-Z]+)", outside))
+    if (not box or not commands <= ANSWER_COMMANDS or {"begin", "end"} & commands
+            or REFUSED_IN_ANSWER.search(outside) or (outside.count("|") + outside.count("\\vert")) % 2):
+        return None  # an unknown command, an environment other than a matrix, or an unpaired |
+    # text between two formulas: a list word becomes a comma; anything else ("no wait") is refused
+    pieces = TEXT.split(box)  # formula, text, formula, text, ..., formula
+    formulas = [p.strip() for p in pieces[0::2]]
+    has_formula = [bool(re.sub(r"[\s,.;:]|\\quad|\\qquad", "", f)) and not f.startswith(("^", "_")) for f in formulas]
+    for k, text in enumerate(pieces[1::2]):
+        preceding = "".join(pieces[:2 * k + 1])
+        if preceding.count("{") > preceding.count("}"):
+            continue  # inside a subscript or an argument (\lambda_{\text{red}}): a label, not prose
+        before, after = any(has_formula[:k + 1]), has_formula[k + 1]
+        words = " ".join(text[text.index("{") + 1:-1].split()).strip(" .").lower()
+        if (before or after) and re.search(r"\d", words):
+            return None  # "5 \text{ (or 6)}": a number in the prose is a second answer
+        if before and after:
+            if words not in LIST_WORDS:
+                return None
+            pieces[2 * k] = pieces[2 * k].rstrip().rstrip(",")  # "7, -2, \text{ and } -5": one comma
+            pieces[2 * k + 1] = ", "
+        elif after and not formulas[k + 1].startswith(("=", ":", "\\in", "<", ">", "\\le", "\\ge")):
+            return None  # a label before a formula ("answer: 2") leaves a second reading
+    return re.sub(r"\s+", " ", "".join(pieces)).strip()
 
 
-def stop_token_ids(model, tokenizer):
-    """Generation stops at any of these (Qwen3: <|im_end|> and <|endoftext|>)."""
-    ids = model.generation_config.eos_token_id
-    ids = set(ids if isinstance(ids, list) else [ids] if ids is not None else [])
-    return sorted(ids | {tokenizer.eos_token_id})
+def states_two_different_numbers(text, math_verify):
+    """True for "6 = 5" or "x = 5+5 = 7": a relation between two numbers that are not equal. Runs in
+    the worker (it parses); a formula without a relation costs nothing."""
+    if "\\begin" in text:
+        return False
+    sides, start = [], 0
+    for match in RELATION.finditer(text):  # split at relations outside braces
+        depth_here = text.count("{", 0, match.start()) - text.count("}", 0, match.start())
+        if depth_here == 0:
+            sides.append(text[start:match.start()])
+            start = match.end()
+    if not sides:
+        return False
+    sides.append(text[start:])
+    values = []  # each side's value if it is a number, else None
+    for side in sides:
+        parsed = math_verify.parse(f"${side}$", parsing_timeout=3) if side.strip() else []
+        value = parsed[0] if parsed else None
+        is_number = getattr(value, "is_number", False) and not getattr(value, "free_symbols", True)
+        values.append(value if is_number else None)
+    return any(a is not None and b is not None and not math_verify.verify([a], [b], timeout_seconds=3)
+               for a, b in zip(values, values[1:]))
+
+
+def clean_gold(value):
+    """A gold answer as a string math-verify can parse, or None. Only strings and real numbers are
+    golds: a dict, a bool or a NaN would otherwise become a string ("nan") that an answer can match."""
+    if isinstance(value, list):  # OlympiadBench: a list of answers
+        value = value[0] if value else None
+    if isinstance(value, bool) or not isinstance(value, (str, numbers.Real)):
+        return None
+    if isinstance(value, numbers.Integral):
+        value = str(int(value))
+    elif isinstance(value, numbers.Real):
+        if not math.isfinite(value):
+            return None
+        value = str(int(value)) if float(value).is_integer() else repr(float(value))  # AMC: 27.0
+    text = value.strip()
+    if "####" in text:  # GSM8K: the answer follows '####'
+        text = text.split("####")[-1].strip().replace(",", "")
+    if "\\boxed{" in text:  # several boxes are one answer together: "\\boxed{1} and \\boxed{-2}" is 1, -2
+        boxes = all_boxed(text, prose_between=True) or []
+        if len(set(boxes)) > 1 and all_boxed(text) is None:
+            boxes = []  # different boxes with prose between ("\\boxed{1} no no \\boxed{2}"): no reading, dropped
+        text = ", ".join(dict.fromkeys(boxes))
+    text = text.strip().rstrip(".").strip().strip("$").strip()  # OlympiadBench: "$(-\\infty, 0)$."
+    # Minerva writes 4.5e33; math-verify would read it as 4.5
+    text = re.sub(r"^(-?\d+(?:\.\d+)?)[eE]\+?(-?\d+)$", r"\1 \\times 10^{\2}", text)
+    text = normalise_math(re.sub(r"(?<!\\)\$", " ", text))  # "$21,16$ or $11$": inner '$' only delimit
+    # a plain number or one capital letter always parses: no round trip to the worker (arith and GSM8K
+    # golds are all numbers, search golds letters)
+    if not text or not (re.fullmatch(r"-?\d+(?:\.\d+)?|[A-Z]", text) or _check_math("parse", text)):
+        return None
+    return text
 
 
 # -----------------------------------------------------------------------------
@@ -1286,6 +1026,295 @@ def _check_math(*request):
 
 
 # -----------------------------------------------------------------------------
+# Float32 master weights for the update (design decision 5)
+
+class MasterAdamW:
+    """AdamW on float32 master copies of low-precision weights (see design decision 5). Float32
+    weights are updated directly."""
+
+    def __init__(self, model, lr, world=None):
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.world = world
+        # FSDP2 (see World): the parameters are float32 shards, and each rank's shard is its master
+        self.sharded = hasattr(self.params[0], "to_local")
+        self.master = [p.to_local().detach() if self.sharded else p if p.dtype == torch.float32
+                       else p.detach().float().clone() for p in self.params]
+        self.copy_back = not self.sharded and any(m is not p for p, m in zip(self.params, self.master))
+        # weight decay 0.01 as in verl, which the paper's code builds on (negligible at lr 1e-6)
+        self.optimizer = torch.optim.AdamW(self.master, lr=lr, weight_decay=0.01)
+
+    def clip_gradients(self, max_norm):
+        """Moves the gradients onto the master copies and clips them; returns the norm before clipping."""
+        for p, m in zip(self.params, self.master):
+            if m is not p:
+                # FSDP2 averages over ranks; each rank's loss already has the global token count: sum
+                m.grad = None if p.grad is None else (p.grad.to_local() * self.world.size if self.sharded else p.grad).float()
+                p.grad = None
+        if not self.sharded:
+            return float(torch.nn.utils.clip_grad_norm_(self.master, max_norm))
+        # the norm of the whole gradient: each rank holds a disjoint shard of every parameter
+        grads = [m.grad for m in self.master if m.grad is not None]
+        norm = math.sqrt(self.world.sum(sum(float(g.double().pow(2).sum()) for g in grads)))
+        for g in grads:  # the same factor as clip_grad_norm_
+            g.mul_(min(1.0, max_norm / (norm + 1e-6)))
+        return norm
+
+    def step(self):
+        self.optimizer.step()
+        self.zero_grad()
+        # a finite loss and gradient can still overflow the weights (an absurd --lr): stop here, so that
+        # no later step, log line or checkpoint uses them (bf16 weights never even receive them)
+        finite = bool(torch.stack([m.isfinite().all() for m in self.master]).all())
+        if self.sharded:  # every rank must take the same branch
+            finite = self.world.sum(not finite) == 0
+        if not finite:
+            raise UserError("the update made some weights infinite or NaN although the loss and gradient "
+                            "were finite: the learning rate is too large for these weights. Nothing was "
+                            "saved after the last checkpoint; lower --lr and resume or restart.")
+        with torch.no_grad():
+            for p, m in zip(self.params, self.master):
+                if self.copy_back and m is not p:
+                    p.copy_(m)
+
+    def zero_grad(self):
+        self.optimizer.zero_grad(set_to_none=True)
+        for p in self.params:
+            p.grad = None
+
+    def state_dict(self):
+        return {"adamw": self.optimizer.state_dict(), "master": [m.detach().cpu() for m in self.master]}
+
+    def load_state_dict(self, state):
+        with torch.no_grad():
+            for p, m, saved in zip(self.params, self.master, state["master"]):
+                m.copy_(saved)
+                if self.copy_back and m is not p:
+                    p.copy_(m)
+        self.optimizer.load_state_dict(state["adamw"])
+
+
+# -----------------------------------------------------------------------------
+# Data loading: every problem becomes {problem, answer, solution or None}
+
+def read_jsonl(path, with_line_numbers=False):
+    """Rows of a JSONL file; a bad line is an error that names the file and the line."""
+    rows = []
+    try:
+        f = open(path, "rb")  # bytes: a line that is not UTF-8 is reported with its number
+    except OSError as e:  # missing, a directory, no permission
+        raise UserError(f"{path}: cannot read it ({e.strerror})") from None
+    with f:
+        for line_number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line.decode("utf-8"))
+            except UnicodeDecodeError as e:
+                raise UserError(f"{path}, line {line_number}: not UTF-8 text (byte {line[e.start]:#04x} at "
+                                f"position {e.start})") from None
+            except json.JSONDecodeError as e:
+                raise UserError(f"{path}, line {line_number}: invalid JSON ({e.msg})") from None
+            if not isinstance(row, dict):
+                raise UserError(f"{path}, line {line_number}: expected a JSON object, got {type(row).__name__}")
+            rows.append((line_number, row) if with_line_numbers else row)
+    return rows
+
+
+def gsm8k_solution(text):
+    """GSM8K's worked answer as prose ending in a boxed answer: drop the <<calculator>> notes."""
+    body, _, answer = text.rpartition("####")
+    body = re.sub(r"<<[^>]*>>", "", body).strip()
+    return f"{body}\nThe answer is \\boxed{{{answer.strip().replace(',', '')}}}."
+
+
+DAPO_PREFIX = "Solve the following math problem step by step."
+DAPO_SUFFIX = "\n\nRemember to put your answer on its own line after \"Answer:\"."
+
+
+def dapo_problem(content):
+    """DAPO wraps each problem in its own instruction; keep the problem, we add ours (M7)."""
+    if content.startswith(DAPO_PREFIX) and content.endswith(DAPO_SUFFIX):
+        return content[:-len(DAPO_SUFFIX)].split("\n\n", 1)[1]
+    return content
+
+
+# The longest problem or solution in the real benchmark files has about 10,000 characters. A row
+# far beyond that is a broken file, and would stall the tokenizer (over a minute for 50 MB) when drawn.
+MAX_TEXT_CHARS = 100_000
+
+
+def check_text_size(text, field, where):
+    if text is not None and len(text) > MAX_TEXT_CHARS:
+        raise UserError(f"{where}: field {field!r} has {len(text):,} characters, more than the limit of "
+                        f"{MAX_TEXT_CHARS:,} (MAX_TEXT_CHARS in antisd.py)")
+
+
+def problem_from_row(row, where):
+    """{problem, answer, solution} from a row with `problem` (or `question`) and an `answer`
+    (or `final_answer`) or a `solution` ending in a boxed answer. answer is None if unparsable."""
+    problem = row.get("problem", row.get("question"))
+    if not isinstance(problem, str) or not problem.strip():
+        raise UserError(f"{where}: missing field 'problem' (or 'question')")
+    solution = row.get("solution")
+    solution = solution if isinstance(solution, str) else None  # OlympiadBench has a list here
+    check_text_size(problem, "problem", where)
+    check_text_size(solution, "solution", where)
+    for field in ("answer", "final_answer"):
+        if field in row:
+            gold = row[field]
+            break
+    else:
+        if solution is None:
+            raise UserError(f"{where}: missing field 'answer' (or 'solution' with a \\boxed{{}} answer)")
+        gold = last_boxed(solution)
+    if isinstance(gold, str) and "####" in gold and solution is None:  # GSM8K: answer holds the solution
+        solution = gsm8k_solution(gold)
+    return {"problem": problem, "answer": clean_gold(gold), "solution": solution}
+
+
+HUB_DATASETS = {  # --dataset name: (hub id, config), split "train"
+    "math": ("DigitalLearningGmbH/MATH-lighteval", "default"),  # MATH train: 7,500 with full solutions
+    "gsm8k": ("openai/gsm8k", "main"),
+    "dapo": ("BytedTsinghua-SIA/DAPO-Math-17k", None),           # answers only
+}
+
+
+def load_problems(name, seed):
+    """Returns (problems, dropped): problems whose gold answer cannot be parsed are dropped."""
+    if name in ("arith", "search"):  # the laptop tasks, generated (tiny_tasks.py)
+        import tiny_tasks
+        rows = {"arith": tiny_tasks.make_arith_problems, "search": tiny_tasks.make_search_problems}[name](2000, seed)
+        where = [name] * len(rows)
+    elif name.endswith(".jsonl"):
+        if not os.path.exists(name):
+            raise UserError(f"--dataset {name}: file not found")
+        numbered = read_jsonl(name, with_line_numbers=True)
+        if not numbered:
+            raise UserError(f"--dataset {name}: the file holds no rows")
+        rows = [row for _, row in numbered]
+        where = [f"{name}, line {line_number}" for line_number, _ in numbered]
+    elif name in HUB_DATASETS:
+        import datasets
+        hub_id, config = HUB_DATASETS[name]
+        try:
+            hub_rows = datasets.load_dataset(hub_id, config, split="train")
+        except Exception as e:  # offline, renamed, gated: say which and what to do instead
+            raise UserError(f"--dataset {name}: could not load {hub_id} from the hub ({type(e).__name__}: {e}); "
+                             f"without the hub, pass a local .jsonl file") from None
+        if name == "dapo":  # DAPO-Math-17k repeats each problem ~100 times: keep one of each
+            seen, rows = set(), []
+            for row in hub_rows:
+                problem = dapo_problem(row["prompt"][0]["content"])
+                if problem not in seen:
+                    seen.add(problem)
+                    rows.append({"problem": problem, "answer": row["reward_model"]["ground_truth"]})
+        else:
+            rows = list(hub_rows)
+        where = [f"{name}, row {i}" for i in range(len(rows))]
+    else:
+        raise UserError(f"--dataset {name!r}: expected one of math, gsm8k, dapo, arith, search, or a path to a .jsonl file")
+    problems = [problem_from_row(row, w) for row, w in zip(rows, where)]
+    kept = [p for p in problems if p["answer"] is not None]
+    if not kept:
+        raise UserError(f"--dataset {name}: all {len(problems)} rows were dropped: no gold answer could be parsed")
+    return kept, len(problems) - len(kept)
+
+
+def dataset_fingerprint(problems):
+    """A hash of the problems as loaded (text, gold, solution): a run resumed on an edited file or a
+    changed hub dataset would silently train on other problems in another order."""
+    return hashlib.sha256(json.dumps(problems, sort_keys=True).encode()).hexdigest()[:16]
+
+
+class ProblemStream:
+    """Seeded epochs of shuffled problems. Its state is two integers, so a resumed run sees the
+    same problems in the same order."""
+
+    def __init__(self, size, seed):
+        self.size, self.seed, self.epoch, self.cursor = size, seed, 0, 0
+
+    def _order(self):
+        order = list(range(self.size))
+        random.Random(self.seed * 1_000_003 + self.epoch).shuffle(order)
+        return order
+
+    def next(self, count):
+        taken = []
+        while len(taken) < count:
+            order = self._order()
+            take = order[self.cursor:self.cursor + count - len(taken)]
+            taken += take
+            self.cursor += len(take)
+            if self.cursor == self.size:
+                self.epoch, self.cursor = self.epoch + 1, 0
+        return taken
+
+    def state_dict(self):
+        return {"epoch": self.epoch, "cursor": self.cursor}
+
+    def load_state_dict(self, state):
+        self.epoch, self.cursor = state["epoch"], state["cursor"]
+
+
+# -----------------------------------------------------------------------------
+# The model and its tokenizer
+
+def pick_device(requested, model_name):
+    if requested:
+        try:
+            device = torch.device(requested)
+        except RuntimeError:
+            device = None
+        if device is None or device.type not in ("cuda", "cpu"):
+            raise UserError(f"--device {requested!r}: expected cuda, cuda:N or cpu")
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise UserError(f"--device {requested}: no CUDA GPU is available here (torch.cuda.is_available() is False)")
+        if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+            raise UserError(f"--device {requested}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
+        return device
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if model_name not in TINY_MODELS:
+        sys.exit(f"No CUDA GPU found: --model {model_name} needs one (pass --device cpu to force it).\n"
+                 f"For a CPU demo run:  python antisd.py --model tiny --dataset arith --steps 3")
+    return torch.device("cpu")
+
+
+TINY_MODELS = ("tiny", "tiny-search", "tiny-random")  # the laptop models of tiny_tasks.py
+
+
+def load_model(name, device):
+    """(model, tokenizer): bf16 weights on CUDA, float32 on CPU; left padding for generation."""
+    if name in TINY_MODELS:
+        import tiny_tasks
+        torch.set_num_threads(1)  # a model this small is overhead-bound: one thread beats two on a busy CPU
+    if name == "tiny-random":
+        model, tokenizer = tiny_tasks.build_tiny()
+    else:
+        name = {"tiny": tiny_tasks.tiny_arith_path, "tiny-search": tiny_tasks.tiny_search_path}[name]() \
+            if name in TINY_MODELS else name
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(name)
+            model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
+        except (OSError, ValueError) as e:  # not on the hub (or offline), not a model folder
+            where = "from its local folder" if os.path.isdir(name) else "no such local folder, nor from the hub"
+            raise UserError(f"--model {name}: could not load it ({where}): {one_line(e)}") from None
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model.to(device), tokenizer
+
+
+def stop_token_ids(model, tokenizer):
+    """Generation stops at any of these (Qwen3: <|im_end|> and <|endoftext|>)."""
+    ids = model.generation_config.eos_token_id
+    ids = set(ids if isinstance(ids, list) else [ids] if ids is not None else [])
+    return sorted(ids | {tokenizer.eos_token_id})
+
+
+# -----------------------------------------------------------------------------
 # Logging: metrics.jsonl, rollouts.jsonl, timers, the in-loop evaluation
 
 def load_eval_sets(args):
@@ -1339,11 +1368,17 @@ def step_metrics(step, rewards, truncated, mask, stats, terms, update, gate, tim
         "peak_gpu_memory_gb_generate": timer.peak_gb["generate"],
         "peak_gpu_memory_gb_score": timer.peak_gb["score"],
         "peak_gpu_memory_gb_update": timer.peak_gb["update"],
-        **({"deliberation_rate": search_deliberation_rate(texts),
-            "check_error_rate": search_check_error_rate(texts, [batch[i // args.group_size]["problem"]
-                                                                for i in range(len(texts))])}
-           if args.dataset == "search" else {}),
+        **(search_metrics(texts, batch, args.group_size) if args.dataset == "search" else {}),
     }
+
+
+def search_metrics(texts, batch, group_size):
+    """The search task's two metrics (tiny_tasks.py): how often a response checks a box, and how many
+    check lines are wrong. Rollout i is of batch[i // group_size]."""
+    import tiny_tasks
+    return {"deliberation_rate": tiny_tasks.search_deliberation_rate(texts),
+            "check_error_rate": tiny_tasks.search_check_error_rate(
+                texts, [batch[i // group_size]["problem"] for i in range(len(texts))])}
 
 
 class RunLogs:
@@ -1368,6 +1403,15 @@ class RunLogs:
 
     def write_metrics(self, record):
         append_log_line(self.metrics, {k: finite_or_none(v) for k, v in record.items()})
+
+    def write_step(self, step, record, rng, tokenizer, batch, done, group_size):
+        """A step's metrics line, two of its rollouts (write_rollouts) and the progress bar's numbers.
+        done: what one_step returned."""
+        self.write_metrics(record)
+        self.write_rollouts(step, rng, tokenizer, batch, done.responses, done.texts, done.rewards, done.truncated,
+                            done.terms["u"], group_size)
+        self.progress.set_postfix(reward=f"{record['reward_mean']:.3f}", lam=f"{done.terms['lam']:.2f}",
+                                  H_T=f"{record['teacher_entropy_median']:.3f}")
 
     def write_rollouts(self, step, rng, tokenizer, batch, responses, texts, rewards, truncated, u, group_size):
         """Two rollouts of the step drawn with the run's rng, each with its most negative and most
@@ -1502,13 +1546,18 @@ def out_of_memory(phase, flag, value):
 # -----------------------------------------------------------------------------
 # Checkpoints and resuming: the model in Hugging Face format plus everything needed to continue exactly
 
+KEEP_CHECKPOINTS = 2  # the newest two: one may be cut short by a full disk or a kill, the other is whole
+MAX_BAD_STEPS = 3     # consecutive steps whose loss or gradient is not finite (not applied): then stop
+
 # what defines a run: resuming with any of these changed would silently make it another run
-RUN_DEFINING = ["model", "dataset", "enable_thinking", "max_solution_tokens", "method", "estimator",
+RUN_DEFINING = ["model", "dataset", "enable_thinking", "method", "estimator",
                 "divergence", "term", "lambda_form", "compose", "lambda_max", "gate", "gate_warmup", "tau_ratio",
                 "prompts_per_step", "group_size", "max_new_tokens", "temperature", "top_p", "lr",
-                "clip", "ppo_epochs", "grad_clip", "seed", "dataset_fingerprint"]
+                "clip", "ppo_epochs", "seed", "dataset_fingerprint"]
 # settings added after checkpoints had been written without them, and the value those runs had
 RUN_DEFINING_ADDED = {"term": "paper", "lambda_form": "gate"}
+# settings that were flags once and are constants now: a checkpoint saved with another value is another run
+RUN_DEFINING_REMOVED = {"max_solution_tokens": MAX_SOLUTION_TOKENS, "grad_clip": GRAD_CLIP}
 
 
 def setting_name(key):
@@ -1536,7 +1585,7 @@ def start_or_resume(args, checkpoints, device, world):
     after refusing another process count or changed run-defining settings; else (None, None, the
     --model, its tokenizer)."""
     if not args.resume:
-        return (None, None, *load_model(args.model, device, args.init))
+        return (None, None, *load_model(args.model, device))
     checkpoint, resumed, model, tokenizer = resume_from_newest_whole_checkpoint(
         checkpoints, device, f"trainer_state-rank{world.rank}.pt" if world.rank else "trainer_state.pt")
     if resumed.get("world_size", 1) != world.size:
@@ -1546,6 +1595,8 @@ def start_or_resume(args, checkpoints, device, world):
     saved = {key: resumed["args"].get(key, RUN_DEFINING_ADDED.get(key)) for key in RUN_DEFINING}
     changed = [f"{setting_name(key)} {saved[key]!r} -> {getattr(args, key)!r}"
                for key in RUN_DEFINING if saved[key] != getattr(args, key)]
+    changed += [f"--{key.replace('_', '-')} {resumed['args'][key]!r} (no longer a flag: {value!r} now)"
+                for key, value in RUN_DEFINING_REMOVED.items() if resumed["args"].get(key, value) != value]
     if changed:
         raise SystemExit(f"refusing to resume {checkpoint} with different settings: " + "; ".join(changed))
     return checkpoint, resumed, model, tokenizer
@@ -1602,7 +1653,7 @@ class StopRequests:
 
 def too_many_bad_steps(step, bad_steps, last_saved, args):
     return SystemExit(f"stopping at step {step}: {bad_steps} consecutive steps had a non-finite loss "
-                      f"or gradient and were not applied (--max-bad-steps {args.max_bad_steps}). "
+                      f"or gradient and were not applied (MAX_BAD_STEPS in antisd.py). "
                       f"The last good checkpoint is {last_saved or 'none (no save yet)'}; "
                       f"lower --lr or inspect {args.out_dir}/rollouts.jsonl.")
 
@@ -1844,539 +1895,7 @@ def resume_from_newest_whole_checkpoint(checkpoints, device, state_file="trainer
 
 
 # -----------------------------------------------------------------------------
-# The tiny models: CPU demos and test models, built offline
-#
-# `--model tiny-random` is an untrained 2-layer Qwen3 with a byte-level tokenizer: shapes only, for
-# the tests. `--model tiny` is a 2-layer Qwen3 with a BPE tokenizer trained on the arith text (digits
-# one per token), fine-tuned on worked solutions and cached on disk. The headroom left for RL is in
-# correctness, not format: every solution is boxed, but a student-format solution makes each of two
-# slips (adding where it should multiply or subtract) with probability SLIP_RATE, so the model learns
-# to box nearly every answer and to slip on a fraction of them. Teacher-format examples show a correct
-# solution and continue with it, so the teacher (the same weights, M1) has learned to use its context.
-
-# the tiny model's RL defaults, unless a flag says otherwise: minutes on a CPU, measured (README: "Learn
-# on a laptop")
-TINY_ARITH_RL_DEFAULTS = dict(dataset="arith", prompts_per_step=32, max_new_tokens=64, gen_batch_size=128,
-                              micro_batch_size=64, steps=20, lr=3e-4, save_every=1000, eval_benchmarks="arith",
-                              eval_limit=200, eval_every=10)
-TINY_MODELS = ("tiny", "tiny-search", "tiny-random")
-
-
-def tiny_run_defaults(model_name):
-    """Flag defaults that shrink a run of a tiny model to a CPU: minutes for tiny and tiny-search,
-    seconds for tiny-random (shapes only: the tests). {} for any other model."""
-    if model_name == "tiny-random":
-        return dict(prompts_per_step=2, max_new_tokens=32, gen_batch_size=16, micro_batch_size=8,
-                    save_every=1000, eval_every=0)
-    defaults = dict({"tiny": TINY_ARITH_RL_DEFAULTS, "tiny-search": TINY_SEARCH_RL_DEFAULTS}.get(model_name, {}))
-    if defaults and os.environ.get("WORLD_SIZE", "1") != "1":
-        defaults["eval_every"] = 0  # in-loop evaluation runs in one process only (torchrun: evaluate the checkpoints)
-    return defaults
-
-
-TINY_CHAT_TEMPLATE = (
-    "{%- for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
-    "{%- endfor %}"
-    "{%- if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}"
-    "{%- if enable_thinking is defined and enable_thinking is false %}{{ '<think>\\n\\n</think>\\n\\n' }}{%- endif %}"
-    "{%- endif %}")
-
-
-def build_tiny(seed=0):
-    """A random 2-layer Qwen3 and a byte-level tokenizer with a Qwen3-style chat template, built
-    offline. The vocabulary (320) is wider than the tokenizer (261), as with the real Qwen3."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
-    byte_alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    backend = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(byte_alphabet)}, merges=[]))
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    backend.decoder = decoders.ByteLevel()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|im_end|>",
-                                        pad_token="<|endoftext|>", additional_special_tokens=["<|im_start|>"])
-    tokenizer.add_tokens(["<think>", "</think>"])
-    tokenizer.chat_template = TINY_CHAT_TEMPLATE
-    config = Qwen3Config(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-                         max_position_embeddings=8192, tie_word_embeddings=True, bos_token_id=None,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    torch.manual_seed(seed)
-    model = Qwen3ForCausalLM(config)
-    model.generation_config.eos_token_id = [tokenizer.eos_token_id, tokenizer.pad_token_id]
-    return model, tokenizer
-
-
-ARITH_NAMES = ["Ana", "Ben", "Chen", "Dara", "Eli", "Fatima", "Goro", "Hana"]
-ARITH_THINGS = ["apples", "stamps", "marbles", "books", "coins", "shells"]
-
-
-def arith_is_held_out(numbers):
-    """One fifth of all number tuples (start, boxes, per_box, given), chosen by a hash, belongs to the
-    held-out benchmark (eval.py arith); training problems and the supervised start never use them."""
-    return zlib.crc32(",".join(map(str, numbers)).encode()) % 5 == 0
-
-
-def arith_solution(name, thing, numbers, slips=(False, False)):
-    """The worked solution, and its final answer. slips: (adds the boxes instead of multiplying,
-    adds the given-away ones instead of subtracting); each slip is computed correctly."""
-    start, boxes, per_box, given = numbers
-    bought = boxes + per_box if slips[0] else boxes * per_box
-    have = start + bought
-    answer = have + given if slips[1] else have - given
-    return (f"The boxes hold {boxes} {'+' if slips[0] else '*'} {per_box} = {bought} {thing}. "
-            f"{name} then has {start} + {bought} = {have}. "
-            f"After giving away {given}: {have} {'+' if slips[1] else '-'} {given} = {answer}. "
-            f"The answer is \\boxed{{{answer}}}."), answer
-
-
-def make_arith_problems(count, seed, held_out=False):
-    """Small multi-step arithmetic word problems with correct worked solutions, offline and seeded,
-    from the training side (or with held_out=True, the benchmark side) of arith_is_held_out."""
-    rng = random.Random(seed)
-    problems = []
-    while len(problems) < count:
-        name, thing = rng.choice(ARITH_NAMES), rng.choice(ARITH_THINGS)
-        numbers = (rng.randint(1, 14), rng.randint(2, 4), rng.randint(2, 4), rng.randint(1, 9))  # small: a tiny model learns them
-        if arith_is_held_out(numbers) != held_out:
-            continue
-        start, boxes, per_box, given = numbers
-        problem = (f"{name} has {start} {thing}. {name} buys {boxes} boxes with {per_box} {thing} each, "
-                   f"then gives away {given}. How many {thing} does {name} have now?")
-        solution, answer = arith_solution(name, thing, numbers)
-        problems.append({"problem": problem, "answer": str(answer), "solution": solution,
-                         "name": name, "thing": thing, "numbers": numbers})
-    return problems
-
-
-#
-# `--model tiny` is a 2-layer Qwen3 with a BPE tokenizer trained on the arith text (digits one per
-# token), fine-tuned on worked solutions and cached on disk. The headroom left for RL is in
-# correctness, not format: every solution is boxed, but a student-format solution makes each of two
-# slips (adding where it should multiply or subtract) with probability SLIP_RATE, so the model learns
-# to box nearly every answer and to slip on a fraction of them. Teacher-format examples show a correct
-# solution and continue with it, so the teacher (the same weights, M1) has learned to use its context.
-
-TINY_CACHE = os.environ.get("ANTISD_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "antisd"))
-TINY_ARITH_RECIPE = "tiny-arith-v2"  # the cache folder's name: change it whenever the recipe changes
-SLIP_RATE = 0.3                      # chance of each slip in a student-format solution
-
-
-# the supervised recipe, chosen by measurement (README: "Learn on a laptop" has the table)
-TINY_SFT_STEPS, TINY_SFT_BATCH, TINY_SFT_LR, TINY_SFT_TEACHER_SHARE = 1200, 16, 6e-3, 0.2
-
-
-def arith_tokenizer(problems):
-    """Byte-level BPE trained on arith text; digits stay one per token, so numbers are spelled out."""
-    corpus = [build_teacher_prompt(p["problem"], 0, [1.0], [""], p["solution"], p["answer"], None)
-              + "user assistant" for p in problems]
-    # pieces: one digit (with its leading space), a word, a run of symbols, a run of whitespace
-    return tiny_bpe_tokenizer(r" ?[0-9]| ?[A-Za-z]+| ?[^\sA-Za-z0-9]+|\s+", corpus)
-
-
-def tiny_bpe_tokenizer(pieces, corpus):
-    """A byte-level BPE tokenizer (vocabulary 512) trained on corpus, never merging across the pieces
-    the regex cuts, with the tiny models' special tokens and chat template."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-    backend = Tokenizer(models.BPE())
-    backend.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(pieces), "isolated"),
-                                                     pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
-    backend.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=512, show_progress=False,
-                                  special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    backend.train_from_iterator(corpus, trainer)
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|im_end|>",
-                                        pad_token="<|endoftext|>", additional_special_tokens=["<|im_start|>"])
-    tokenizer.add_tokens(["<think>", "</think>"])
-    tokenizer.chat_template = TINY_CHAT_TEMPLATE
-    return tokenizer
-
-
-def supervised_examples(tokenizer, problems, rng, as_teacher):
-    """(prompt ids, response ids) for each problem: as the student, a worked solution with slips; or
-    as the teacher, seeing the correct solution and feedback about a sloppy attempt, answering
-    correctly. Prompts are rendered exactly as in RL (render_prompt), tokenized in one batch."""
-    messages, responses = [], []
-    for p in problems:
-        slips = (rng.random() < SLIP_RATE, rng.random() < SLIP_RATE)
-        sloppy, answer = arith_solution(p["name"], p["thing"], p["numbers"], slips)
-        if as_teacher:
-            feedback_reward = float(answer == int(p["answer"]))
-            messages.append(build_teacher_prompt(p["problem"], 0, [feedback_reward], [sloppy], p["solution"],
-                                                 p["answer"], rng))
-            responses.append(p["solution"])
-        else:
-            messages.append(student_message(p["problem"]))
-            responses.append(sloppy)
-    prompts = tokenizer.apply_chat_template([[{"role": "user", "content": m}] for m in messages],
-                                            add_generation_prompt=True, tokenize=False, enable_thinking=False)
-    prompt_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
-    response_ids = tokenizer(responses, add_special_tokens=False)["input_ids"]
-    return [(prompt, response + [tokenizer.eos_token_id]) for prompt, response in zip(prompt_ids, response_ids)]
-
-
-def train_tiny_arith(out_dir, steps=TINY_SFT_STEPS, batch_size=TINY_SFT_BATCH, lr=TINY_SFT_LR, hidden_size=64, seed=0,
-                     log_every=100):
-    """The supervised start of --model tiny: worked arith solutions (supervised_examples), every
-    response token trained (supervised_start)."""
-    started = time.time()
-    rng = random.Random(seed)
-    problems = make_arith_problems(steps * batch_size, seed=10_000 + seed)  # training side only, each used once
-    tokenizer = arith_tokenizer(problems[:4000])  # the words repeat: a few thousand problems hold them all
-    in_teacher_format = round(steps * TINY_SFT_TEACHER_SHARE) * batch_size
-    # each batch holds one format, so short student prompts are not padded to the teacher's length
-    batches = [examples[i:i + batch_size]
-               for examples in (supervised_examples(tokenizer, problems[:in_teacher_format], rng, as_teacher=True),
-                                supervised_examples(tokenizer, problems[in_teacher_format:], rng, as_teacher=False))
-               for i in range(0, len(examples), batch_size)]
-    rng.shuffle(batches)
-    batches = [[(prompt, response, ()) for prompt, response in batch] for batch in batches]  # all trained
-    return supervised_start(out_dir, tokenizer, batches, steps, lr, hidden_size, seed, log_every, started)
-
-
-def supervised_start(out_dir, tokenizer, batches, steps, lr, hidden_size, seed, log_every, started):
-    """Trains a 2-layer Qwen3 on batches of (prompt ids, response ids, untrained response positions):
-    next-token cross-entropy on the trained response tokens, AdamW with a linear warm-up and a cosine
-    decay. Saves a Hugging Face checkpoint that load_model reads like any other, renamed into place
-    when complete."""
-    from transformers import Qwen3Config, Qwen3ForCausalLM
-    config = Qwen3Config(vocab_size=64 * math.ceil(len(tokenizer) / 64), hidden_size=hidden_size,
-                         intermediate_size=2 * hidden_size, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, head_dim=hidden_size // 4, max_position_embeddings=1024,
-                         tie_word_embeddings=True, bos_token_id=None, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id)
-    torch.manual_seed(seed)
-    model = Qwen3ForCausalLM(config)
-    model.generation_config.eos_token_id = [tokenizer.eos_token_id, tokenizer.pad_token_id]
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
-    warmup = max(1, steps // 20)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min((s + 1) / warmup, 0.5 * (1 + math.cos(math.pi * s / steps))))
-    model.train()
-    for step in range(steps):
-        batch = batches[step]  # (prompt ids, response ids, untrained response positions) each
-        hidden, targets = response_hidden(model, [p for p, _, _ in batch], [r for _, r, _ in batch], tokenizer.pad_token_id)
-        for row, (_, _, untrained) in enumerate(batch):
-            targets[row, list(untrained)] = IGNORE_INDEX  # e.g. a student's tries shown in a teacher example
-        logits = model.get_output_embeddings()(hidden)  # [B, R+1, V]
-        loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
-        optimizer.zero_grad(set_to_none=True)
-        if log_every and (step + 1) % log_every == 0:
-            print(f"supervised start: step {step + 1}/{steps}, loss {loss.item():.3f}, {time.time() - started:.0f} s", flush=True)
-    temporary = f"{out_dir}.tmp{os.getpid()}"  # renamed when complete: a killed run leaves no half model
-    model.save_pretrained(temporary)
-    tokenizer.save_pretrained(temporary)
-    os.makedirs(os.path.dirname(out_dir) or ".", exist_ok=True)
-    if os.path.isdir(out_dir):  # another process finished first: keep theirs
-        shutil.rmtree(temporary)
-    else:
-        os.replace(temporary, out_dir)
-    return out_dir
-
-
-def tiny_arith_path():
-    """The cached tiny arith model, trained on first use (about 2.5 minutes on one CPU thread)."""
-    return cached_tiny_model("tiny", "arith", os.path.join(TINY_CACHE, TINY_ARITH_RECIPE), train_tiny_arith)
-
-
-def cached_tiny_model(model_name, benchmark, path, train):
-    """path, after train(path) has built it if it is not cached. Under torchrun rank 0 trains it while
-    the others wait at a barrier (World has started the process group); every rank passes the
-    barrier, cached or not: a rank that skipped it would hang the others."""
-    if os.environ.get("WORLD_SIZE", "1") == "1":
-        if not os.path.isdir(path):
-            print(f"--model {model_name}: no cached model in {path}; training it (supervised start, set ANTISD_CACHE to move it)")
-            train(path)
-        return path
-    import torch.distributed as dist
-    build_once = f"python eval.py --model {model_name} --benchmarks {benchmark}"
-    if not dist.is_initialized():
-        if os.path.isdir(path):
-            return path
-        raise UserError(f"--model {model_name}: no cached model in {path}; build it once in one process first ({build_once})")
-    if dist.get_rank() == 0 and not os.path.isdir(path):
-        print(f"--model {model_name}: no cached model in {path}; rank 0 trains it while the other processes wait "
-              f"(supervised start, set ANTISD_CACHE to move it)", flush=True)
-        train(path)
-    dist.barrier()
-    if not os.path.isdir(path):  # another machine: rank 0 wrote it to its own disk
-        raise UserError(f"--model {model_name}: rank 0 trained the tiny model into {path}, which this process "
-                        f"(rank {dist.get_rank()}) cannot see; put ANTISD_CACHE on a folder every machine shares, "
-                        f"or build it once on each machine ({build_once})")
-    return path
-
-
-# -----------------------------------------------------------------------------
-# The tiny search model: a task where deliberation pays, for the CPU demo of the paper's effect
-#
-# `--model tiny-search` (`--dataset search`, benchmark `search` in eval.py). A problem hides a number
-# from 1 to 9 in each of twelve boxes and asks which box's number plus a given addend makes ten:
-#     Boxes: A=3 B=8 C=6 D=1 E=8 F=2 G=6 H=3 I=5 J=9 K=1 L=7. Which box plus 4 makes 10?
-# Exactly one box holds 10 - 4 (the others may repeat each other). The solver cannot see the answer
-# at a glance (it is two steps away: 10 - 4, then find it), but it can check a box in one line: look
-# its number up, add, and the sum says yes or no by itself:
-#     try A: 3+4=7 no. try B: 8+4=12 no. try C: 6+4=10 yes. The answer is \boxed{C}.
-# Each "try" is a deliberation step (check a candidate, retry when it fails); a response may stop
-# trying at any point and guess one of the boxes not yet tried ("The answer is \boxed{E}."), which
-# is shorter and right only by luck. So every response holds up to twelve decisions (try again, or
-# guess?) and one reward for the whole response, and a single extra try is worth little: only a
-# search carried on to the right box pays.
-# The supervised start: student-format examples try the next box with probability SEARCH_TRY_RATE
-# at each decision and guess otherwise, so the starting model deliberates rarely, is right about one
-# time in ten (about half the groups of 8 are all wrong: GRPO has no signal there) and RL has headroom.
-# Practice examples (SEARCH_PRACTICE_SHARE of the student format) are whole searches whose decisions
-# ("try") are not trained: they teach every check to be right without teaching to check more often.
-# Teacher-format examples (M7 prompt, a correct solution shown) continue a student prefix of failed
-# tries with the answer at once: the teacher was *taught* that someone who has seen a correct
-# solution stops checking; the context only tells it which box to name.
-
-SEARCH_BOXES, SEARCH_TARGET = "ABCDEFGHIJKL", 10
-TINY_SEARCH_RECIPE = "tiny-search-v3"  # the cache folder's name: change it whenever the recipe changes
-SEARCH_TRY_RATE = 0.2                  # chance of trying the next box at each decision, student format
-SEARCH_PRACTICE_SHARE = 0.5            # of the student-format examples: whole searches, decisions untrained
-TINY_SEARCH_SFT_STEPS, TINY_SEARCH_SFT_BATCH, TINY_SEARCH_SFT_LR = 2300, 16, 2e-3
-TINY_SEARCH_TEACHER_SHARE, TINY_SEARCH_HIDDEN = 0.2, 128
-# the RL defaults of --model tiny-search (get_args): minutes on one CPU core, README has the runs
-TINY_SEARCH_RL_DEFAULTS = dict(dataset="search", prompts_per_step=32, max_new_tokens=144, gen_batch_size=128,
-                               micro_batch_size=64, steps=20, lr=3e-4, save_every=1000, eval_benchmarks="search",
-                               eval_limit=200, eval_every=5)
-SEARCH_TRY = re.compile(r"try ([A-Z]): (\d+)\+(\d+)=(\d+) (yes|no)\.")
-
-
-def search_is_held_out(values, addend, answer_box):
-    """One problem in five (a hash of the box numbers, the addend and the answer) is on the benchmark
-    side (eval.py search); training problems and the supervised start never use them."""
-    return zlib.crc32(f"{','.join(map(str, values))};{addend};{answer_box}".encode()) % 5 == 0
-
-
-def search_problem_text(values, addend, target):
-    boxes = " ".join(f"{box}={value}" for box, value in zip(SEARCH_BOXES, values))
-    return f"Boxes: {boxes}. Which box plus {addend} makes {target}?"
-
-
-def search_try(box, value, addend, target):
-    """One check: the candidate's number, the sum, the verdict. With a variable target restated
-    ("=12 vs 9 no") the tiny model got about a quarter of its checks wrong, nearly all in the verdict;
-    with a fixed one it need not compare."""
-    return f"try {box}: {value}+{addend}={value + addend} {'yes' if value + addend == target else 'no'}."
-
-
-def search_solution(values, addend, target, tries, guess=None):
-    """A response that checks the first `tries` boxes in order and stops at the right one; if the
-    right one is not among them it names `guess` (a box not tried). Returns (text, boxed box)."""
-    lines = []
-    for box, value in zip(SEARCH_BOXES[:tries], values):
-        lines.append(search_try(box, value, addend, target))
-        if value + addend == target:
-            return " ".join(lines + [f"The answer is \\boxed{{{box}}}."]), box
-    return " ".join(lines + [f"The answer is \\boxed{{{guess}}}."]), guess
-
-
-def make_search_problems(count, seed, held_out=False):
-    """Search problems with their full-search solutions, offline and seeded, from the training side
-    (or with held_out=True, the benchmark side) of search_is_held_out."""
-    rng = random.Random(seed)
-    problems = []
-    while len(problems) < count:
-        addend, answer = rng.randint(1, 9), rng.randrange(len(SEARCH_BOXES))
-        others = rng.choices([v for v in range(1, 10) if v != SEARCH_TARGET - addend], k=len(SEARCH_BOXES) - 1)
-        values = others[:answer] + [SEARCH_TARGET - addend] + others[answer:]  # exactly one box is right
-        target = SEARCH_TARGET
-        if search_is_held_out(values, addend, SEARCH_BOXES[answer]) != held_out:
-            continue
-        solution, box = search_solution(values, addend, target, len(SEARCH_BOXES))
-        problems.append({"problem": search_problem_text(values, addend, target), "answer": box,
-                         "solution": solution, "values": values, "addend": addend, "target": target})
-    return problems
-
-
-def search_student_solution(problem, rng, try_rate=SEARCH_TRY_RATE):
-    """A student-format response: at each decision, try the next box with probability try_rate, or
-    guess a box not yet tried. Returns (text, boxed box, number of tries)."""
-    tries = 0
-    while tries < len(SEARCH_BOXES) and rng.random() < try_rate:
-        tries += 1
-        if problem["values"][tries - 1] + problem["addend"] == problem["target"]:
-            break
-    guess = rng.choice(SEARCH_BOXES[tries:]) if tries < len(SEARCH_BOXES) else None
-    text, box = search_solution(problem["values"], problem["addend"], problem["target"], tries, guess)
-    return text, box, tries
-
-
-def search_deliberates(text):
-    """A response deliberates when it checks at least one box."""
-    return SEARCH_TRY.search(text) is not None
-
-
-def search_deliberation_rate(texts):
-    """The share of responses that deliberate: the metric RL should raise and SD lowers."""
-    return sum(map(search_deliberates, texts)) / max(1, len(texts))
-
-
-def search_check_error_rate(texts, problem_texts):
-    """The share of the responses' check lines that are wrong (search_check_errors); None without a
-    check. The reward sees only the final box: a wrong sum whose verdict follows the truth costs nothing."""
-    counts = [search_check_errors(text, search_fields(problem)) for text, problem in zip(texts, problem_texts)]
-    checks = sum(checks for checks, _ in counts)
-    return sum(wrong for _, wrong in counts) / checks if checks else None
-
-
-def search_token_classes(token_texts):
-    """The class of each response token, from the decoded pieces: "try" (the token that starts a
-    check: the decision to deliberate), "check" (the rest of a check), "guess" (an answer that no
-    check confirmed: the shortcut), "answer" (the answer after a check said yes), "other"."""
-    text = "".join(token_texts)
-    spans = [(m.start(), m.end(), "check") for m in SEARCH_TRY.finditer(text)]
-    confirmed = text.rstrip().find("The answer is")
-    if confirmed >= 0:
-        after_yes = bool(spans) and text[:confirmed].rstrip().endswith("yes.")
-        spans.append((confirmed, len(text), "answer" if after_yes else "guess"))
-    classes, position = [], 0
-    for piece in token_texts:
-        middle = position + len(piece) - len(piece.lstrip())  # a token's leading space is not its content
-        label = next((kind for start, end, kind in spans if start <= middle < end), "other")
-        if label == "check" and any(start == middle for start, _, kind in spans if kind == "check"):
-            label = "try"
-        classes.append(label)
-        position += len(piece)
-    return classes
-
-
-SEARCH_PROBLEM = re.compile(r"Boxes: ((?:[A-Z]=\d+ ?)+)\. Which box plus (\d+) makes (\d+)\?")
-
-
-def search_fields(problem_text):
-    """{values, addend, target} read back from a problem's text: the data pipeline keeps only a
-    problem's text, answer and solution (problem_from_row)."""
-    boxes, addend, target = SEARCH_PROBLEM.fullmatch(problem_text).groups()
-    return {"values": [int(box.split("=")[1]) for box in boxes.split()], "addend": int(addend), "target": int(target)}
-
-
-def search_check_errors(text, problem):
-    """(checks, wrong checks): a check is wrong when the box's number, the addend, the sum or the
-    verdict is. problem: {values, addend, target}, as make_search_problems or search_fields give."""
-    checks = SEARCH_TRY.findall(text)
-    right = {box: (str(value), str(problem["addend"])) for box, value in zip(SEARCH_BOXES, problem["values"])}
-    wrong = sum(right.get(box) != (value, addend) or int(value) + int(addend) != int(total)
-                or (int(total) == problem["target"]) != (verdict == "yes")
-                for box, value, addend, total, verdict in checks)
-    return len(checks), wrong
-
-
-@torch.no_grad()
-def search_pmi_by_class(model, tokenizer, problems, group_size=8, seed=0, temperature=1.0, max_new_tokens=96):
-    """The paper's Figure 2 for this task: rollouts sampled as in training (G per problem, T = 1),
-    teacher prompts as in training (M7), u = teacher - student log-prob per sampled token, grouped
-    by search_token_classes. Returns ({class: (tokens, mean u, share u < 0)}, a rollout summary,
-    the rollouts' texts)."""
-    rng = random.Random(seed)
-    torch.manual_seed(seed)
-    rollout_problems = [p for p in problems for _ in range(group_size)]                 # rollout i: problems[i // G]
-    student_prompts = [student_prompt_ids(tokenizer, p["problem"], False) for p in rollout_problems]
-    samples = generate(model, tokenizer, student_prompts, max_new_tokens, temperature, 1.0, 128)
-    responses = [ids for ids, _ in samples]
-    texts = [decode_response(tokenizer, ids) for ids in responses]
-    rewards = [verify(text, p["answer"]) for text, p in zip(texts, rollout_problems)]
-    settings = argparse.Namespace(group_size=group_size, max_solution_tokens=1024, enable_thinking=False)  # the defaults
-    teacher_prompts = teacher_prompts_for_step(tokenizer, problems, rewards, texts, rng, settings)
-    stats = score(model, student_prompts, teacher_prompts, responses, tokenizer.pad_token_id, 64, temperature)
-    mask = response_mask(responses, model.device)                                      # [N, R]
-    u = (stats["t_logp"] - stats["logp"]) * mask
-    by_class = {}
-    for row, ids in enumerate(responses):
-        pieces = [tokenizer.decode([i]) for i in ids]
-        for k, label in enumerate(search_token_classes(pieces)):
-            by_class.setdefault(label, []).append(float(u[row, k]))
-    table = {label: (len(v), sum(v) / len(v), sum(x < 0 for x in v) / len(v)) for label, v in sorted(by_class.items())}
-    checks = [search_check_errors(t, p) for t, p in zip(texts, rollout_problems)]
-    deliberating = [search_deliberates(t) for t in texts]
-    summary = {"reward": sum(rewards) / len(rewards), "deliberation_rate": sum(deliberating) / len(texts),
-               "reward_when_deliberating": sum(r for r, d in zip(rewards, deliberating) if d) / max(1, sum(deliberating)),
-               "reward_when_not": sum(r for r, d in zip(rewards, deliberating) if not d) / max(1, len(texts) - sum(deliberating)),
-               "checks": sum(c for c, _ in checks), "wrong_checks": sum(w for _, w in checks),
-               "tries_mean": sum(c for c, _ in checks) / len(texts),
-               "teacher_entropy_median": median(stats["t_entropy"][mask])}
-    return table, summary, texts
-
-
-def search_tokenizer(problems):
-    """Byte-level BPE trained on search text; a number (0-18) or a word is one piece."""
-    corpus = [build_teacher_prompt(p["problem"], 0, [1.0], [""], p["solution"], p["answer"], None)
-              + p["solution"] + " The answer is \\boxed{" + SEARCH_BOXES + "} user assistant" for p in problems]
-    return tiny_bpe_tokenizer(r" ?[0-9]+| ?[A-Za-z]+| ?[^\sA-Za-z0-9]+|\s+", corpus)
-
-
-def search_supervised_examples(tokenizer, problems, rng, kind):
-    """(prompt ids, response ids, untrained response positions) per problem, of one kind:
-    "student": a student-format response, all of it trained;
-    "practice": a whole search (try until a check says yes), its "try" tokens untrained, so it teaches
-      the checks without teaching how often to check;
-    "teacher": the M7 prompt shows a correct solution (a full search, or a lucky guess) and feedback
-      about a student attempt; the response repeats a prefix of that attempt's failed tries (untrained:
-      the student wrote them) and then answers."""
-    messages, prefixes, answers = [], [], []
-    for p in problems:
-        # a teacher example's student searched to any depth: the teacher answers at once after each
-        try_rate = {"student": SEARCH_TRY_RATE, "practice": 1.0, "teacher": rng.random()}[kind]
-        attempt, box, tries = search_student_solution(p, rng, try_rate)
-        if kind != "teacher":
-            messages.append(student_message(p["problem"]))
-            prefixes.append("")
-            answers.append(attempt)
-            continue
-        shown = p["solution"] if rng.random() < 0.5 else f"The answer is \\boxed{{{p['answer']}}}."
-        found = tries > 0 and p["values"][tries - 1] + p["addend"] == p["target"]
-        failed = tries - found
-        kept = rng.randint(0, failed)
-        prefix = " ".join(search_try(b, v, p["addend"], p["target"]) for b, v in zip(SEARCH_BOXES[:kept], p["values"]))
-        messages.append(build_teacher_prompt(p["problem"], 0, [float(box == p["answer"]), 1.0], [attempt, shown],
-                                             None, p["answer"], rng))
-        prefixes.append(prefix + " " if prefix else "")
-        answers.append(f"The answer is \\boxed{{{p['answer']}}}.")
-    prompts = tokenizer.apply_chat_template([[{"role": "user", "content": m}] for m in messages],
-                                            add_generation_prompt=True, tokenize=False, enable_thinking=False)
-    prompt_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
-    prefix_ids = [tokenizer(prefix, add_special_tokens=False)["input_ids"] if prefix else [] for prefix in prefixes]
-    answer_ids = tokenizer(answers, add_special_tokens=False)["input_ids"]
-    examples = []
-    for prompt, prefix, answer in zip(prompt_ids, prefix_ids, answer_ids):
-        untrained = range(len(prefix))
-        if kind == "practice":
-            classes = search_token_classes([tokenizer.decode([i]) for i in answer])
-            untrained = [k for k, label in enumerate(classes) if label == "try"]
-        examples.append((prompt, prefix + answer + [tokenizer.eos_token_id], untrained))
-    return examples
-
-
-def train_tiny_search(out_dir, steps=TINY_SEARCH_SFT_STEPS, batch_size=TINY_SEARCH_SFT_BATCH, lr=TINY_SEARCH_SFT_LR,
-                      hidden_size=TINY_SEARCH_HIDDEN, seed=0, log_every=250):
-    """The supervised start of --model tiny-search (supervised_start): a teacher example's repeated
-    student tries are not trained (search_supervised_examples)."""
-    started = time.time()
-    rng = random.Random(seed)
-    problems = make_search_problems(steps * batch_size, seed=10_000 + seed)  # training side only
-    tokenizer = search_tokenizer(problems[:2000])
-    in_teacher_format = round(steps * TINY_SEARCH_TEACHER_SHARE) * batch_size
-    in_practice = in_teacher_format + round((steps * batch_size - in_teacher_format) * SEARCH_PRACTICE_SHARE / batch_size) * batch_size
-    batches = [examples[i:i + batch_size]
-               for examples in (search_supervised_examples(tokenizer, problems[:in_teacher_format], rng, "teacher"),
-                                search_supervised_examples(tokenizer, problems[in_teacher_format:in_practice], rng, "practice"),
-                                search_supervised_examples(tokenizer, problems[in_practice:], rng, "student"))
-               for i in range(0, len(examples), batch_size)]
-    rng.shuffle(batches)
-    return supervised_start(out_dir, tokenizer, batches, steps, lr, hidden_size, seed, log_every, started)
-
-
-def tiny_search_path():
-    """The cached tiny search model, trained on first use."""
-    return cached_tiny_model("tiny-search", "search", os.path.join(TINY_CACHE, TINY_SEARCH_RECIPE), train_tiny_search)
-
-
-# -----------------------------------------------------------------------------
+# Several processes: torchrun + FSDP2 (one process skips all of it)
 # Several processes: torchrun + FSDP2 (infrastructure; one process skips all of it)
 #
 # `torchrun --nproc_per_node N antisd.py ...` runs the same loop on N processes. Each takes its own
@@ -2386,25 +1905,22 @@ def tiny_search_path():
 # on each process's own rows with the global token count, and FSDP2 sums the gradients. The weights
 # are sharded with FSDP2 (each decoder layer, then the root): the float32 shards are the master
 # weights (AdamW is elementwise, so each process updates its own shard), the forward and backward
-# compute in bf16 on CUDA. --offload keeps the shards, gradients and optimizer state in CPU memory.
+# compute in bf16 on CUDA.
 
 class World:
-    """This process's place among torchrun's processes. In one process (without --offload) rank 0
+    """This process's place among torchrun's processes. In one process rank 0
     of 1, nothing sharded, and every method returns its input."""
 
-    def __init__(self, device, offload=False):
+    def __init__(self, device):
         import torch.distributed as dist
         self.dist = dist
         self.size = int(os.environ.get("WORLD_SIZE", "1"))
         self.rank = int(os.environ.get("RANK", "0"))
-        self.sharded = self.size > 1 or offload
+        self.sharded = self.size > 1
         self.compute_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # the unsharded path's dtype
         if self.sharded and not dist.is_initialized():
             backend = "nccl" if device.type == "cuda" else "gloo"
-            if self.size > 1:
-                dist.init_process_group(backend)
-            else:  # --offload in one process: a group of one, no rendezvous needed
-                dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+            dist.init_process_group(backend)
 
     def share(self, items):
         """This rank's contiguous share of a step's items (problems: groups are never split)."""
@@ -2440,28 +1956,21 @@ class World:
         return float(total)
 
 
-def refuse_what_sharding_cannot_do(world, device, args):
-    if not world.sharded:
-        return
-    if args.offload and device.type != "cuda":
-        raise UserError("--offload moves FSDP2 shards from a CUDA GPU to CPU memory: it needs --device cuda")
-    for flag, value, plain in [("--eval-every", args.eval_every, 0), ("--generate-with", args.generate_with, "eager")]:
-        if value != plain:
-            raise UserError(f"{flag} {value} is not supported under torchrun or --offload: pass {flag} {plain} "
-                            f"(evaluate the saved checkpoints with eval.py)")
+def refuse_what_sharding_cannot_do(world, args):
+    if world.sharded and args.eval_every:
+        raise UserError(f"--eval-every {args.eval_every} is not supported under torchrun: pass --eval-every 0 "
+                        f"(evaluate the saved checkpoints with eval.py)")
 
 
-def shard_model(model, world, device, offload):
+def shard_model(model, world, device):
     """FSDP2: each decoder layer, then the root (embeddings, final norm, lm_head, tied or not).
     Parameters are float32 shards (the master weights); on CUDA the forward and backward run in
     bf16 and gradients are reduced in float32 (averaged over ranks: MasterAdamW turns that back into
     the sum, since each rank's loss is already divided by the global token count)."""
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     mesh = init_device_mesh(device.type, (world.size,))
     settings = {"mesh": mesh, "mp_policy": MixedPrecisionPolicy(param_dtype=world.compute_dtype, reduce_dtype=torch.float32)}
-    if offload:
-        settings["offload_policy"] = CPUOffloadPolicy()
     model.to(torch.float32)
     for layer in model.model.layers:
         fully_shard(layer, **settings)
@@ -2506,10 +2015,8 @@ def get_args(argv=None):
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     # model and data
     p.add_argument("--model", default="Qwen/Qwen3-1.7B", help="hub id, local checkpoint dir, 'tiny' (CPU demo: a small model trained on arith, cached) or 'tiny-random' (untrained, for tests)")
-    p.add_argument("--init", default="pretrained", choices=["pretrained", "random"], help="random: --model's config.json and tokenizer with random weights, to time a real-shaped run (benchmarks only)")
     p.add_argument("--dataset", default="math", help="math | gsm8k | dapo | arith | search | path/to/file.jsonl")
     p.add_argument("--enable-thinking", action="store_true", help="Qwen3 thinking mode (off: answers stay short enough for one GPU)")
-    p.add_argument("--max-solution-tokens", type=int, default=1024, help="budget of the solution shown to the teacher (M7); the problem is never cut")
     # method
     p.add_argument("--method", default="antisd", choices=["antisd", "sd", "grpo"], help="per-token term: -phi(u) | +u | none")
     p.add_argument("--estimator", default="token", choices=["token", "full"], help="token: the sampled-token term (the paper); full (antisd only): exact full-vocabulary JSD gradient, one more teacher forward")
@@ -2528,17 +2035,13 @@ def get_args(argv=None):
     p.add_argument("--temperature", type=float, default=1.0, help="training sampling temperature (M9)")
     p.add_argument("--top-p", type=float, default=1.0, help="training nucleus sampling (M9)")
     p.add_argument("--gen-batch-size", type=int, default=64, help="sequences generated at once; lower it on out-of-memory")
-    p.add_argument("--generate-with", default="eager", choices=["eager", "compiled"], help="compiled: static KV cache + torch.compile (CUDA graphs), compiled once per run; eager until measured faster")
     # optimisation
     p.add_argument("--steps", type=int, default=200, help="optimizer steps (M9)")
     p.add_argument("--lr", type=float, default=1e-6, help="AdamW learning rate (M9)")
     p.add_argument("--clip", type=float, default=0.2, help="PPO ratio clip epsilon (M2)")
     p.add_argument("--ppo-epochs", type=int, default=1, help="passes over each batch; 1 = the paper (ratio 1, REINFORCE)")
     p.add_argument("--micro-batch-size", type=int, default=8, help="sequences per forward/backward; lower it on out-of-memory")
-    p.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm")
-    p.add_argument("--max-bad-steps", type=int, default=3, help="stop after this many consecutive steps with a non-finite loss or gradient (they are not applied)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--offload", action="store_true", help="FSDP2 CPU offload of weights, gradients and optimizer state (CUDA): a 4B-8B model on one GPU, slower steps")
     # evaluation during training (eval.py)
     p.add_argument("--eval-every", type=int, default=50, help="evaluate every N steps; 0 = never")
     p.add_argument("--eval-benchmarks", default="math500", help="comma-separated eval.py benchmarks (held out from training data)")
@@ -2548,11 +2051,13 @@ def get_args(argv=None):
     # logging and checkpoints
     p.add_argument("--out-dir", default="runs/antisd", help="metrics.jsonl, rollouts.jsonl and checkpoints go here")
     p.add_argument("--save-every", type=int, default=50, help="checkpoint every N steps (and at the end)")
-    p.add_argument("--keep-checkpoints", type=int, default=2, help="keep the newest N checkpoints")
     p.add_argument("--resume", action="store_true", help="continue the run saved in --out-dir from its newest checkpoint")
     p.add_argument("--device", default=None, help="cuda | cpu (default: cuda if available)")
     # the tiny models are CPU demos: unless set explicitly, shrink the run to minutes (tiny) or seconds
-    p.set_defaults(**tiny_run_defaults(p.parse_known_args(argv)[0].model))
+    model_name = p.parse_known_args(argv)[0].model
+    if model_name in TINY_MODELS:
+        import tiny_tasks
+        p.set_defaults(**tiny_tasks.tiny_run_defaults(model_name))
     args = p.parse_args(argv)
     # argparse reads "nan" and "inf" as floats, and every comparison with NaN is False
     for key, value in vars(args).items():
@@ -2564,8 +2069,7 @@ def get_args(argv=None):
     for flag, value in [("--prompts-per-step", args.prompts_per_step), ("--max-new-tokens", args.max_new_tokens),
                         ("--gen-batch-size", args.gen_batch_size), ("--micro-batch-size", args.micro_batch_size),
                         ("--steps", args.steps), ("--ppo-epochs", args.ppo_epochs), ("--save-every", args.save_every),
-                        ("--keep-checkpoints", args.keep_checkpoints), ("--max-bad-steps", args.max_bad_steps),
-                        ("--max-solution-tokens", args.max_solution_tokens), ("--eval-n", args.eval_n)]:
+                        ("--eval-n", args.eval_n)]:
         if value < 1:
             p.error(f"{flag} must be at least 1, got {value}")
     if args.group_size < 2:
@@ -2591,8 +2095,8 @@ def get_args(argv=None):
         args.gate = "entropy" if args.method == "antisd" else "none"
     if args.temperature <= 0 or not 0 < args.top_p <= 1:
         p.error(f"--temperature must be > 0 and --top-p in (0, 1], got {args.temperature} and {args.top_p}")
-    if args.lr <= 0 or args.clip <= 0 or args.grad_clip <= 0 or args.lambda_max < 0:
-        p.error("--lr, --clip and --grad-clip must be > 0 and --lambda-max >= 0")
+    if args.lr <= 0 or args.clip <= 0 or args.lambda_max < 0:
+        p.error("--lr and --clip must be > 0 and --lambda-max >= 0")
     if args.gate != "none" and args.method != "grpo" and (args.gate_warmup < 1 or not 0 < args.tau_ratio <= 1):
         p.error(f"--gate-warmup must be >= 1 and --tau-ratio in (0, 1], got {args.gate_warmup} and {args.tau_ratio}")
     if args.estimator == "full" and (args.method != "antisd" or args.divergence != "jsd" or args.compose != "add"):
@@ -2605,8 +2109,6 @@ def get_args(argv=None):
         p.error("--eval-every and --eval-limit must be >= 0")
     if not (args.model in TINY_MODELS or os.path.isdir(args.model) or re.fullmatch(r"[\w.-]+/[\w.-]+", args.model)):
         p.error(f"--model {args.model!r}: expected 'tiny', 'tiny-search', 'tiny-random', a local checkpoint directory, or a hub id such as Qwen/Qwen3-1.7B")
-    if args.init == "random" and not os.path.exists(os.path.join(args.model, "config.json")):
-        p.error(f"--init random builds the model from <--model>/config.json, but {args.model!r} has none")
     return args
 
 

@@ -64,6 +64,7 @@ import torch
 from tqdm import tqdm
 
 import antisd
+import tiny_tasks
 
 # -----------------------------------------------------------------------------
 # Benchmarks: where each lives, and which fields hold the problem and the gold answer
@@ -105,10 +106,10 @@ BENCHMARKS = {
 
 
 # The tiny models' benchmarks, generated offline (no file, no hub) from the held-out side of their
-# task's split (antisd.arith_is_held_out, antisd.search_is_held_out): the training problems and the
+# task's split (tiny_tasks.arith_is_held_out, tiny_tasks.search_is_held_out): the training problems and the
 # tiny models' supervised starts draw only from the other side, so none occurs in training.
 # name: (the task's problem generator, problems drawn per problem kept: duplicates are dropped)
-OFFLINE_BENCHMARKS = {"arith": (antisd.make_arith_problems, 4), "search": (antisd.make_search_problems, 2)}
+OFFLINE_BENCHMARKS = {"arith": (tiny_tasks.make_arith_problems, 4), "search": (tiny_tasks.make_search_problems, 2)}
 OFFLINE_BENCHMARK_SIZE = 500
 
 

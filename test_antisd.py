@@ -36,8 +36,12 @@ def version_of(package):
 INTERPRETER_BROKEN = (version_of("triton") or (99, 0)) < (3, 7) and (version_of("numpy") or (0, 0)) >= (2, 4)
 NO_INTERPRETER = ("Triton's CPU interpreter: needs TRITON_INTERPRET=1 before antisd_kernels.py is imported"
                   + (", and does not run with triton < 3.7 and numpy >= 2.4" if INTERPRETER_BROKEN else ""))
-if not INTERPRETER_BROKEN:
-    os.environ.setdefault("TRITON_INTERPRET", "1")   # before antisd_kernels.py is imported: Triton runs on the CPU
+import torch
+
+# On a CUDA machine the Triton tests run the compiled kernels on the GPU; elsewhere the interpreter runs
+# them on the CPU (TRITON_INTERPRET=1 must be set before antisd_kernels.py is imported)
+if not INTERPRETER_BROKEN and not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
@@ -64,10 +68,10 @@ from pathlib import Path
 
 import datasets
 import pytest
-import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import antisd
+import tiny_tasks
 import antisd_kernels
 
 evaluation = importlib.import_module("eval")  # `import eval` would shadow the builtin eval
@@ -139,7 +143,7 @@ def test_generation_ignores_the_left_padding_of_shorter_prompts_in_a_batch():
     unpadded forward (every response token is the most likely one after its own prefix), and equal to
     generating that prompt alone. A row that attended to its left padding, or whose positions counted
     the padding, would continue differently."""
-    model, tokenizer = antisd.build_tiny(seed=3)
+    model, tokenizer = tiny_tasks.build_tiny(seed=3)
     for p in model.parameters():  # sharper than the default init, so that greedy rollouts differ by prompt
         if p.dim() == 2:
             p.normal_(0, 0.3)
@@ -182,7 +186,7 @@ def test_compiled_rollouts_equal_eager_ones_greedy_and_sampled_across_weight_upd
     weight update (an optimizer step), with a padded last batch and new prompt widths; and sampled
     (temperature, top-p: the same logits processors and random draws under one seed). The decode
     step is compiled once for all of it."""
-    model, tokenizer = antisd.build_tiny(seed=3)
+    model, tokenizer = tiny_tasks.build_tiny(seed=3)
     with torch.no_grad():  # sharper than the default init, so that greedy rollouts differ by prompt
         for p in model.parameters():
             if p.dim() == 2:
@@ -194,9 +198,9 @@ def test_compiled_rollouts_equal_eager_ones_greedy_and_sampled_across_weight_upd
 
     def both(prompts, temperature=1.0, top_p=1e-6, seed=0):
         runs = []
-        for generate_with in ("eager", "compiled"):
+        for compiled in (False, True):
             torch.manual_seed(seed)
-            runs.append(antisd.generate(model, tokenizer, prompts, 8, temperature, top_p, 2, generate_with))
+            runs.append(antisd.generate(model, tokenizer, prompts, 8, temperature, top_p, 2, compiled=compiled))
         return runs
 
     eager, compiled = both(prompts)            # 5 prompts, batches of 2: the last one is padded
@@ -1157,7 +1161,7 @@ def test_full_estimator_gradient_is_the_exact_jsd_gradient(tiny, token_stats_pat
 
 
 def test_policy_gradient_raises_the_probability_of_rewarded_tokens():
-    model, tokenizer = antisd.build_tiny(seed=1)
+    model, tokenizer = tiny_tasks.build_tiny(seed=1)
     model.train()
     prompt = antisd.student_prompt_ids(tokenizer, "Say a digit.", False)
     digits = set(tokenizer("0123456789", add_special_tokens=False)["input_ids"])
@@ -1205,7 +1209,7 @@ def test_bf16_weights_still_move_with_a_tiny_learning_rate():
 
 
 def test_gradient_clipping_of_bf16_weights_acts_on_the_float32_masters():
-    model, tokenizer = antisd.build_tiny(seed=0)
+    model, tokenizer = tiny_tasks.build_tiny(seed=0)
     model = model.to(torch.bfloat16)
     params = [p for p in model.parameters() if p.requires_grad]
     assert all(p.dtype == torch.bfloat16 for p in params)
@@ -1491,7 +1495,7 @@ def test_step_metrics_are_hand_counts_of_the_steps_rollouts():
     # the search task's two metrics: rollout i is of problem i // G, so each text is checked against its own boxes
     args.dataset = "search"
     boxes = [[3, 8, 6, 1, 5, 2, 7, 9, 4, 3, 1, 2], [6, 8, 3, 1, 5, 2, 7, 9, 4, 3, 1, 2]]   # C, then A holds 6
-    batch = [{"problem": antisd.search_problem_text(values, 4, 10)} for values in boxes]
+    batch = [{"problem": tiny_tasks.search_problem_text(values, 4, 10)} for values in boxes]
     right_for_first = "try A: 3+4=7 no. try B: 8+4=12 no. try C: 6+4=10 yes. The answer is \\boxed{C}."
     texts = [right_for_first] * 2 + ["The answer is \\boxed{E}."] * 2 + [right_for_first] + ["try A: 6+4=10 yes."] * 3
     record = antisd.step_metrics(7, rewards, truncated, mask, None, terms, update, None, timer, args, texts, batch)
@@ -1514,6 +1518,10 @@ elif antisd_kernels.HAS_TRITON and torch.cuda.is_available():
 else:
     DEVICE = None
 needs_triton = pytest.mark.skipif(DEVICE is None, reason="needs triton and either a GPU or " + NO_INTERPRETER)
+# Compiled for a GPU, exp2 and log2 are the hardware's approximate ones (a few float32 ulps each, where
+# the interpreter computes them exactly in numpy): the float32 parts of the value tolerances widen by
+# this factor on a GPU. An estimate from those error bounds, not yet measured on a card.
+APPROX = 4.0 if DEVICE == "cuda" else 1.0
 
 # One vocabulary block per row where possible: the interpreter is slow per block, fast per element.
 BLOCK_CAP = 65536
@@ -1660,9 +1668,9 @@ def test_triton_values_and_gradients_match_float64_incl_peaked_huge_and_ignored_
         err, ref_err = max_err(out[name], exact[name]), max_err(ref[name], exact[name])
         # No worse than the float32 torch reference, up to two float32 ulps of the largest value:
         # on the huge-logit row logp reaches ~1e5 nats, where one ulp is already 8e-3.
-        two_ulps = 2.5e-7 * exact[name].abs().max().item()
-        assert err <= 1.05 * ref_err + 2e-5 + two_ulps, (name, err, ref_err)
-        assert torch.allclose(out[name], exact[name], rtol=3e-7, atol=2e-5), name
+        two_ulps = 2.5e-7 * APPROX * exact[name].abs().max().item()
+        assert err <= 1.05 * ref_err + 2e-5 * APPROX + two_ulps, (name, err, ref_err)
+        assert torch.allclose(out[name], exact[name], rtol=3e-7 * APPROX, atol=2e-5 * APPROX), name
     ignored = targets.cpu() == IGNORE
     assert all((out[name][ignored] == 0).all() for name in out)
 
@@ -1708,7 +1716,7 @@ def test_triton_default_temperature_and_beta_without_teacher():
     exact, exact_grad, _ = run(stats_float64, logits, targets, None, up, beta=0.5, temperature=1.0)
     assert set(raw) == {"logp", "entropy"}
     for name in exact:
-        assert torch.allclose(out[name], exact[name], rtol=1e-6, atol=2e-5), name
+        assert torch.allclose(out[name], exact[name], rtol=1e-6 * APPROX, atol=2e-5 * APPROX), name
     scale = exact_grad.abs().amax(-1, keepdim=True)
     # + 1e-7 absolute: (1 - p) at a near-certain target is below float32 resolution (upstream ~ 1)
     assert ((grad.double().cpu() - exact_grad).abs() <= 2.0 ** -8 * exact_grad.abs() + 1e-6 * scale + 1e-7).all()
@@ -2205,7 +2213,7 @@ def test_the_n_samples_of_a_problem_are_separate_draws(tiny):
 def test_each_problem_is_scored_on_its_own_samples(monkeypatch):
     # a stub generator answers each prompt with its own problem's number: any mix-up of samples between
     # problems shows as a wrong answer or a response filed under another problem
-    model, tokenizer = antisd.build_tiny()
+    model, tokenizer = tiny_tasks.build_tiny()
     problems = [{"problem": f"What is {k} times one?", "answer": str(k)} for k in range(1, 8)]
 
     def own_answer(model, tokenizer, prompt_ids, *rest, **kwargs):
@@ -2430,26 +2438,6 @@ def test_each_epoch_is_a_new_permutation_of_the_problems_and_resumes_where_it_st
 
 
 # -----------------------------------------------------------------------------
-# Infrastructure: the model
-
-def test_init_random_builds_the_checkpoint_shape_with_fresh_weights_and_its_stop_tokens(tmp_path, capsys):
-    model, tokenizer = antisd.build_tiny(seed=5)
-    model.generation_config.eos_token_id = [tokenizer.eos_token_id, tokenizer.pad_token_id]
-    model.save_pretrained(tmp_path)
-    tokenizer.save_pretrained(tmp_path)
-    loaded, loaded_tokenizer = antisd.load_model(str(tmp_path), torch.device("cpu"), init="random")
-    assert "RANDOM WEIGHTS" in capsys.readouterr().out
-    assert loaded.config.to_dict()["num_hidden_layers"] == 2 and loaded.config.hidden_size == 64
-    saved = dict(model.named_parameters())
-    assert all(p.shape == saved[name].shape for name, p in loaded.named_parameters())
-    assert all(not torch.equal(p, saved[name]) for name, p in loaded.named_parameters() if p.dim() == 2)
-    assert antisd.stop_token_ids(loaded, loaded_tokenizer) == sorted(model.generation_config.eos_token_id)
-    (tmp_path / "config.json").unlink()
-    with pytest.raises(SystemExit):
-        antisd.get_args(["--model", str(tmp_path), "--init", "random"])
-
-
-# -----------------------------------------------------------------------------
 # Infrastructure: the checker worker
 
 def test_checker_worker_survives_ctrl_c_and_ends_on_terminate_under_the_runs_signal_handlers():
@@ -2543,7 +2531,7 @@ def test_rollouts_keep_every_token_with_its_u_and_tokens_html_colours_them(tmp_p
     antisd.main(["--model", "tiny-random", "--dataset", "arith", "--steps", "2", "--method", "sd", "--group-size", "2",
                  "--prompts-per-step", "2", "--micro-batch-size", "4", "--max-new-tokens", "12", "--out-dir", str(out)])
     rollouts = [json.loads(line) for line in (out / "rollouts.jsonl").read_text().splitlines()]
-    _, tokenizer = antisd.build_tiny()
+    _, tokenizer = tiny_tasks.build_tiny()
     for r in rollouts:
         joined = "".join(text for text, _ in r["tokens"])  # a random model emits broken UTF-8: compare the rest
         assert joined.replace("\ufffd", "") == (r["response"] + "<|im_end|>" * (not r["truncated"])).replace("\ufffd", "")
@@ -2645,9 +2633,8 @@ def test_resume_refuses_a_changed_term_and_reads_a_checkpoint_from_before_term_e
 
 def test_every_setting_either_defines_the_run_or_may_change_on_resume():
     # a new flag must be put on one side: defining (refused when changed on resume) or not
-    may_change = {"init", "gen_batch_size", "generate_with", "steps", "micro_batch_size", "max_bad_steps", "offload",
-                  "eval_every", "eval_benchmarks", "eval_n", "eval_limit", "eval_data_dir", "out_dir", "save_every",
-                  "keep_checkpoints", "resume", "device"}
+    may_change = {"gen_batch_size", "steps", "micro_batch_size", "eval_every", "eval_benchmarks", "eval_n",
+                  "eval_limit", "eval_data_dir", "out_dir", "save_every", "resume", "device"}
     settings = set(vars(step_args()))
     assert settings - may_change == set(antisd.RUN_DEFINING) - {"dataset_fingerprint"}
     assert set(antisd.RUN_DEFINING_ADDED) <= set(antisd.RUN_DEFINING)
@@ -2695,7 +2682,7 @@ def test_a_save_killed_half_way_leaves_the_previous_checkpoint_usable(tmp_path, 
 
 
 def test_only_the_newest_checkpoints_are_kept(tmp_path):
-    antisd.main(TINY_RUN + ["--steps", "4", "--save-every", "1", "--keep-checkpoints", "2", "--out-dir", str(tmp_path)])
+    antisd.main(TINY_RUN + ["--steps", "4", "--save-every", "1", "--out-dir", str(tmp_path)])
     assert antisd.list_checkpoints(tmp_path) == [str(tmp_path / "checkpoint-3"), str(tmp_path / "checkpoint-4")]
     assert not list(tmp_path.glob("*.tmp"))
 
@@ -2979,7 +2966,7 @@ def test_resume_falls_back_from_a_trainer_state_of_another_version_and_redoes_it
 # Infrastructure: the tiny models and the laptop demo (the arith task and its held-out benchmark)
 
 def test_arith_problems_are_seeded_and_their_solutions_are_correct():
-    first, again = antisd.make_arith_problems(50, seed=3), antisd.make_arith_problems(50, seed=3)
+    first, again = tiny_tasks.make_arith_problems(50, seed=3), tiny_tasks.make_arith_problems(50, seed=3)
     assert first == again
     for item in first:
         assert antisd.verify(item["solution"], item["answer"]) == 1.0
@@ -2994,51 +2981,51 @@ def test_arith_benchmark_never_shares_a_problem_with_training():
     benchmark = evaluation.load_benchmark("arith", limit=500)
     assert len(benchmark) == 500 == len({item["problem"] for item in benchmark})
     held_out = {arith_numbers(item["problem"]) for item in benchmark}
-    training = {arith_numbers(item["problem"]) for seed in (0, 1, 2) for item in antisd.make_arith_problems(2000, seed)}
+    training = {arith_numbers(item["problem"]) for seed in (0, 1, 2) for item in tiny_tasks.make_arith_problems(2000, seed)}
     supervised = {arith_numbers(item["problem"])  # the default supervised start
-                  for item in antisd.make_arith_problems(antisd.TINY_SFT_STEPS * antisd.TINY_SFT_BATCH, seed=10_000)}
+                  for item in tiny_tasks.make_arith_problems(tiny_tasks.TINY_SFT_STEPS * tiny_tasks.TINY_SFT_BATCH, seed=10_000)}
     assert held_out.isdisjoint(training) and held_out.isdisjoint(supervised)
-    assert all(antisd.arith_is_held_out(numbers) for numbers in held_out)
+    assert all(tiny_tasks.arith_is_held_out(numbers) for numbers in held_out)
     every_tuple = list(itertools.product(range(1, 15), range(2, 5), range(2, 5), range(1, 10)))
-    assert 0.18 < sum(map(antisd.arith_is_held_out, every_tuple)) / len(every_tuple) < 0.22  # a fifth is held out
+    assert 0.18 < sum(map(tiny_tasks.arith_is_held_out, every_tuple)) / len(every_tuple) < 0.22  # a fifth is held out
     start, boxes, per_box, given = arith_numbers(benchmark[0]["problem"])
     assert int(benchmark[0]["answer"]) == start + boxes * per_box - given
 
 
 def test_slipped_solutions_compute_each_step_correctly_and_are_judged_wrong():
-    item = antisd.make_arith_problems(1, seed=4)[0]
+    item = tiny_tasks.make_arith_problems(1, seed=4)[0]
     start, boxes, per_box, given = item["numbers"]
     for slips, expected in [((False, False), start + boxes * per_box - given), ((True, False), start + boxes + per_box - given),
                             ((False, True), start + boxes * per_box + given), ((True, True), start + boxes + per_box + given)]:
-        text, answer = antisd.arith_solution(item["name"], item["thing"], item["numbers"], slips)
+        text, answer = tiny_tasks.arith_solution(item["name"], item["thing"], item["numbers"], slips)
         assert answer == expected and antisd.last_boxed(text) == str(expected)
         assert antisd.verify(text, item["answer"]) == float(slips == (False, False))
 
 
 def test_supervised_start_lowers_the_response_loss_and_is_trained_only_once(tmp_path, monkeypatch):
     import torch.nn.functional as F
-    calls, full_start = [], antisd.train_tiny_arith
+    calls, full_start = [], tiny_tasks.train_tiny_arith
 
     def small_start(path):
         calls.append(path)
         return full_start(path, steps=30, batch_size=8, lr=1e-2, hidden_size=32, log_every=0)
 
-    monkeypatch.setattr(antisd, "TINY_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(antisd, "train_tiny_arith", small_start)
+    monkeypatch.setattr(tiny_tasks, "TINY_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(tiny_tasks, "train_tiny_arith", small_start)
     model, tokenizer = antisd.load_model("tiny", torch.device("cpu"))
     antisd.load_model("tiny", torch.device("cpu"))  # the second load reads the cache
-    assert len(calls) == 1 and (tmp_path / "cache" / antisd.TINY_ARITH_RECIPE / "model.safetensors").exists()
+    assert len(calls) == 1 and (tmp_path / "cache" / tiny_tasks.TINY_ARITH_RECIPE / "model.safetensors").exists()
     assert tokenizer.tokenize(" 1234") == ["Ġ1", "2", "3", "4"]  # one digit per token
-    problems = antisd.make_arith_problems(8, seed=99)
-    students = antisd.supervised_examples(tokenizer, problems, random.Random(0), as_teacher=False)
-    teachers = antisd.supervised_examples(tokenizer, problems, random.Random(0), as_teacher=True)
+    problems = tiny_tasks.make_arith_problems(8, seed=99)
+    students = tiny_tasks.supervised_examples(tokenizer, problems, random.Random(0), as_teacher=False)
+    teachers = tiny_tasks.supervised_examples(tokenizer, problems, random.Random(0), as_teacher=True)
     examples = students + teachers
     # the prompts are the ones RL will use, token for token, though tokenized in one batch
     assert [prompt for prompt, _ in students] == [antisd.student_prompt_ids(tokenizer, p["problem"], False) for p in problems]
     rng = random.Random(0)
     for p, (prompt, response) in zip(problems, teachers):
-        slips = (rng.random() < antisd.SLIP_RATE, rng.random() < antisd.SLIP_RATE)
-        sloppy, answer = antisd.arith_solution(p["name"], p["thing"], p["numbers"], slips)
+        slips = (rng.random() < tiny_tasks.SLIP_RATE, rng.random() < tiny_tasks.SLIP_RATE)
+        sloppy, answer = tiny_tasks.arith_solution(p["name"], p["thing"], p["numbers"], slips)
         message = antisd.build_teacher_prompt(p["problem"], 0, [float(answer == int(p["answer"]))], [sloppy],
                                               p["solution"], p["answer"], rng)
         assert prompt == antisd.render_prompt(tokenizer, message, False)
@@ -3059,76 +3046,76 @@ def test_supervised_start_lowers_the_response_loss_and_is_trained_only_once(tmp_
 # the tiny search task: a check that pays, and the search benchmark
 
 def test_every_search_problem_has_exactly_one_right_box_and_its_solution_finds_it():
-    for p in antisd.make_search_problems(300, seed=3) + antisd.make_search_problems(100, seed=4, held_out=True):
-        right = [box for box, value in zip(antisd.SEARCH_BOXES, p["values"]) if value + p["addend"] == p["target"]]
+    for p in tiny_tasks.make_search_problems(300, seed=3) + tiny_tasks.make_search_problems(100, seed=4, held_out=True):
+        right = [box for box, value in zip(tiny_tasks.SEARCH_BOXES, p["values"]) if value + p["addend"] == p["target"]]
         assert right == [p["answer"]]  # enumeration of the boxes
-        assert p["problem"] == (f"Boxes: {' '.join(f'{b}={v}' for b, v in zip(antisd.SEARCH_BOXES, p['values']))}. "
+        assert p["problem"] == (f"Boxes: {' '.join(f'{b}={v}' for b, v in zip(tiny_tasks.SEARCH_BOXES, p['values']))}. "
                                 f"Which box plus {p['addend']} makes {p['target']}?")
         assert antisd.verify(p["solution"], p["answer"]) == 1.0
-        tries = antisd.SEARCH_TRY.findall(p["solution"])
-        assert len(tries) == antisd.SEARCH_BOXES.index(p["answer"]) + 1 and tries[-1][-1] == "yes"
+        tries = tiny_tasks.SEARCH_TRY.findall(p["solution"])
+        assert len(tries) == tiny_tasks.SEARCH_BOXES.index(p["answer"]) + 1 and tries[-1][-1] == "yes"
         assert all(verdict == "no" for *_, verdict in tries[:-1])
 
 
 def test_search_solution_by_hand():
     values, addend, target = [3, 8, 6, 1, 5, 2], 4, 10
-    text, box = antisd.search_solution(values, addend, target, tries=2, guess="E")
+    text, box = tiny_tasks.search_solution(values, addend, target, tries=2, guess="E")
     assert (text, box) == ("try A: 3+4=7 no. try B: 8+4=12 no. The answer is \\boxed{E}.", "E")
-    text, box = antisd.search_solution(values, addend, target, tries=6)
+    text, box = tiny_tasks.search_solution(values, addend, target, tries=6)
     assert text.endswith("try C: 6+4=10 yes. The answer is \\boxed{C}.") and box == "C"
     assert antisd.verify(text, "C") == 1.0 and antisd.verify("The answer is \\boxed{E}.", "C") == 0.0
     problem = {"values": values, "addend": addend, "target": target}
-    assert antisd.search_check_errors("try A: 3+4=7 no. try B: 8+4=12 yes.", problem) == (2, 1)  # wrong verdict
-    assert antisd.search_check_errors("try A: 6+4=10 yes.", problem) == (1, 1)                    # wrong number
-    assert antisd.search_check_errors("try A: 3+4=8 no.", problem) == (1, 1)                      # wrong sum
+    assert tiny_tasks.search_check_errors("try A: 3+4=7 no. try B: 8+4=12 yes.", problem) == (2, 1)  # wrong verdict
+    assert tiny_tasks.search_check_errors("try A: 6+4=10 yes.", problem) == (1, 1)                    # wrong number
+    assert tiny_tasks.search_check_errors("try A: 3+4=8 no.", problem) == (1, 1)                      # wrong sum
 
 
 def test_search_fields_read_back_what_the_generator_wrote():
-    for p in antisd.make_search_problems(300, seed=8) + antisd.make_search_problems(100, seed=8, held_out=True):
-        assert antisd.search_fields(p["problem"]) == {k: p[k] for k in ("values", "addend", "target")}
+    for p in tiny_tasks.make_search_problems(300, seed=8) + tiny_tasks.make_search_problems(100, seed=8, held_out=True):
+        assert tiny_tasks.search_fields(p["problem"]) == {k: p[k] for k in ("values", "addend", "target")}
 
 
 def test_check_error_rate_counts_wrong_check_lines_over_all_responses():
-    problem = antisd.search_problem_text([3, 8, 6, 1, 5, 2, 7, 9, 4, 3, 1, 2], 4, 10)
+    problem = tiny_tasks.search_problem_text([3, 8, 6, 1, 5, 2, 7, 9, 4, 3, 1, 2], 4, 10)
     texts = ["try A: 3+4=7 no. try B: 8+4=12 no. try C: 6+4=10 yes. The answer is \\boxed{C}.",  # 3 right
              "try A: 3+4=8 no. try B: 9+4=13 no. The answer is \\boxed{C}.",  # a wrong sum, a misread number
              "The answer is \\boxed{E}."]                                      # no check
-    assert antisd.search_check_error_rate(texts, [problem] * 3) == 2 / 5
-    assert antisd.search_check_error_rate(texts[2:], [problem]) is None  # no check: no rate, not a perfect one
+    assert tiny_tasks.search_check_error_rate(texts, [problem] * 3) == 2 / 5
+    assert tiny_tasks.search_check_error_rate(texts[2:], [problem]) is None  # no check: no rate, not a perfect one
 
 
 def test_student_format_tries_at_the_given_rate_and_guesses_only_untried_boxes():
-    problems = antisd.make_search_problems(2000, seed=5)
+    problems = tiny_tasks.make_search_problems(2000, seed=5)
     rng = random.Random(0)
     first_decisions, guesses_untried = [], True
     for p in problems:
-        text, box, tries = antisd.search_student_solution(p, rng, try_rate=0.4)
+        text, box, tries = tiny_tasks.search_student_solution(p, rng, try_rate=0.4)
         first_decisions.append(tries > 0)
-        assert antisd.search_deliberates(text) == (tries > 0)
+        assert tiny_tasks.search_deliberates(text) == (tries > 0)
         if "yes." not in text:  # a guess: never a box the response already ruled out
-            guesses_untried &= box in antisd.SEARCH_BOXES[tries:]
+            guesses_untried &= box in tiny_tasks.SEARCH_BOXES[tries:]
     assert guesses_untried and abs(sum(first_decisions) / len(problems) - 0.4) < 0.04
 
 
 def test_token_classes_mark_the_decision_to_check_and_the_unchecked_answer():
     pieces = ["try", " A", ":", " 3", "+", "4", "=", "7", " no", ".", " The", " answer", " is",
               " \\", "boxed", "{", "E", "}."]
-    assert antisd.search_token_classes(pieces) == ["try"] + ["check"] * 9 + ["guess"] * 8
+    assert tiny_tasks.search_token_classes(pieces) == ["try"] + ["check"] * 9 + ["guess"] * 8
     pieces = ["try", " A", ":", " 6", "+", "4", "=", "10", " yes", ".", " The", " answer", " is",
               " \\", "boxed", "{", "A", "}.", ""]
-    assert antisd.search_token_classes(pieces) == ["try"] + ["check"] * 9 + ["answer"] * 8 + ["other"]
-    assert antisd.search_token_classes(["The", " answer", " is", " \\", "boxed", "{", "B", "}."]) == ["guess"] * 8
-    assert antisd.search_deliberation_rate(["try A: 3+4=7 no. The answer is \\boxed{E}.", "The answer is \\boxed{E}."]) == 0.5
+    assert tiny_tasks.search_token_classes(pieces) == ["try"] + ["check"] * 9 + ["answer"] * 8 + ["other"]
+    assert tiny_tasks.search_token_classes(["The", " answer", " is", " \\", "boxed", "{", "B", "}."]) == ["guess"] * 8
+    assert tiny_tasks.search_deliberation_rate(["try A: 3+4=7 no. The answer is \\boxed{E}.", "The answer is \\boxed{E}."]) == 0.5
 
 
 def test_search_benchmark_never_occurs_in_training():
     benchmark = {p["problem"] for p in evaluation.offline_benchmark("search", evaluation.OFFLINE_BENCHMARK_SIZE)}
     training = {p["problem"] for p in antisd.load_problems("search", 0)[0]}
-    training |= {p["problem"] for p in antisd.make_search_problems(  # the supervised start's
-        antisd.TINY_SEARCH_SFT_STEPS * antisd.TINY_SEARCH_SFT_BATCH, seed=10_000)}
+    training |= {p["problem"] for p in tiny_tasks.make_search_problems(  # the supervised start's
+        tiny_tasks.TINY_SEARCH_SFT_STEPS * tiny_tasks.TINY_SEARCH_SFT_BATCH, seed=10_000)}
     assert len(benchmark) == evaluation.OFFLINE_BENCHMARK_SIZE and not benchmark & training
     # and the split itself: about one problem in five, over an enumeration of one addend's problems
-    held_out = [antisd.search_is_held_out(values, 4, box) for values in itertools.permutations(range(1, 8), 6)
+    held_out = [tiny_tasks.search_is_held_out(values, 4, box) for values in itertools.permutations(range(1, 8), 6)
                 for box in "AC"]  # (any tuples: the hash does not know which are problems)
     assert 0.17 < sum(held_out) / len(held_out) < 0.23
 
@@ -3137,59 +3124,59 @@ def test_search_benchmark_never_occurs_in_training():
 def small_search_cache(tmp_path_factory):
     """A tiny-search model from a few supervised steps, in a cache of its own (the real one is never built)."""
     cache = tmp_path_factory.mktemp("cache")
-    antisd.train_tiny_search(str(cache / antisd.TINY_SEARCH_RECIPE), steps=4, batch_size=8, hidden_size=32, log_every=0)
+    tiny_tasks.train_tiny_search(str(cache / tiny_tasks.TINY_SEARCH_RECIPE), steps=4, batch_size=8, hidden_size=32, log_every=0)
     return cache
 
 
 def test_tiny_search_cache_is_built_once_and_reused(tmp_path, monkeypatch):
-    calls, full_start = [], antisd.train_tiny_search
+    calls, full_start = [], tiny_tasks.train_tiny_search
 
     def small_start(path):
         calls.append(path)
         return full_start(path, steps=3, batch_size=4, hidden_size=32, log_every=0)
 
-    monkeypatch.setattr(antisd, "TINY_CACHE", str(tmp_path))
-    monkeypatch.setattr(antisd, "train_tiny_search", small_start)
+    monkeypatch.setattr(tiny_tasks, "TINY_CACHE", str(tmp_path))
+    monkeypatch.setattr(tiny_tasks, "train_tiny_search", small_start)
     antisd.load_model("tiny-search", torch.device("cpu"))
     antisd.load_model("tiny-search", torch.device("cpu"))
-    assert len(calls) == 1 and (tmp_path / antisd.TINY_SEARCH_RECIPE / "model.safetensors").exists()
+    assert len(calls) == 1 and (tmp_path / tiny_tasks.TINY_SEARCH_RECIPE / "model.safetensors").exists()
 
 
 def test_teacher_examples_train_only_the_answer_after_the_students_tries(small_search_cache):
-    model, tokenizer = antisd.load_model(str(small_search_cache / antisd.TINY_SEARCH_RECIPE), torch.device("cpu"))
-    problems = antisd.make_search_problems(50, seed=7)
-    examples = antisd.search_supervised_examples(tokenizer, problems, random.Random(0), "teacher")
+    model, tokenizer = antisd.load_model(str(small_search_cache / tiny_tasks.TINY_SEARCH_RECIPE), torch.device("cpu"))
+    problems = tiny_tasks.make_search_problems(50, seed=7)
+    examples = tiny_tasks.search_supervised_examples(tokenizer, problems, random.Random(0), "teacher")
     for p, (prompt, response, untrained) in zip(problems, examples):
         assert list(untrained) == list(range(len(untrained)))  # a prefix: the student's tries
         trained = tokenizer.decode(response[len(untrained):], skip_special_tokens=True)
         assert trained == f"The answer is \\boxed{{{p['answer']}}}."
         shown = tokenizer.decode(response[:len(untrained)])
-        assert "yes" not in shown and len(antisd.SEARCH_TRY.findall(shown)) == shown.count("try")
+        assert "yes" not in shown and len(tiny_tasks.SEARCH_TRY.findall(shown)) == shown.count("try")
         assert "Your previous attempt" in tokenizer.decode(prompt)
     assert max(len(untrained) for _, _, untrained in examples) > 20  # the teacher also sees long searches
-    students = antisd.search_supervised_examples(tokenizer, problems, random.Random(0), "student")
+    students = tiny_tasks.search_supervised_examples(tokenizer, problems, random.Random(0), "student")
     assert all(len(untrained) == 0 for _, _, untrained in students)
     assert [prompt for prompt, _, _ in students] == [antisd.student_prompt_ids(tokenizer, p["problem"], False) for p in problems]
 
 
 def test_practice_examples_are_whole_searches_with_only_their_decisions_untrained(small_search_cache):
-    model, tokenizer = antisd.load_model(str(small_search_cache / antisd.TINY_SEARCH_RECIPE), torch.device("cpu"))
-    problems = antisd.make_search_problems(50, seed=8)
-    for p, (prompt, response, untrained) in zip(problems, antisd.search_supervised_examples(
+    model, tokenizer = antisd.load_model(str(small_search_cache / tiny_tasks.TINY_SEARCH_RECIPE), torch.device("cpu"))
+    problems = tiny_tasks.make_search_problems(50, seed=8)
+    for p, (prompt, response, untrained) in zip(problems, tiny_tasks.search_supervised_examples(
             tokenizer, problems, random.Random(0), "practice")):
         assert tokenizer.decode(response, skip_special_tokens=True) == p["solution"]  # the whole search
-        assert [tokenizer.decode([response[k]]).strip() for k in untrained] == ["try"] * (antisd.SEARCH_BOXES.index(p["answer"]) + 1)
+        assert [tokenizer.decode([response[k]]).strip() for k in untrained] == ["try"] * (tiny_tasks.SEARCH_BOXES.index(p["answer"]) + 1)
         assert prompt == antisd.student_prompt_ids(tokenizer, p["problem"], False)
 
 
 def test_supervised_start_learns_nothing_from_an_untrained_position(tmp_path, small_search_cache):
     """The last response token is only a target: with it untrained, changing it leaves the step unchanged."""
-    _, tokenizer = antisd.load_model(str(small_search_cache / antisd.TINY_SEARCH_RECIPE), torch.device("cpu"))
+    _, tokenizer = antisd.load_model(str(small_search_cache / tiny_tasks.TINY_SEARCH_RECIPE), torch.device("cpu"))
     prompt, response = [5, 6, 7], [8, 9, 10, 11]
 
     def weights_after_one_step(last_token, untrained):
         out = tmp_path / f"{last_token}-{len(untrained)}"
-        antisd.supervised_start(str(out), tokenizer, [[(prompt, response[:-1] + [last_token], untrained)]], 1, 1e-2,
+        tiny_tasks.supervised_start(str(out), tokenizer, [[(prompt, response[:-1] + [last_token], untrained)]], 1, 1e-2,
                                 32, 0, 0, time.time())
         model, _ = antisd.load_model(str(out), torch.device("cpu"))
         return torch.cat([w.flatten() for w in model.state_dict().values()])
@@ -3201,9 +3188,9 @@ def test_supervised_start_learns_nothing_from_an_untrained_position(tmp_path, sm
 
 def test_the_supervised_start_mixes_teacher_practice_and_student_examples_in_its_shares(monkeypatch):
     seen = {}
-    monkeypatch.setattr(antisd, "supervised_start", lambda out_dir, tokenizer, batches, *rest: seen.update(
+    monkeypatch.setattr(tiny_tasks, "supervised_start", lambda out_dir, tokenizer, batches, *rest: seen.update(
         tokenizer=tokenizer, batches=batches))
-    antisd.train_tiny_search("unused", steps=20, batch_size=4, hidden_size=32, log_every=0)
+    tiny_tasks.train_tiny_search("unused", steps=20, batch_size=4, hidden_size=32, log_every=0)
 
     def kind(prompt, untrained):
         return ("teacher" if "Your previous attempt" in seen["tokenizer"].decode(prompt)
@@ -3212,15 +3199,15 @@ def test_the_supervised_start_mixes_teacher_practice_and_student_examples_in_its
     kinds = [{kind(prompt, untrained) for prompt, _, untrained in batch} for batch in seen["batches"]]
     assert all(len(k) == 1 for k in kinds)  # one kind a batch: short prompts are not padded to the teacher's
     counts = collections.Counter(k.pop() for k in kinds)
-    teacher = round(20 * antisd.TINY_SEARCH_TEACHER_SHARE)
-    practice = round((20 - teacher) * antisd.SEARCH_PRACTICE_SHARE)
+    teacher = round(20 * tiny_tasks.TINY_SEARCH_TEACHER_SHARE)
+    practice = round((20 - teacher) * tiny_tasks.SEARCH_PRACTICE_SHARE)
     assert counts == {"teacher": teacher, "practice": practice, "student": 20 - teacher - practice}
 
 
 @pytest.mark.parametrize("method", ["grpo", "sd", "antisd"])
 def test_tiny_search_runs_each_method_and_logs_held_out_accuracy_and_deliberation(method, small_search_cache,
                                                                                  tmp_path, monkeypatch):
-    monkeypatch.setattr(antisd, "TINY_CACHE", str(small_search_cache))
+    monkeypatch.setattr(tiny_tasks, "TINY_CACHE", str(small_search_cache))
     out = tmp_path / method
     antisd.main(["--model", "tiny-search", "--method", method, "--steps", "2", "--prompts-per-step", "2",
                  "--group-size", "4", "--max-new-tokens", "16", "--micro-batch-size", "8", "--eval-every", "1",
@@ -3253,12 +3240,13 @@ import argparse, json, os, sys
 import torch
 sys.path.insert(0, {here!r})
 import antisd
+import tiny_tasks
 
 out = {out!r}
 batch = torch.load(os.path.join(out, "batch.pt"))
 world = antisd.World(torch.device("cpu"))
-model, tokenizer = antisd.build_tiny(seed=0)
-model = antisd.shard_model(model, world, torch.device("cpu"), offload=False)
+model, tokenizer = tiny_tasks.build_tiny(seed=0)
+model = antisd.shard_model(model, world, torch.device("cpu"))
 optimizer = antisd.MasterAdamW(model, 1e-3, world)
 mine = world.rows(len(batch["responses"]))
 stats = antisd.score(model, batch["prompts"][mine], batch["teacher_prompts"][mine], batch["responses"][mine],
@@ -3285,7 +3273,7 @@ antisd.main(run + ["--steps", "2", "--resume"])
 
 
 def test_two_processes_give_one_process_gradient_gate_signal_and_token_count_and_resume_their_run(tmp_path):
-    model, tokenizer = antisd.build_tiny(seed=0)
+    model, tokenizer = tiny_tasks.build_tiny(seed=0)
     prompts, responses, _, mask = fixed_batch(tokenizer)
     teacher_prompts = [prompt + tokenizer.encode(f"hint {k}: the answer is {k}") for k, prompt in enumerate(prompts)]
     args = dict(method="antisd", gate="none", estimator="token", divergence="jsd", term="paper", compose="add", lambda_max=0.5)
@@ -3335,14 +3323,15 @@ BUILD_ONCE = """
 import os, sys, time, torch
 sys.path.insert(0, {here!r})
 import antisd
-antisd.TINY_CACHE = {cache!r}
+import tiny_tasks
+tiny_tasks.TINY_CACHE = {cache!r}
 def stand_in_start(path):  # slow enough that a rank which did not wait would find nothing
     open(os.path.join({out!r}, "trained-by-rank" + os.environ["RANK"]), "w").close()
     time.sleep(1.0)
     os.makedirs(path)
-antisd.train_tiny_arith = stand_in_start
+tiny_tasks.train_tiny_arith = stand_in_start
 world = antisd.World(torch.device("cpu"))
-print("rank", world.rank, "found", os.path.isdir(antisd.tiny_arith_path()), flush=True)
+print("rank", world.rank, "found", os.path.isdir(tiny_tasks.tiny_arith_path()), flush=True)
 """
 
 
@@ -3416,7 +3405,7 @@ def test_flags_without_effect_in_the_chosen_method_are_refused(capsys, argv, mes
     (["--device", "bogus"], r"--device 'bogus': expected cuda, cuda:N or cpu"),
     (["--lr", "nan"], r"--lr must be a finite number, got nan"),
     (["--lr=inf"], r"--lr must be a finite number, got inf"),
-    (["--grad-clip=nan"], r"--grad-clip must be a finite number, got nan"),
+    (["--clip=nan"], r"--clip must be a finite number, got nan"),
     (["--temperature", "nan"], r"--temperature must be a finite number"),
     (["--clip", "nan"], r"--clip must be a finite number"),
     (["--lambda-max", "nan"], r"--lambda-max must be a finite number"),
@@ -3512,6 +3501,72 @@ def test_an_error_raised_inside_eval_during_training_is_one_paragraph(tmp_path, 
 
 
 # -----------------------------------------------------------------------------
+# The worked step (python tiny_tasks.py): what it prints is what the step computed and the update used
+
+def test_the_worked_step_prints_the_numbers_the_update_used(monkeypatch):
+    received = []
+    real_update = antisd.update_policy
+
+    def spy(model, optimizer, prompts, responses, terms, *rest):
+        received.append(terms["advantages"].clone())
+        return real_update(model, optimizer, prompts, responses, terms, *rest)
+    monkeypatch.setattr(antisd, "update_policy", spy)
+    lines = []
+    done, batch, row = tiny_tasks.worked_step("tiny-random", seed=0, prompts_per_step=2, show=lines.append)
+    text = "\n".join(lines)
+    assert len(received) == 6 and "step 6, problem" in text and "lambda = 0.5" in text  # W = 5, then the term is on
+    # 3: the group's advantages as printed are the z-scores of its printed rewards (float64, sample std)
+    group = [m.groups() for m in (re.search(r"rollout \d: reward (\d)  A_seq ([-+]\d\.\d{3})", line) for line in lines) if m]
+    assert len(group) == 8
+    rewards = [float(r) for r, _ in group]
+    mean, std = sum(rewards) / 8, (sum((r - sum(rewards) / 8) ** 2 for r in rewards) / 7) ** 0.5
+    assert [float(a) for _, a in group] == pytest.approx([(r - mean) / (std + 1e-6) for r in rewards], abs=1e-3)
+    # 6: every token row: u = t - s, -phi(u), and A = A_seq + lambda * -phi(u), recomputed from the printed
+    # s and t in float64, and equal to the advantages the update received for that rollout
+    rows = [line.split()[-5:] for line in lines[lines.index(next(l for l in lines if l.startswith("   token"))) + 1:]
+            if re.fullmatch(r"(\s+-?\d+\.\d{3}){5}", line[-45:])]
+    length = int(done.mask[row].sum())
+    assert len(rows) == length > 0
+    a_seq = float(group[row % 8][1])
+    for k, (s, t, u, term, advantage) in enumerate(map(lambda r: [float(x) for x in r], rows)):
+        assert u == pytest.approx(t - s, abs=2.5e-3)
+        assert term == pytest.approx(-0.5 * (math.log1p(math.exp(u)) - math.log(2.0)), abs=2e-3)
+        assert advantage == pytest.approx(a_seq + 0.5 * term, abs=2e-3)
+        assert advantage == pytest.approx(float(received[-1][row, k]), abs=1e-3)
+
+
+# -----------------------------------------------------------------------------
+# README's code map: which lines of antisd.py hold each step
+
+def code_map(source):
+    """README's table, from antisd.py itself: for each numbered banner of Part I (and the loop), its
+    first and last line and the functions and classes defined under it."""
+    lines, rows, current = source.split("\n"), [], None
+    part_two = next(k for k, line in enumerate(lines) if line.startswith("# Part II"))
+    for k, line in enumerate(lines[:part_two]):
+        banner = re.match(r"# (\d\. .*|The training loop.*)", line) if lines[k - 1].startswith("# ----") else None
+        if banner:
+            current = [banner.group(1).split(":")[0].split(" (")[0], k + 1, k + 1, []]
+            rows.append(current)
+        elif current:
+            definition = re.match(r"(?:def|class) (\w+)", line)
+            if definition:
+                current[3].append(definition.group(1))
+            if line.strip() and not line.startswith("# ===") and not line.startswith("# ----"):
+                current[2] = k + 1
+    table = ["| step | lines of antisd.py | what defines it |", "|---|---|---|"]
+    table += [f"| {title} | {first}-{last} | {', '.join(f'`{name}`' for name in names)} |"
+              for title, first, last, names in rows]
+    return "\n".join(table)
+
+
+def test_readme_code_map_gives_the_lines_antisd_py_has_now():
+    expected = code_map((HERE / "antisd.py").read_text())
+    assert expected.count("\n") >= 9 and "| 6. Per-token advantages |" in expected  # steps 1-7 and the loop were found
+    assert expected in (HERE / "README.md").read_text(), "README's code map is stale; it should read:\n" + expected
+
+
+# -----------------------------------------------------------------------------
 # Installation: what a fresh clone on a new machine needs
 
 # import names that a dependency may import although no package of that name is installed here
@@ -3534,3 +3589,118 @@ def test_no_module_of_the_repository_stands_in_for_a_package_its_dependencies_im
              | {module.name for module in pkgutil.iter_modules(elsewhere)})
     assert "antisd" in ours and "torch" in taken and "json" in taken  # the two sides were found
     assert not ours & taken, f"these modules of the repository shadow installed or standard ones: {sorted(ours & taken)}"
+
+
+def compile_triton_kernels_for_gpus(kernels_path, archs=(80, 90)):
+    """Prints one JSON line per (kernel variant, arch) and returns 0 when every kernel fits, 1 when
+    one does not, 77 when nothing could be checked (no triton, NVIDIA backend or ptxas).
+    Self-contained (imports inside) so that a test can run its source with `python -c`."""
+    import contextlib, importlib.util, io, json, os, re, tempfile, time, traceback
+
+    def report(record):
+        print(json.dumps(record), flush=True)
+
+    def skip(reason):
+        report({"skip": reason})
+        return 77
+
+    def count(pattern, log, default=None):   # a number from ptxas's report
+        match = re.search(pattern, log)
+        if match is None and default is None:
+            raise ValueError(f"no {pattern!r} in the ptxas report:\n{log}")
+        return int(match.group(1)) if match else default
+
+    os.environ["TRITON_INTERPRET"] = "0"     # interpreted kernels cannot be compiled
+    try:
+        import triton
+    except ImportError as exc:
+        return skip(f"triton does not import: {exc}")
+    from triton import knobs
+    from triton.backends import backends
+    if "nvidia" not in backends:
+        return skip("Triton has no NVIDIA backend")
+    try:
+        knobs.nvidia.ptxas.path
+    except RuntimeError as exc:              # "Cannot find ptxas"
+        return skip(f"Triton's NVIDIA backend has no ptxas: {exc}")
+    import torch
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource, make_backend
+    from triton.runtime.jit import MockTensor, create_function_from_signature
+
+    spec = importlib.util.spec_from_file_location("antisd_kernels_aot", kernels_path)
+    k = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(k)
+
+    # Arguments as _TritonTokenStats.forward/backward pass them, for contiguous bf16 logits with
+    # Qwen's vocabulary (the value of V and the strides decide Triton's divisibility specialisation).
+    V = 151_936
+    bf16, f32, i64 = (MockTensor(dtype) for dtype in (torch.bfloat16, torch.float32, torch.int64))
+    floats = (k.LOG2E, 1.0, 0.5)                                   # scale, inv_temp, beta
+    fwd_args = (bf16, V, bf16, V, i64, f32, f32, f32, f32, f32, f32, V, *floats)
+    bwd_args = (bf16, V, bf16, V, i64, f32, f32, f32, f32, bf16, V, V, *floats)
+    variants = [(k._token_stats_fwd_kernel, fwd_args,
+                 dict(HAS_TEACHER=teacher, BLOCK=k.FWD_BLOCK, num_warps=k.FWD_WARPS))
+                for teacher in (True, False)]
+    variants += [(k._token_stats_bwd_kernel, bwd_args,
+                  dict(USE_JSD=jsd, ROUND_BF16_BY_HAND=False, BLOCK=k.BWD_BLOCK, num_warps=k.BWD_WARPS))
+                 for jsd in (True, False)]
+    max_shared = {80: 166912, 90: 232448}    # opt-in bytes per block: A100 163 KB, H100 227 KB
+
+    knobs.nvidia.dump_ptxas_log = True       # Triton then prints the report of its own `ptxas -v` run
+    failed = False
+    with tempfile.TemporaryDirectory() as cache:
+        knobs.cache.dir = cache              # a fresh cache: every kernel is compiled, so ptxas reports
+        for arch in archs:
+            target = GPUTarget("cuda", arch, 32)
+            backend = make_backend(target)
+            for fn, args, kwargs in variants:
+                record = {"kernel": fn.__name__, **kwargs, "arch": arch}
+                try:
+                    # The launcher's own binder turns the arguments into the signature, constexprs
+                    # and attributes of a real launch, in the installed Triton's format.
+                    bind = create_function_from_signature(fn.signature, fn.params, backend)
+                    bound, specialization, options = bind(*args, **kwargs)
+                    options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound,
+                                                                          specialization, options)
+                    log = io.StringIO()
+                    start = time.perf_counter()
+                    with contextlib.redirect_stdout(log):
+                        kernel = triton.compile(ASTSource(fn, signature, constexprs, attrs),
+                                                target=target, options=options.__dict__)
+                    record["seconds"] = round(time.perf_counter() - start, 2)
+                    log = log.getvalue()
+                    record.update(registers=count(r"Used (\d+) registers", log),
+                                  spill_stores=count(r"(\d+) bytes spill stores", log),
+                                  spill_loads=count(r"(\d+) bytes spill loads", log),
+                                  shared=kernel.metadata.shared,                   # Triton's (dynamic)
+                                  static_smem=count(r"(\d+) bytes smem", log, 0))  # ptxas's, if any
+                    record["problems"] = [problem for problem, bad in (
+                        ("register spill", record["spill_stores"] or record["spill_loads"]),
+                        ("over 255 registers", record["registers"] > 255),
+                        (f"over {max_shared[arch]} bytes of shared memory",
+                         record["shared"] + record["static_smem"] > max_shared[arch])) if bad]
+                except Exception as exc:     # a compile error (or an unreadable ptxas report)
+                    record["problems"] = ["".join(traceback.format_exception(exc, limit=0)).strip()]
+                failed |= bool(record["problems"])
+                report(record)
+    return 1 if failed else 0
+
+
+def test_triton_kernels_compile_for_a100_and_h100_without_spills():
+    """Compiles every kernel variant that a GPU launches, with its BLOCK and num_warps, for sm_80 and
+    sm_90 through Triton and its ptxas, no GPU needed, and fails on a compile error, a register
+    spill, over 255 registers or more shared memory than the card gives a block. The compiler runs
+    in a fresh interpreter with TRITON_INTERPRET=0 (this file turns the interpreter on, and
+    interpreted kernels cannot be compiled): the function's own source, passed to `python -c`."""
+    code = (inspect.getsource(compile_triton_kernels_for_gpus) + "\nimport sys\n"
+            f"sys.exit(compile_triton_kernels_for_gpus({antisd_kernels.__file__!r}))\n")
+    proc = subprocess.run([sys.executable, "-c", code], env={**os.environ, "TRITON_INTERPRET": "0"},
+                          capture_output=True, text=True, timeout=600)
+    records = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    if proc.returncode == 77:
+        pytest.skip(records[-1]["skip"])
+    assert proc.returncode in (0, 1) and len(records) == 8, proc.stdout + proc.stderr[-5000:]
+    failures = [json.dumps({key: value for key, value in record.items() if key != "problems"}) + "\n"
+                + "\n".join(record["problems"]) for record in records if record["problems"]]
+    assert not failures, "\n\n".join(failures)
