@@ -1875,7 +1875,9 @@ def load_checkpoint(path, device, state_file="trainer_state.pt"):
             read(file, lambda: read_json(file))
         elif name.endswith(".safetensors"):  # the header gives every tensor's bytes: a cut file fails here
             read(file, lambda: safe_open(file, "pt").keys())
-    state = read(os.path.join(path, state_file), lambda: torch.load(os.path.join(path, state_file), weights_only=False))
+    # weights_only: tensors, numbers, strings and containers only; a pickled object that would run code is
+    # refused (the file is then damaged, and the checkpoint before it is used)
+    state = read(os.path.join(path, state_file), lambda: torch.load(os.path.join(path, state_file), weights_only=True))
     check_trainer_state(state, os.path.join(path, state_file))
     model, tokenizer = read(f"the model in {path}", lambda: load_model(path, device))
     return state, model, tokenizer

@@ -2804,6 +2804,31 @@ def test_resume_falls_back_from_a_damaged_checkpoint_and_redoes_its_step_exactly
                      r"run/checkpoint-1: config\.json missing", code), code
 
 
+class WritesAFileWhenUnpickled:
+    """A pickled object that runs code when loaded: what a shared or downloaded checkpoint could hold."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (Path.write_text, (Path(self.path), "the payload ran"))
+
+
+def test_a_trainer_state_holding_code_is_never_run_and_counts_as_damaged(two_step_run, tmp_path, monkeypatch, capsys):
+    run = copy_of(two_step_run, tmp_path, monkeypatch)
+    witness = tmp_path / "payload-ran"
+    state_file = run / "checkpoint-2" / "trainer_state.pt"
+    state = torch.load(state_file, weights_only=True)
+    state["extra"] = WritesAFileWhenUnpickled(witness)
+    torch.save(state, state_file)
+    with pytest.raises(antisd.UserError, match=r"checkpoint-2/trainer_state\.pt cannot be read"):
+        antisd.load_checkpoint(str(run / "checkpoint-2"), torch.device("cpu"))
+    antisd.main(SMALL_RUN + ["--dataset", "data.jsonl", "--steps", "2", "--save-every", "1", "--lr", "1e-3",
+                             "--out-dir", "run", "--resume"])
+    assert "resumed from run/checkpoint-1" in capsys.readouterr().out   # the one before it, whole
+    assert not witness.exists()
+
+
 def test_resume_on_an_edited_dataset_is_refused(two_step_run, tmp_path, monkeypatch):
     run = copy_of(two_step_run, tmp_path, monkeypatch)
     rows = antisd.read_jsonl("data.jsonl")
