@@ -625,6 +625,8 @@ def main(argv=None):
     first_step = 1
     if resumed:
         first_step = restore_trainer_state(resumed, optimizer, stream, gate, rng, device)
+        if first_step > args.steps:
+            return nothing_left_to_run(checkpoint, first_step - 1, args.steps)
         print(f"resumed from {checkpoint}: continuing at step {first_step}")
     logs = RunLogs(args.out_dir, world, first_step)
     timer, bad_steps, last_saved = PhaseTimer(device), 0, checkpoint if resumed else None
@@ -1114,6 +1116,9 @@ def read_jsonl(path, with_line_numbers=False):
                                 f"position {e.start})") from None
             except json.JSONDecodeError as e:
                 raise UserError(f"{path}, line {line_number}: invalid JSON ({e.msg})") from None
+            except (ValueError, RecursionError) as e:  # json's own limits: a 5,000-digit number, deep nesting
+                reason = "nested too deeply" if isinstance(e, RecursionError) else one_line(e, 120)
+                raise UserError(f"{path}, line {line_number}: JSON that cannot be read ({reason})") from None
             if not isinstance(row, dict):
                 raise UserError(f"{path}, line {line_number}: expected a JSON object, got {type(row).__name__}")
             rows.append((line_number, row) if with_line_numbers else row)
@@ -1295,16 +1300,38 @@ def load_model(name, device):
             if name in TINY_MODELS else name
         from transformers import AutoModelForCausalLM, AutoTokenizer
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        refuse_pickled_weights(name)
         try:
             tokenizer = AutoTokenizer.from_pretrained(name)
             model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
         except (OSError, ValueError) as e:  # not on the hub (or offline), not a model folder
             where = "from its local folder" if os.path.isdir(name) else "no such local folder, nor from the hub"
             raise UserError(f"--model {name}: could not load it ({where}): {one_line(e)}") from None
+    refuse_non_finite_weights(model, f"--model {name}")
     tokenizer.padding_side = "left"
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model.to(device), tokenizer
+
+
+def refuse_pickled_weights(folder):
+    """Weights are read from safetensors only: a pickle (pytorch_model.bin) can run code when loaded."""
+    if not os.path.isdir(folder):
+        return
+    names = os.listdir(folder)
+    pickled = sorted(n for n in names if n.endswith((".bin", ".pt", ".pth", ".pkl")) and "model" in n)
+    if pickled and not any(n.endswith(".safetensors") for n in names):
+        raise UserError(f"--model {folder}: its weights are only in a pickle ({', '.join(pickled)}), which can run "
+                        f"code when it is loaded, so it is not read. Convert it where you trust it "
+                        f"(AutoModelForCausalLM.from_pretrained(folder).save_pretrained(folder) writes safetensors)")
+
+
+def refuse_non_finite_weights(model, what):
+    """A NaN or inf weight makes every sampling step fail, or every answer silently wrong."""
+    bad = [name for name, p in model.named_parameters() if not bool(torch.isfinite(p).all())]
+    if bad:
+        raise UserError(f"{what}: {len(bad)} weight tensor(s) hold NaN or inf values ({', '.join(bad[:3])}"
+                        f"{', ...' if len(bad) > 3 else ''}): the model is damaged")
 
 
 def stop_token_ids(model, tokenizer):
@@ -1389,8 +1416,13 @@ class RunLogs:
     def __init__(self, out_dir, world, first_step):
         self.rank = world.rank
         if self.rank == 0:
-            for name in ("metrics.jsonl", "rollouts.jsonl"):
-                keep_log_lines_up_to(os.path.join(out_dir, name), first_step - 1)
+            logged = keep_log_lines_up_to(os.path.join(out_dir, "metrics.jsonl"), first_step - 1)
+            keep_log_lines_up_to(os.path.join(out_dir, "rollouts.jsonl"), first_step - 1)
+            missing = sorted(set(range(1, first_step)) - set(logged))
+            if missing:  # a deleted or cut log: continue (the checkpoint is whole), but never silently
+                print(f"warning: {os.path.join(out_dir, 'metrics.jsonl')} has no line for step(s) "
+                      f"{step_ranges(missing)}, which the checkpoint has already trained: the resumed log will "
+                      f"have a gap there", file=sys.stderr, flush=True)
         self.metrics = open(os.path.join(out_dir, "metrics.jsonl") if self.rank == 0 else os.devnull, "a")
         self.rollouts = open(os.path.join(out_dir, "rollouts.jsonl") if self.rank == 0 else os.devnull, "a")
         self.progress = None
@@ -1489,6 +1521,17 @@ def evaluate_in_loop(evaluation, model, tokenizer, eval_sets, args):
             for key, value in metrics.items()}
 
 
+def step_ranges(steps):
+    """[1, 2, 3, 7] -> "1-3, 7"."""
+    ranges, start = [], None
+    for k, step in enumerate(steps):
+        start = step if start is None else start
+        if k + 1 == len(steps) or steps[k + 1] != step + 1:
+            ranges.append(f"{start}-{step}" if step > start else f"{step}")
+            start = None
+    return ", ".join(ranges)
+
+
 def finite_or_none(value):
     """JSON has no NaN: a non-finite number is written as null."""
     return value if not isinstance(value, float) or math.isfinite(value) else None
@@ -1497,24 +1540,27 @@ def finite_or_none(value):
 def keep_log_lines_up_to(path, step):
     """A resumed run redoes the steps after its checkpoint: drop their old log lines. A kill can
     leave the last line half-written; it is dropped too. The file is rewritten into a new file that
-    then replaces it, so a kill during the rewrite leaves the old one whole."""
+    then replaces it, so a kill during the rewrite leaves the old one whole. Returns the steps kept."""
     if not os.path.exists(path):
-        return
+        return []
     with open(path, "rb") as f:
         lines = f.read().split(b"\n")
-    kept = []
+    kept, kept_steps = [], []
     for line_number, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
             logged_step = json.loads(line)["step"]
-        except (ValueError, KeyError, TypeError):
+            kept_steps.append(int(logged_step))
+        except (ValueError, KeyError, TypeError, RecursionError):
             if line_number == len(lines):  # no newline after it: torn by a kill mid-write
                 continue
             raise UserError(f"{path}, line {line_number}: not a log line of this program "
                             f"(move the file away to resume without it)") from None
         if logged_step <= step:
             kept.append(line + b"\n")
+        else:
+            kept_steps.pop()
     temporary = path + ".tmp"
     try:
         with open(temporary, "wb") as f:
@@ -1527,6 +1573,7 @@ def keep_log_lines_up_to(path, step):
         raise UserError(disk_full_message(f"the log lines kept up to step {step}", temporary, e,
                                           os.path.dirname(path) or ".")) from None
     os.replace(temporary, path)
+    return kept_steps
 
 
 def phase_peak_memory_gb(device):
@@ -1651,6 +1698,17 @@ class StopRequests:
               f"  python antisd.py {shlex.join(command + ['--resume'])}")
 
 
+def nothing_left_to_run(checkpoint, saved_step, steps):
+    """--resume when the newest whole checkpoint is already at or past --steps: say so, train nothing."""
+    if saved_step == steps:
+        print(f"the run is complete: {checkpoint} is step {saved_step} of --steps {steps}; nothing to do "
+              f"(pass a larger --steps to train further)")
+        return
+    raise UserError(f"--resume --steps {steps}: the newest whole checkpoint, {checkpoint}, is already at step "
+                    f"{saved_step}; nothing was run. Pass --steps {saved_step + 1} or more to train further, or "
+                    f"use {checkpoint} as it is")
+
+
 def too_many_bad_steps(step, bad_steps, last_saved, args):
     return SystemExit(f"stopping at step {step}: {bad_steps} consecutive steps had a non-finite loss "
                       f"or gradient and were not applied (MAX_BAD_STEPS in antisd.py). "
@@ -1689,7 +1747,7 @@ def lock_out_dir(out_dir):
         holder = lock.read().strip() or "(it has not written its pid yet)"
         lock.close()
         raise UserError(f"--out-dir {out_dir} is in use by another run: process {holder} holds {path}. "
-                        f"Two runs in one folder would overwrite each other's log and checkpoints: wait for "
+                        f"Two runs in one folder would overwrite each other's files: wait for "
                         f"that run to end (or stop it), then pass --resume to continue it, or choose "
                         f"another --out-dir") from None
     lock.seek(0)
@@ -1879,6 +1937,9 @@ def load_checkpoint(path, device, state_file="trainer_state.pt"):
     # refused (the file is then damaged, and the checkpoint before it is used)
     state = read(os.path.join(path, state_file), lambda: torch.load(os.path.join(path, state_file), weights_only=True))
     check_trainer_state(state, os.path.join(path, state_file))
+    if not all(bool(torch.isfinite(m).all()) for m in state["optimizer"].get("master", [])
+               if isinstance(m, torch.Tensor)):
+        raise UserError(f"{os.path.join(path, state_file)}: the float32 master weights hold NaN or inf values")
     model, tokenizer = read(f"the model in {path}", lambda: load_model(path, device))
     return state, model, tokenizer
 

@@ -116,7 +116,8 @@ OFFLINE_BENCHMARK_SIZE = 500
 def offline_benchmark(name, count):
     """The first `count` held-out problems of a tiny task, each problem once."""
     if count > OFFLINE_BENCHMARK_SIZE:
-        raise ValueError(f"{name}: the benchmark has {OFFLINE_BENCHMARK_SIZE} problems, asked for {count}")
+        raise antisd.UserError(f"{name}: the benchmark has {OFFLINE_BENCHMARK_SIZE} problems; a limit of {count} "
+                               f"(--limit, or antisd.py's --eval-limit) asks for more")
     make_problems, draws = OFFLINE_BENCHMARKS[name]
     unique = {}
     for item in make_problems(draws * OFFLINE_BENCHMARK_SIZE, seed=-1, held_out=True):
@@ -389,7 +390,7 @@ def read_run(run_dir):
     """metrics.jsonl of a run as a list of dicts, in step order."""
     path = os.path.join(run_dir, "metrics.jsonl")
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{run_dir}: no metrics.jsonl (is it an --out-dir of antisd.py?)")
+        raise antisd.UserError(f"{run_dir}: no metrics.jsonl (is it an --out-dir of antisd.py?)")
     return sorted(antisd.read_jsonl(path), key=lambda line: line["step"])
 
 
@@ -502,10 +503,10 @@ def show_tokens(run_dir, out_dir, steps_shown=6, scale=3.0):
     import html
     path = os.path.join(run_dir, "rollouts.jsonl")
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{run_dir}: no rollouts.jsonl (is it an --out-dir of antisd.py?)")
+        raise antisd.UserError(f"{run_dir}: no rollouts.jsonl (is it an --out-dir of antisd.py?)")
     rollouts = [r for r in antisd.read_jsonl(path) if "tokens" in r]
     if not rollouts:
-        raise ValueError(f"{path}: no rollout has per-token u ('tokens'); it was written by an older antisd.py")
+        raise antisd.UserError(f"{path}: no rollout has per-token u ('tokens'); it was written by an older antisd.py")
     steps = sorted({r["step"] for r in rollouts})
     count = min(steps_shown, len(steps))  # the first, the last and evenly spaced steps between them
     chosen = sorted({steps[round(k * (len(steps) - 1) / max(1, count - 1))] for k in range(count)})
@@ -560,7 +561,7 @@ def read_done_problems(path):
         try:
             sample = json.loads(line)
             key = (sample["benchmark"], sample["index"])
-        except (ValueError, KeyError, TypeError):
+        except (ValueError, KeyError, TypeError, RecursionError):
             if line_number == len(lines):  # no newline after it: torn by a kill mid-write
                 continue
             raise antisd.UserError(f"{path}, line {line_number}: not a sample line of eval.py (move the file "
@@ -595,8 +596,11 @@ def start_or_resume(args, benchmarks):
     try:
         with open(settings_path) as f:
             saved = json.load(f)
-    except ValueError as e:
+    except (ValueError, RecursionError) as e:
         raise antisd.UserError(f"--resume: {settings_path} cannot be read ({antisd.one_line(e)})") from None
+    if not isinstance(saved, dict):
+        raise antisd.UserError(f"--resume: {settings_path} holds a JSON {type(saved).__name__}, not the settings of "
+                               f"an evaluation (move it away to evaluate again from the start)")
     changed = [f"--{key.replace('_', '-')} {saved.get(key)!r} -> {value!r}" if key != "problems" else
                "the problems of --benchmarks (fingerprint) changed" for key, value in settings.items()
                if saved.get(key) != value]
@@ -610,6 +614,34 @@ def start_or_resume(args, benchmarks):
                                f"({sorted(set(done) - known)[:3]}); it was written by another evaluation")
     print(f"resuming the evaluation in {args.out_dir}: {len(done)} of {len(known)} problems done")
     return done
+
+
+def model_fingerprint(model):
+    """A hash of the model's config and every weight's bytes: the model itself, not its path (a folder
+    whose model.safetensors was replaced is another model)."""
+    digest = hashlib.sha256(model.config.to_json_string(use_diff=False).encode())
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def check_model_identity(args, model):
+    """Records the model's fingerprint in settings.json, or on --resume refuses a model other than the
+    one that wrote the samples so far."""
+    settings_path = os.path.join(args.out_dir, "settings.json")
+    with open(settings_path) as f:
+        settings = json.load(f)
+    fingerprint = model_fingerprint(model)
+    if args.resume and settings.get("model_fingerprint") not in (None, fingerprint):
+        raise antisd.UserError(f"refusing to resume the evaluation in {args.out_dir}: --model {args.model} is not "
+                               f"the model it started with (its weights or config changed: fingerprint "
+                               f"{settings['model_fingerprint']} -> {fingerprint}); evaluate it into another --out-dir")
+    settings["model_fingerprint"] = fingerprint
+    temporary = settings_path + ".tmp"
+    with open(temporary, "w") as f:
+        json.dump(settings, f, indent=2)
+    os.replace(temporary, settings_path)
 
 
 # -----------------------------------------------------------------------------
@@ -663,13 +695,11 @@ def main(argv=None):
     if not names:
         parser.error(f"--benchmarks names no benchmark; choose from: {', '.join(BENCHMARKS)}")
     benchmarks = {name: load_benchmark(name, args.data_dir, args.limit or None) for name in names}  # data errors before the model loads
-    try:
-        os.makedirs(args.out_dir, exist_ok=True)  # before the model loads, not after the evaluation
-    except OSError as e:
-        raise antisd.UserError(f"--out-dir {args.out_dir}: cannot create it ({e.strerror})") from None
+    antisd.lock_out_dir(args.out_dir)  # one evaluation per folder: two would mix their samples
     done = start_or_resume(args, benchmarks)
     device = antisd.pick_device(args.device, args.model)
     model, tokenizer = antisd.load_model(args.model, device)
+    check_model_identity(args, model)
 
     started = time.time()
     with open(os.path.join(args.out_dir, "samples.jsonl"), "a") as samples_file:

@@ -2863,7 +2863,7 @@ def test_a_second_run_into_a_busy_out_dir_is_refused_naming_the_holder_and_a_kil
             first.kill()
     assert str(first.pid) in (out_dir / antisd.LOCK_FILE).read_text()   # its pid stays in the file
     capsys.readouterr()
-    antisd.main(RUN + ["--steps", "1", "--out-dir", str(out_dir), "--resume"])
+    antisd.main(RUN + ["--steps", "2", "--out-dir", str(out_dir), "--resume"])
     assert "resumed from" in capsys.readouterr().out
     assert (out_dir / antisd.LOCK_FILE).read_text().startswith(f"{os.getpid()} on ")
 
@@ -2985,6 +2985,153 @@ def test_resume_falls_back_from_a_trainer_state_of_another_version_and_redoes_it
     assert text == ("error: --resume: no checkpoint is whole: run/checkpoint-2/trainer_state.pt does not fit this "
                     "version of antisd.py (format 2): missing 'stream'; run/checkpoint-1/trainer_state.pt does not "
                     "fit this version of antisd.py (format 2): missing 'stream'"), text
+
+
+# -----------------------------------------------------------------------------
+# Infrastructure: trust what is loaded and what is reported
+
+def saved_tiny_model(folder, seed=0, pickled=False):
+    model, tokenizer = tiny_tasks.build_tiny(seed=seed)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    if pickled:  # as older transformers wrote them (transformers 5 writes safetensors only)
+        torch.save(model.state_dict(), folder / "pytorch_model.bin")
+        (folder / "model.safetensors").unlink()
+    return folder
+
+
+@pytest.mark.parametrize("script", ["antisd", "eval"])
+def test_a_model_folder_with_only_pickled_weights_is_refused_in_one_paragraph(tmp_path, capsys, script):
+    folder = saved_tiny_model(tmp_path / "pickled", pickled=True)
+    assert (folder / "pytorch_model.bin").exists() and not list(folder.glob("*.safetensors"))
+    argv = (TINY_RUN[2:] + ["--model", str(folder), "--steps", "1", "--eval-every", "0", "--out-dir", str(tmp_path / "run")]
+            if script == "antisd" else EVAL[2:] + ["--model", str(folder), "--limit", "2", "--out-dir", str(tmp_path / "e")])
+    code, text = failure_message(capsys, antisd.main if script == "antisd" else evaluation.main, argv)
+    assert re.fullmatch(r"error: --model .*pickled: its weights are only in a pickle \(pytorch_model\.bin\), which can "
+                        r"run code when it is loaded, so it is not read\. .*", code)
+
+
+@pytest.mark.parametrize("script", ["antisd", "eval"])
+def test_a_model_folder_with_nan_weights_is_refused_naming_it(tmp_path, capsys, script):
+    model, tokenizer = tiny_tasks.build_tiny(seed=0)
+    with torch.no_grad():
+        model.model.layers[1].mlp.up_proj.weight[3, 5] = float("nan")
+    model.save_pretrained(tmp_path / "nan")
+    tokenizer.save_pretrained(tmp_path / "nan")
+    argv = (TINY_RUN[2:] + ["--model", str(tmp_path / "nan"), "--steps", "1", "--eval-every", "0", "--out-dir", str(tmp_path / "run")]
+            if script == "antisd" else EVAL[2:] + ["--model", str(tmp_path / "nan"), "--limit", "2", "--out-dir", str(tmp_path / "e")])
+    code, text = failure_message(capsys, antisd.main if script == "antisd" else evaluation.main, argv)
+    assert re.fullmatch(r"error: --model .*nan: 1 weight tensor\(s\) hold NaN or inf values "
+                        r"\(model\.layers\.1\.mlp\.up_proj\.weight\): the model is damaged", code), code
+
+
+def test_a_checkpoint_with_non_finite_master_weights_counts_as_damaged(two_step_run, tmp_path, monkeypatch, capsys):
+    run = copy_of(two_step_run, tmp_path, monkeypatch)
+    state_file = run / "checkpoint-2" / "trainer_state.pt"
+    state = torch.load(state_file, weights_only=True)
+    state["optimizer"]["master"][4][0] = float("inf")
+    torch.save(state, state_file)
+    antisd.main(SMALL_RUN + ["--dataset", "data.jsonl", "--steps", "2", "--save-every", "1", "--lr", "1e-3",
+                             "--out-dir", "run", "--resume"])
+    out, err = capsys.readouterr()
+    assert "checkpoint run/checkpoint-2 is damaged: run/checkpoint-2/trainer_state.pt: the float32 master " \
+           "weights hold NaN or inf values" in err
+    assert "resumed from run/checkpoint-1: continuing at step 2" in out
+
+
+def test_resume_with_steps_at_or_below_the_newest_checkpoint_says_so_instead_of_done(two_step_run, tmp_path,
+                                                                                    monkeypatch, capsys):
+    run = copy_of(two_step_run, tmp_path, monkeypatch)
+    argv = SMALL_RUN + ["--dataset", "data.jsonl", "--save-every", "1", "--lr", "1e-3", "--out-dir", "run", "--resume"]
+    logged = metrics_lines(run)
+    antisd.main(argv + ["--steps", "2"])
+    out = capsys.readouterr().out
+    assert "the run is complete: run/checkpoint-2 is step 2 of --steps 2; nothing to do" in out and "done:" not in out
+    code, text = failure_message(capsys, antisd.main, argv + ["--steps", "1"])
+    assert code == ("error: --resume --steps 1: the newest whole checkpoint, run/checkpoint-2, is already at step 2; "
+                    "nothing was run. Pass --steps 3 or more to train further, or use run/checkpoint-2 as it is")
+    assert metrics_lines(run) == logged and sorted(os.listdir(run)) == sorted(os.listdir(two_step_run / "run"))
+
+
+@pytest.mark.parametrize("damage, missing", [(lambda path: path.unlink(), "1-2"),
+                                             (lambda path: path.write_text(path.read_text().splitlines()[0] + "\n"), "2")])
+def test_a_resumed_run_names_the_steps_its_log_is_missing(two_step_run, tmp_path, monkeypatch, capsys, damage, missing):
+    run = copy_of(two_step_run, tmp_path, monkeypatch)
+    damage(run / "metrics.jsonl")
+    antisd.main(SMALL_RUN + ["--dataset", "data.jsonl", "--steps", "3", "--save-every", "1", "--lr", "1e-3",
+                             "--out-dir", "run", "--resume"])
+    err = capsys.readouterr().err
+    assert (f"warning: run/metrics.jsonl has no line for step(s) {missing}, which the checkpoint has already trained: "
+            f"the resumed log will have a gap there") in err
+    assert [line["step"] for line in metrics_lines(run)] == ([3] if missing == "1-2" else [1, 3])
+    assert antisd.step_ranges([1, 2, 3, 7, 9, 10]) == "1-3, 7, 9-10"
+
+
+def test_two_evaluations_never_share_an_out_dir(tmp_path, capsys):
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time, antisd; antisd.lock_out_dir(sys.argv[1]); "
+                               "print('locked', flush=True); time.sleep(60)", str(tmp_path / "e")],
+                              env=FAST, cwd=HERE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        code, text = failure_message(capsys, evaluation.main, EVAL + ["--limit", "2", "--out-dir", str(tmp_path / "e")])
+        assert code.startswith(f"error: --out-dir {tmp_path / 'e'} is in use by another run: process {holder.pid} on ")
+        assert not (tmp_path / "e" / "samples.jsonl").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_a_resumed_evaluation_refuses_a_model_whose_weights_changed(tmp_path, capsys):
+    folder = saved_tiny_model(tmp_path / "model", seed=0)
+    argv = EVAL[2:] + ["--model", str(folder), "--limit", "3", "--out-dir", str(tmp_path / "e")]
+    evaluation.main(argv)
+    (tmp_path / "e" / "results.json").unlink()                       # as if killed before the end
+    evaluation.main(argv + ["--resume"])                             # the same model: accepted
+    saved_tiny_model(tmp_path / "model", seed=1)                     # another model in the same folder
+    code, text = failure_message(capsys, evaluation.main, argv + ["--resume"])
+    assert re.fullmatch(rf"error: refusing to resume the evaluation in {re.escape(str(tmp_path / 'e'))}: --model "
+                        rf".*model is not the model it started with \(its weights or config changed: fingerprint "
+                        rf"[0-9a-f]{{16}} -> [0-9a-f]{{16}}\); evaluate it into another --out-dir", code), code
+
+
+def one_paragraph(capsys, main, argv):
+    code, text = failure_message(capsys, main, argv)
+    assert isinstance(code, str) and code.startswith("error: ") and "\n" not in code and "Traceback" not in code, code
+    return code
+
+
+def test_bad_inputs_to_eval_and_antisd_are_one_paragraph_each(tmp_path, capsys):
+    (tmp_path / "not_a_run").mkdir()
+    assert "not_a_run: no metrics.jsonl" in one_paragraph(capsys, evaluation.main, ["--compare", str(tmp_path / "not_a_run")])
+    assert "not_a_run: no rollouts.jsonl" in one_paragraph(capsys, evaluation.main, ["--show", str(tmp_path / "not_a_run")])
+    write_jsonl(tmp_path / "not_a_run" / "rollouts.jsonl", [{"step": 1, "response": "x"}])
+    assert "no rollout has per-token u" in one_paragraph(capsys, evaluation.main, ["--show", str(tmp_path / "not_a_run")])
+    assert "arith: the benchmark has 500 problems; a limit of 600" in one_paragraph(
+        capsys, evaluation.main, EVAL + ["--limit", "600", "--out-dir", str(tmp_path / "e600")])
+    assert "arith: the benchmark has 500 problems; a limit of 600" in one_paragraph(
+        capsys, antisd.main, TINY_RUN + ["--steps", "1", "--eval-every", "1", "--eval-benchmarks", "arith",
+                                         "--eval-limit", "600", "--out-dir", str(tmp_path / "r600")])
+    evaluation.main(EVAL + ["--limit", "2", "--out-dir", str(tmp_path / "e")])
+    (tmp_path / "e" / "settings.json").write_text("[1, 2]")
+    assert "settings.json holds a JSON list, not the settings of an evaluation" in one_paragraph(
+        capsys, evaluation.main, EVAL + ["--limit", "2", "--out-dir", str(tmp_path / "e"), "--resume"])
+
+
+@pytest.mark.parametrize("row, reason", [('{"problem": "1+1?", "answer": ' + "7" * 5000 + '}', r"Exceeds the limit \(4300 digits\)"),
+                                         ('{"problem": "1+1?", "answer": ' + "[" * 100_000 + "]" * 100_000 + '}', "nested too deeply")])
+def test_a_row_that_json_cannot_read_is_one_paragraph_through_every_reader(tmp_path, capsys, row, reason):
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "rows.jsonl").write_text('{"problem": "2+2?", "answer": "4"}\n' + row + "\n")
+    (data / "math500.jsonl").write_text((data / "rows.jsonl").read_text())
+    expected = r"rows\.jsonl, line 2: JSON that cannot be read \(.*" + reason
+    assert re.search(expected, one_paragraph(capsys, antisd.main, TINY_RUN[:2] + TINY_RUN[4:] + [
+        "--dataset", str(data / "rows.jsonl"), "--steps", "1", "--out-dir", str(tmp_path / "run")]))
+    assert re.search(expected.replace("rows", "math500"), one_paragraph(capsys, evaluation.main, EVAL[:4] + [
+        "--benchmarks", "math500", "--data-dir", str(data), "--out-dir", str(tmp_path / "e")]))
+    assert re.search(expected.replace("rows", "math500"), one_paragraph(capsys, antisd.main, TINY_RUN + [
+        "--steps", "1", "--eval-every", "1", "--eval-benchmarks", "math500", "--eval-data-dir", str(data),
+        "--out-dir", str(tmp_path / "run2")]))
 
 
 # -----------------------------------------------------------------------------
