@@ -1304,7 +1304,9 @@ def load_model(name, device):
         try:
             tokenizer = AutoTokenizer.from_pretrained(name)
             model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
-        except (OSError, ValueError) as e:  # not on the hub (or offline), not a model folder
+        except torch.cuda.OutOfMemoryError:
+            raise
+        except Exception as e:  # not on the hub (or offline), not a model folder, a damaged file in it
             where = "from its local folder" if os.path.isdir(name) else "no such local folder, nor from the hub"
             raise UserError(f"--model {name}: could not load it ({where}): {one_line(e)}") from None
     refuse_non_finite_weights(model, f"--model {name}")

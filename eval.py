@@ -391,7 +391,11 @@ def read_run(run_dir):
     path = os.path.join(run_dir, "metrics.jsonl")
     if not os.path.isfile(path):
         raise antisd.UserError(f"{run_dir}: no metrics.jsonl (is it an --out-dir of antisd.py?)")
-    return sorted(antisd.read_jsonl(path), key=lambda line: line["step"])
+    lines = antisd.read_jsonl(path, with_line_numbers=True)
+    for line_number, line in lines:
+        if not isinstance(line.get("step"), int) or isinstance(line["step"], bool):
+            raise antisd.UserError(f"{path}, line {line_number}: not a metrics line of antisd.py (no integer 'step')")
+    return sorted((line for _, line in lines), key=lambda line: line["step"])
 
 
 def series(lines, key):
@@ -498,13 +502,30 @@ def u_colour(u, scale):
     return f"rgb({fade},{fade},255)" if u < 0 else f"rgb(255,{fade},{fade})"
 
 
+def read_rollouts(path):
+    """rollouts.jsonl's lines, each checked for what tokens.html shows; a line of another shape is
+    named rather than failing halfway through the page."""
+    rollouts = []
+    for line_number, r in antisd.read_jsonl(path, with_line_numbers=True):
+        tokens = r.get("tokens", [])
+        well_formed = (isinstance(r.get("step"), int) and isinstance(r.get("reward"), (int, float))
+                       and isinstance(r.get("problem", ""), str) and isinstance(tokens, list)
+                       and all(isinstance(t, list) and len(t) == 2 and isinstance(t[0], str)
+                               and isinstance(t[1], (int, float)) and not isinstance(t[1], bool) for t in tokens))
+        if not well_formed:
+            raise antisd.UserError(f"{path}, line {line_number}: not a rollout line of antisd.py (expected step, "
+                                   f"reward, problem and tokens as [text, u] pairs)")
+        rollouts.append(r)
+    return rollouts
+
+
 def show_tokens(run_dir, out_dir, steps_shown=6, scale=3.0):
     """tokens.html: the logged rollouts of a few steps across the run, every token coloured by its u."""
     import html
     path = os.path.join(run_dir, "rollouts.jsonl")
     if not os.path.isfile(path):
         raise antisd.UserError(f"{run_dir}: no rollouts.jsonl (is it an --out-dir of antisd.py?)")
-    rollouts = [r for r in antisd.read_jsonl(path) if "tokens" in r]
+    rollouts = [r for r in read_rollouts(path) if "tokens" in r]
     if not rollouts:
         raise antisd.UserError(f"{path}: no rollout has per-token u ('tokens'); it was written by an older antisd.py")
     steps = sorted({r["step"] for r in rollouts})
@@ -525,8 +546,8 @@ def show_tokens(run_dir, out_dir, steps_shown=6, scale=3.0):
         for r in (r for r in rollouts if r["step"] == step):
             tokens = "".join(f'<span title="u = {u:+.3f}" style="background:{u_colour(u, scale)}">'
                              f'{html.escape(text).replace(chr(10), "<br>")}</span>' for text, u in r["tokens"])
-            parts.append(f"<p><b>reward {r['reward']:g}</b>, gold {html.escape(str(r['gold']))}<br>"
-                         f"<i>{html.escape(r['problem'])}</i></p><p style='font-family:monospace;line-height:1.8'>{tokens}</p>")
+            parts.append(f"<p><b>reward {r['reward']:g}</b>, gold {html.escape(str(r.get('gold')))}<br>"
+                         f"<i>{html.escape(r.get('problem', ''))}</i></p><p style='font-family:monospace;line-height:1.8'>{tokens}</p>")
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "tokens.html"), "w", encoding="utf-8") as f:
         f.write("\n".join(parts) + "\n</body>\n")

@@ -3117,6 +3117,28 @@ def test_bad_inputs_to_eval_and_antisd_are_one_paragraph_each(tmp_path, capsys):
         capsys, evaluation.main, EVAL + ["--limit", "2", "--out-dir", str(tmp_path / "e"), "--resume"])
 
 
+@pytest.mark.parametrize("damage", ["tokenizer.json", "config.json", "model.safetensors"])
+def test_a_damaged_file_of_a_model_folder_is_one_paragraph_in_both_scripts(tmp_path, capsys, damage):
+    folder = saved_tiny_model(tmp_path / "model")
+    (folder / damage).write_bytes((folder / damage).read_bytes()[:100])
+    for main, argv in [(antisd.main, TINY_RUN[2:] + ["--model", str(folder), "--steps", "1", "--eval-every", "0",
+                                                     "--out-dir", str(tmp_path / "run")]),
+                       (evaluation.main, EVAL[2:] + ["--model", str(folder), "--limit", "2", "--out-dir", str(tmp_path / "e")])]:
+        assert re.match(r"error: --model .*model: could not load it \(from its local folder\)", one_paragraph(capsys, main, argv))
+
+
+def test_run_logs_of_another_shape_are_named_by_compare_and_show(tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    write_jsonl(run / "metrics.jsonl", [{"step": 1, "reward_mean": 0.5}, {"reward_mean": 0.7}])
+    assert "metrics.jsonl, line 2: not a metrics line of antisd.py (no integer 'step')" in one_paragraph(
+        capsys, evaluation.main, ["--compare", str(run), "--out-dir", str(tmp_path / "out")])
+    write_jsonl(run / "rollouts.jsonl", [{"step": 1, "reward": 1, "problem": "p", "tokens": [["a", 0.5]]},
+                                         {"step": 2, "reward": 0, "problem": "p", "tokens": [["a", "b", 1]]}])
+    assert "rollouts.jsonl, line 2: not a rollout line of antisd.py" in one_paragraph(
+        capsys, evaluation.main, ["--show", str(run), "--out-dir", str(tmp_path / "out")])
+
+
 @pytest.mark.parametrize("row, reason", [('{"problem": "1+1?", "answer": ' + "7" * 5000 + '}', r"Exceeds the limit \(4300 digits\)"),
                                          ('{"problem": "1+1?", "answer": ' + "[" * 100_000 + "]" * 100_000 + '}', "nested too deeply")])
 def test_a_row_that_json_cannot_read_is_one_paragraph_through_every_reader(tmp_path, capsys, row, reason):
