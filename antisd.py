@@ -1417,9 +1417,10 @@ class RunLogs:
 
     def __init__(self, out_dir, world, first_step):
         self.rank = world.rank
-        if self.rank == 0:
-            logged = keep_log_lines_up_to(os.path.join(out_dir, "metrics.jsonl"), first_step - 1)
-            keep_log_lines_up_to(os.path.join(out_dir, "rollouts.jsonl"), first_step - 1)
+        if self.rank == 0:  # a new run (no checkpoint yet) keeps none of a failed earlier start's lines
+            kept_up_to = first_step - 1 if first_step > 1 else -1
+            logged = keep_log_lines_up_to(os.path.join(out_dir, "metrics.jsonl"), kept_up_to)
+            keep_log_lines_up_to(os.path.join(out_dir, "rollouts.jsonl"), kept_up_to)
             missing = sorted(set(range(1, first_step)) - set(logged))
             if missing:  # a deleted or cut log: continue (the checkpoint is whole), but never silently
                 print(f"warning: {os.path.join(out_dir, 'metrics.jsonl')} has no line for step(s) "
@@ -2191,6 +2192,10 @@ def run_command(main, *args):
         return main(*args)
     except UserError as e:
         raise SystemExit(f"error: {e}") from None
+    except OSError as e:  # a file that could not be written or read: a full disk, a read-only folder, ...
+        raise SystemExit(f"error: {e.filename or 'a file'}: {e.strerror or one_line(e, 200)} [errno {e.errno}]; "
+                         f"nothing after the last checkpoint was kept: fix this, then run the same command "
+                         f"again (with --resume where a checkpoint exists)") from None
     except torch.cuda.OutOfMemoryError as e:
         raise SystemExit(f"CUDA out of memory ({one_line(e, 200)}): lower the batch sizes (antisd.py: "
                          f"--gen-batch-size, --micro-batch-size; eval.py: --batch-size) or --max-new-tokens.") from None

@@ -61,6 +61,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import weakref
 from fractions import Fraction
@@ -3154,6 +3155,160 @@ def test_a_row_that_json_cannot_read_is_one_paragraph_through_every_reader(tmp_p
     assert re.search(expected.replace("rows", "math500"), one_paragraph(capsys, antisd.main, TINY_RUN + [
         "--steps", "1", "--eval-every", "1", "--eval-benchmarks", "math500", "--eval-data-dir", str(data),
         "--out-dir", str(tmp_path / "run2")]))
+
+
+# -----------------------------------------------------------------------------
+# Failures found by the program: every write of a run fails in turn
+#
+# FailingWrites counts the file-system writes a run makes under its output folder (opening a file to
+# write or append, os.write, renaming into place, creating a folder, torch.save, a safetensors save)
+# and makes the N-th raise OSError. For every N a run reaches, the run must end in one paragraph
+# naming the path and the cause, and the folder must then resume (or start again, where nothing was
+# saved) to exactly where an uninterrupted run ends. The points are found at run time: a new write
+# is covered without a new test. README's test command tries a spread subset; ANTISD_EVERY_FAULT=1
+# tries every point with every errno (python -m pytest -q test_antisd.py -k every_write).
+
+WRITE_ERRORS = [errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EIO]
+
+
+class FailingWrites:
+    def __init__(self, monkeypatch, root, fail_at=None, error=errno.ENOSPC):
+        import builtins
+        import safetensors.torch
+        import transformers.modeling_utils
+        self.root, self.fail_at, self.error, self.seen = str(Path(root).resolve()), fail_at, error, []
+        fd_path = lambda fd: os.readlink(f"/proc/self/fd/{fd}") if isinstance(fd, int) else fd
+        writing = lambda mode: any(c in mode for c in "wax+")
+        for owner, name, path_of in [
+                (builtins, "open", lambda a, k: a[0] if writing(a[1] if len(a) > 1 else k.get("mode", "r")) else None),
+                (os, "write", lambda a, k: fd_path(a[0])),
+                (os, "replace", lambda a, k: a[1]), (os, "rename", lambda a, k: a[1]),
+                (os, "makedirs", lambda a, k: a[0]), (os, "mkdir", lambda a, k: a[0]),
+                (torch, "save", lambda a, k: a[1] if len(a) > 1 else k.get("f")),
+                (safetensors.torch, "save_file", lambda a, k: a[1] if len(a) > 1 else k.get("filename")),
+                (transformers.modeling_utils, "safe_save_file", lambda a, k: a[1] if len(a) > 1 else k.get("filename"))]:
+            monkeypatch.setattr(owner, name, self.counted(name, getattr(owner, name), path_of))
+
+    def counted(self, name, real, path_of):
+        def write(*args, **kwargs):
+            path = path_of(args, kwargs)
+            if name in ("makedirs", "mkdir") and os.path.isdir(path):
+                path = None  # an existing folder: nothing is written (os.makedirs itself ignores the error)
+            if isinstance(path, (str, os.PathLike)) and os.path.abspath(path).startswith(self.root + os.sep):
+                self.seen.append((name, os.path.relpath(os.path.abspath(path), self.root)))
+                if len(self.seen) == self.fail_at:
+                    raise OSError(self.error, os.strerror(self.error), os.fspath(path))
+            return real(*args, **kwargs)
+        return write
+
+
+FAULT_RUN = TINY_RUN + ["--steps", "3", "--save-every", "2", "--eval-every", "2", "--eval-benchmarks", "arith",
+                        "--eval-limit", "2", "--eval-n", "2", "--max-new-tokens", "8"]
+FAULT_EVAL = EVAL + ["--limit", "3"]
+
+
+def training_result(out):
+    return metrics_lines(out), {name: value.tolist() for name, value in weights(out / "checkpoint-3").items()}
+
+
+def evaluation_result(out):
+    results = json.loads((out / "results.json").read_text())
+    return results["benchmarks"], results["mean"], (out / "samples.jsonl").read_text()
+
+
+def interrupted_evaluation(out):
+    evaluation.main(FAULT_EVAL + ["--out-dir", str(out)])
+    (out / "results.json").unlink()                                  # as if killed after the first problem
+    (out / "samples.jsonl").write_text((out / "samples.jsonl").read_text().splitlines()[0] + "\n")
+
+
+@functools.lru_cache(maxsize=None)
+def logged_run():
+    """A finished run's folder, made once, for --compare and --show to read."""
+    out = Path(tempfile.mkdtemp()) / "logged"
+    antisd.main(FAULT_RUN + ["--out-dir", str(out)])
+    return out
+
+
+def compare_and_show(out):
+    evaluation.main(["--compare", str(out.parent / "logged"), "--show", str(out.parent / "logged"), "--out-dir", str(out)])
+
+
+# scenario: (what runs before the faults, the command that meets them, the command that recovers, what
+# must then equal an uninterrupted run's)
+FAULT_SCENARIOS = {
+    "training": (lambda out: None, lambda out: antisd.main(FAULT_RUN + ["--out-dir", str(out)]),
+                 lambda out: antisd.main(FAULT_RUN + ["--out-dir", str(out)] + (
+                     ["--resume"] if antisd.list_checkpoints(str(out)) else [])), training_result),
+    "resumed training": (lambda out: antisd.main(FAULT_RUN + ["--steps", "2", "--out-dir", str(out)]),  # the last --steps counts
+                         lambda out: antisd.main(FAULT_RUN + ["--out-dir", str(out), "--resume"]),
+                         lambda out: antisd.main(FAULT_RUN + ["--out-dir", str(out), "--resume"]), training_result),
+    "evaluation": (lambda out: None, lambda out: evaluation.main(FAULT_EVAL + ["--out-dir", str(out)]),
+                   lambda out: evaluation.main(FAULT_EVAL + ["--out-dir", str(out)] + (
+                       ["--resume"] if (out / "samples.jsonl").exists() and not (out / "results.json").exists() else [])),
+                   evaluation_result),
+    "resumed evaluation": (interrupted_evaluation, lambda out: evaluation.main(FAULT_EVAL + ["--out-dir", str(out), "--resume"]),
+                           lambda out: evaluation.main(FAULT_EVAL + ["--out-dir", str(out), "--resume"]), evaluation_result),
+    "compare and show": (lambda out: shutil.copytree(logged_run(), out.parent / "logged"), compare_and_show,
+                         compare_and_show, lambda out: ((out / "compare.md").read_text(),
+                                                        (out / "tokens.html").read_text().replace(str(out.parent), ""))),
+}
+
+
+def every_write_points(total, scenario):
+    """All points with ANTISD_EVERY_FAULT=1, else the first, the middle and the last, the errors taking
+    turns (README's test command stays within its time)."""
+    if os.environ.get("ANTISD_EVERY_FAULT") == "1":
+        return [(n, error) for n in range(1, total + 1) for error in WRITE_ERRORS]
+    chosen = sorted({1, (total + 1) // 2, total})
+    return [(n, WRITE_ERRORS[(k + len(scenario)) % len(WRITE_ERRORS)]) for k, n in enumerate(chosen)]
+
+
+@pytest.mark.parametrize("scenario", list(FAULT_SCENARIOS))
+def test_every_write_can_fail_in_one_paragraph_and_the_folder_then_ends_where_an_uninterrupted_run_ends(
+        tmp_path, monkeypatch, capsys, scenario):
+    prepare, command, recover, result = FAULT_SCENARIOS[scenario]
+    baseline = tmp_path / "baseline" / "out"
+    baseline.parent.mkdir()
+    prepare(baseline)
+    with monkeypatch.context() as patch:
+        counter = FailingWrites(patch, baseline.parent)
+        command(baseline)
+    expected, total = result(baseline), len(counter.seen)
+    assert total >= 3, counter.seen   # the fixture sees the writes
+    problems = []
+    for n, error in every_write_points(total, scenario):
+        folder = tmp_path / f"fail-{n}-{errno.errorcode[error]}"
+        out = folder / "out"
+        folder.mkdir()
+        prepare(out)
+        with monkeypatch.context() as patch:
+            faults = FailingWrites(patch, folder, fail_at=n, error=error)
+            try:
+                antisd.run_command(command, out)
+                message = "(no failure: exit 0)"
+            except SystemExit as stop:
+                message = str(stop.code)
+            except Exception as exc:  # noqa: BLE001 - a traceback is what this test reports
+                message = f"traceback: {type(exc).__name__}: {exc}"
+        err = capsys.readouterr().err
+        if len(faults.seen) < n:  # a fault met earlier than expected: the same run wrote less
+            problems.append(f"write {n}: the run made only {len(faults.seen)} writes ({message!r})")
+            continue
+        operation, path = faults.seen[n - 1]
+        named = (Path(os.path.relpath(folder / path, out)).parts or (".",))[0]  # the run's file or folder
+        if not (message.startswith("error: ") and "\n" not in message and "Traceback" not in err
+                and os.strerror(error) in message and (named in message if named != "." else str(out) in message)):
+            problems.append(f"write {n} ({operation} {path}, {errno.errorcode[error]}): {message!r} {err[-300:]!r}")
+            continue
+        try:
+            recover(out)
+            capsys.readouterr()
+            if result(out) != expected:
+                problems.append(f"write {n} ({operation} {path}): the folder does not end where an uninterrupted run ends")
+        except (Exception, SystemExit) as exc:  # noqa: BLE001
+            problems.append(f"write {n} ({operation} {path}): the run after the fault failed: {type(exc).__name__}: {exc}")
+    assert not problems, "\n".join(problems)
 
 
 # -----------------------------------------------------------------------------
