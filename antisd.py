@@ -713,7 +713,8 @@ def reusable_static_cache(model, batch_size, prompt_width, max_new_tokens):
 #      whitespace and newlines, thin spaces as thousands separators (10\,000), \mathrm{e} and
 #      \mathrm{i} as e and i, % as \%, \$ dropped;
 #   5. x = 5 is the answer 5, but a relation between two different numbers (6 = 5) is wrong;
-#   6. math-verify decides equivalence, in the worker, within VERIFY_SECONDS.
+#   6. math-verify decides equivalence, in the worker, within VERIFY_SECONDS; a number below 0.1 must
+#      also agree to six significant digits (small_numbers_differ), not only to six decimal places.
 
 
 @functools.lru_cache(maxsize=65536)
@@ -888,6 +889,31 @@ def states_two_different_numbers(text, math_verify):
                for a, b in zip(values, values[1:]))
 
 
+def small_numbers_differ(gold_text, gold, answer):
+    """True when the gold is a number between 0 and 0.1 in size and the answer (or the right side of
+    its relation, x = 0.0) a number that differs from it in the sixth significant digit. math-verify
+    rounds to six decimal places, so below 5e-7 every number equals 0.0 and every other such number
+    (Minerva's 2.88e-19 would accept 0.0 and 2.89e-19): small numbers are compared as it compares
+    those between 0.1 and 1. A percentage keeps math-verify's reading (9\\% is 9). Takes math-verify's
+    parses, in the worker."""
+    if "\\%" in gold_text:
+        return False
+    gold = real_number(gold)
+    answer = real_number(answer.rhs if getattr(answer, "is_Relational", False) else answer)
+    if gold is None or answer is None or not 0 < abs(gold) < 0.1:
+        return False
+    order = 10.0 ** (math.floor(math.log10(abs(gold))) + 1)  # gold / order lies in [0.1, 1)
+    return abs(answer - gold) >= 1e-6 * order
+
+
+def real_number(value):
+    """A parsed expression's value as a float if it is a real number without variables, else None."""
+    try:
+        return float(value) if getattr(value, "is_number", False) else None
+    except (TypeError, ValueError, OverflowError):  # complex, or too large for a float
+        return None
+
+
 def clean_gold(value):
     """A gold answer as a string math-verify can parse, or None. Only strings and real numbers are
     golds: a dict, a bool or a NaN would otherwise become a string ("nan") that an answer can match."""
@@ -961,7 +987,8 @@ def _verifier_loop(connection, parent_end, parent_pid):
                 result = bool(parsed[0])
             else:
                 result = (all(parsed) and not states_two_different_numbers(request[2], math_verify)
-                          and bool(math_verify.verify(parsed[0], parsed[1], timeout_seconds=3)))
+                          and bool(math_verify.verify(parsed[0], parsed[1], timeout_seconds=3))
+                          and not small_numbers_differ(request[1], parsed[0][0], parsed[1][0]))
         except Exception:  # a checker crash on odd input means "no", never a crashed run
             result = False
         connection.send(result)

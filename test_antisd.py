@@ -393,6 +393,35 @@ def test_several_boxes_are_one_answer_not_a_choice(response):
 
 
 # -----------------------------------------------------------------------------
+# Step 2, reward: numbers as Minerva writes them: small ones, and scientific notation
+
+# Minerva's golds go down to 1.325e-27, and math-verify rounds to six decimal places: without a rule of
+# their own, 0.0 and any nearby number would earn the reward for every gold below 5e-7.
+# (gold as the file writes it, boxed answer)
+SMALL_GOLD_WRONG_ANSWERS = [
+    ("2.88e-19", "0.0"), ("2.88e-19", "0"), ("2.88e-19", "2.89 \\times 10^{-19}"), ("2.88e-19", "0.000000000000000000289"),
+    ("1e-8", "0.0"), ("1e-8", "0.00000002"), ("1e-8", "E = 0.0"), ("1.77e-6", "0.0000015"), ("1.77e-6", "1.8 \\times 10^{-6}"),
+    ("0.0000001", "0.0"), ("6.5e-2", "0.0651"), ("\\frac{1}{3000}", "0.000333"),   # 3 digits of an exact value
+]
+SMALL_GOLD_RIGHT_ANSWERS = [
+    ("2.88e-19", "0.000000000000000000288"), ("2.88e-19", "2.88 \\times 10^{-19}"), ("1e-8", "0.00000001"), ("1e-8", "10^{-8}"),
+    ("1e-8", "E = 10^{-8}"), ("1.77e-6", "1.770 \\times 10^{-6}"), ("6.5e-2", "0.065"), ("6.5e-2", "\\frac{13}{200}"),
+    ("-3e-5", "-0.00003"), ("\\frac{1}{3000}", "0.000333333"), ("\\frac{1}{3}", "0.333333"),
+    ("5\\%", "5"), ("5\\%", "0.05"),                                 # a percentage: math-verify's reading
+]
+
+
+@pytest.mark.parametrize("gold, answer", SMALL_GOLD_WRONG_ANSWERS)
+def test_zero_or_a_nearby_number_does_not_match_a_small_gold(gold, answer):
+    assert antisd.verify("\\boxed{" + answer + "}", gold) == 0.0
+
+
+@pytest.mark.parametrize("gold, answer", SMALL_GOLD_RIGHT_ANSWERS)
+def test_a_small_gold_is_matched_by_its_value_to_six_significant_digits(gold, answer):
+    assert antisd.verify("\\boxed{" + answer + "}", gold) == 1.0
+
+
+# -----------------------------------------------------------------------------
 # Step 2, reward: graded cases from other projects' suites
 
 # Equivalence cases, written by us from other graders' test suites; the rules were designed on these.
