@@ -712,10 +712,12 @@ def reusable_static_cache(model, batch_size, prompt_width, max_new_tokens):
 #      strike-outs, \tag, documents, environments other than matrices), an unpaired |, or text
 #      between formulas other than "and"/"or";
 #   4. both sides are normalised (normalise_math; a raw gold goes through clean_gold first):
-#      whitespace and newlines, thin spaces as thousands separators (10\,000), \mathrm{e} and
-#      \mathrm{i} as e and i, % as \%, \$ dropped;
+#      whitespace and newlines, thin spaces as thousands separators (10\,000), scientific notation
+#      (4.5e33, 4.5 \times 10^{33}) as 45 \times 10^{32}, \mathrm{e} and \mathrm{i} as e and i, % as \%,
+#      \$ dropped;
 #   5. x = 5 is the answer 5, but a relation between two different numbers (6 = 5) is wrong;
-#   6. math-verify decides equivalence, in the worker, within VERIFY_SECONDS.
+#   6. math-verify decides equivalence, in the worker, within VERIFY_SECONDS; a number below 0.1 must
+#      also agree to six significant digits (small_numbers_differ), not only to six decimal places.
 
 
 @functools.lru_cache(maxsize=65536)
@@ -817,13 +819,39 @@ RELATION = re.compile(r"(?<![<>!\\])=(?!=)|\\(?:equiv|approx|sim|simeq|cong|prop
                       r"|setminus|subset|subseteq|supset|supseteq)(?![a-zA-Z])")
 
 
+# a number in scientific notation: 4.5e33, 4.5E+33, 4.5 \times 10^{33}, 4.5 \cdot 10^{33}. The e needs digits
+# right after it (3e is 3 times Euler's e, 2e - 1 is 2e minus 1), the number is not part of a name or a
+# subscript (x_1e5), and its exponent has at most three digits: no quantity needs more, and comparing
+# 10^{99999999} costs math-verify its whole 3-second limit, where 1e99999999 left as written costs nothing
+SCIENTIFIC = re.compile(r"(?<![\w.\\])(\d+\.?\d*|\.\d+)(?:[eE]([+-]?\d{1,3})(?![\w.])"
+                        r"|\s*\\(?:times|cdot)\s*10\s*\^\s*(?:\{\s*([+-]?\d{1,3})\s*\}|(\d)(?![\d.])))")
+
+
+def exact_scientific(match):
+    """4.5e33 as 45 \\times 10^{32}: an integer times a power of ten, which math-verify evaluates exactly.
+    It reads 4.5e33 as 4.5 times e times 33, and 8.7 \\times 10^{8} as a float that is not 870000000.
+    Trailing zeros move into the exponent: one value, one text."""
+    mantissa, exponent = match.group(1), int(next(g for g in match.groups()[1:] if g is not None))
+    whole, _, decimals = mantissa.partition(".")
+    digits = (whole + decimals).lstrip("0")
+    significant = digits.rstrip("0")
+    if not significant:
+        return "0"
+    return f"{significant} \\times 10^{{{exponent - len(decimals) + len(digits) - len(significant)}}}"
+
+
 def normalise_math(text):
-    """What both golds and answers go through: whitespace, thousands separators, e and i, % and \\$."""
+    """What both golds and answers go through: whitespace, thousands separators, scientific notation,
+    e and i, % and \\$."""
     text = re.sub(r"\s+", " ", text).strip()  # a newline inside a box is layout, not a second answer
     # thin spaces as thousands separators: 10\,000, 11,\!111, 1{,}000
     text = re.sub(r"(?<=\d)(?:\{,\}|,\\!|\\,|\\!|\\ |\\;|~) ?(?=\d{3}(?!\d))", "", text)
     text = re.sub(r"(?<![\d.])(\d{1,3}(?: \d{3})+)(?![\d.])", lambda m: m.group(1).replace(" ", ""), text)  # 1 000
-    text = re.sub(r"\\(?:mathrm|text)\s*\{\s*([ei])\s*\}", r"\1", text)  # Euler's e and i, not units
+    text = SCIENTIFIC.sub(exact_scientific, text)
+    # Euler's e and i, not units; after a digit, a space keeps 2\mathrm{e}-1 from reading as 0.2 the
+    # next time (verify cleans a cleaned gold again)
+    text = re.sub(r"(?:(\d) ?)?\\(?:mathrm|text)\s*\{\s*([ei])\s*\}",
+                  lambda m: f"{m[1]} {m[2]}" if m[1] else m[2], text)
     text = re.sub(r"(?<!\\)%", r"\\%", text)  # a bare % starts a LaTeX comment: it would hide the rest
     text = text.replace("\\$", "")  # a dollar sign is a unit
     text = re.sub(r"~|\\[>:;]|\\h?space\*?\{[^{}]*\}", " ", text)  # spacing commands are spaces
@@ -890,6 +918,31 @@ def states_two_different_numbers(text, math_verify):
                for a, b in zip(values, values[1:]))
 
 
+def small_numbers_differ(gold_text, gold, answer):
+    """True when the gold is a number between 0 and 0.1 in size and the answer (or the right side of
+    its relation, x = 0.0) a number that differs from it in the sixth significant digit. math-verify
+    rounds to six decimal places, so below 5e-7 every number equals 0.0 and every other such number
+    (Minerva's 2.88e-19 would accept 0.0 and 2.89e-19): small numbers are compared as it compares
+    those between 0.1 and 1. A percentage keeps math-verify's reading (9\\% is 9). Takes math-verify's
+    parses, in the worker."""
+    if "\\%" in gold_text:
+        return False
+    gold = real_number(gold)
+    answer = real_number(answer.rhs if getattr(answer, "is_Relational", False) else answer)
+    if gold is None or answer is None or not 0 < abs(gold) < 0.1:
+        return False
+    order = 10.0 ** (math.floor(math.log10(abs(gold))) + 1)  # gold / order lies in [0.1, 1)
+    return abs(answer - gold) >= 1e-6 * order
+
+
+def real_number(value):
+    """A parsed expression's value as a float if it is a real number without variables, else None."""
+    try:
+        return float(value) if getattr(value, "is_number", False) else None
+    except (TypeError, ValueError, OverflowError):  # complex, or too large for a float
+        return None
+
+
 def clean_gold(value):
     """A gold answer as a string math-verify can parse, or None. Only strings and real numbers are
     golds: a dict, a bool or a NaN would otherwise become a string ("nan") that an answer can match."""
@@ -912,8 +965,6 @@ def clean_gold(value):
             boxes = []  # different boxes with prose between ("\\boxed{1} no no \\boxed{2}"): no reading, dropped
         text = ", ".join(dict.fromkeys(boxes))
     text = text.strip().rstrip(".").strip().strip("$").strip()  # OlympiadBench: "$(-\\infty, 0)$."
-    # Minerva writes 4.5e33; math-verify would read it as 4.5
-    text = re.sub(r"^(-?\d+(?:\.\d+)?)[eE]\+?(-?\d+)$", r"\1 \\times 10^{\2}", text)
     text = normalise_math(re.sub(r"(?<!\\)\$", " ", text))  # "$21,16$ or $11$": inner '$' only delimit
     # a plain number or one capital letter always parses: no round trip to the worker (arith and GSM8K
     # golds are all numbers, search golds letters)
@@ -963,7 +1014,8 @@ def _verifier_loop(connection, parent_end, parent_pid):
                 result = bool(parsed[0])
             else:
                 result = (all(parsed) and not states_two_different_numbers(request[2], math_verify)
-                          and bool(math_verify.verify(parsed[0], parsed[1], timeout_seconds=3)))
+                          and bool(math_verify.verify(parsed[0], parsed[1], timeout_seconds=3))
+                          and not small_numbers_differ(request[1], parsed[0][0], parsed[1][0]))
         except Exception:  # a checker crash on odd input means "no", never a crashed run
             result = False
         connection.send(result)

@@ -394,6 +394,67 @@ def test_several_boxes_are_one_answer_not_a_choice(response):
 
 
 # -----------------------------------------------------------------------------
+# Step 2, reward: numbers as Minerva writes them: small ones, and scientific notation
+
+# Minerva's golds go down to 1.325e-27, and math-verify rounds to six decimal places: without a rule of
+# their own, 0.0 and any nearby number would earn the reward for every gold below 5e-7.
+# (gold as the file writes it, boxed answer)
+SMALL_GOLD_WRONG_ANSWERS = [
+    ("2.88e-19", "0.0"), ("2.88e-19", "0"), ("2.88e-19", "2.89 \\times 10^{-19}"), ("2.88e-19", "0.000000000000000000289"),
+    ("1e-8", "0.0"), ("1e-8", "0.00000002"), ("1e-8", "E = 0.0"), ("1.77e-6", "0.0000015"), ("1.77e-6", "1.8 \\times 10^{-6}"),
+    ("0.0000001", "0.0"), ("6.5e-2", "0.0651"), ("\\frac{1}{3000}", "0.000333"),   # 3 digits of an exact value
+]
+SMALL_GOLD_RIGHT_ANSWERS = [
+    ("2.88e-19", "0.000000000000000000288"), ("2.88e-19", "2.88 \\times 10^{-19}"), ("1e-8", "0.00000001"), ("1e-8", "10^{-8}"),
+    ("1e-8", "E = 10^{-8}"), ("1.77e-6", "1.770 \\times 10^{-6}"), ("6.5e-2", "0.065"), ("6.5e-2", "\\frac{13}{200}"),
+    ("-3e-5", "-0.00003"), ("\\frac{1}{3000}", "0.000333333"), ("\\frac{1}{3}", "0.333333"),
+    ("5\\%", "5"), ("5\\%", "0.05"),                                 # a percentage: math-verify's reading
+]
+
+
+@pytest.mark.parametrize("gold, answer", SMALL_GOLD_WRONG_ANSWERS)
+def test_zero_or_a_nearby_number_does_not_match_a_small_gold(gold, answer):
+    assert antisd.verify("\\boxed{" + answer + "}", gold) == 0.0
+
+
+@pytest.mark.parametrize("gold, answer", SMALL_GOLD_RIGHT_ANSWERS)
+def test_a_small_gold_is_matched_by_its_value_to_six_significant_digits(gold, answer):
+    assert antisd.verify("\\boxed{" + answer + "}", gold) == 1.0
+
+
+# Minerva writes its golds in scientific notation (4.5e33, 8.7e8); a model may answer in any of the ways a
+# number is written. 3e stays 3 times Euler's e: the e of a number has digits right after it.
+# (gold as the file writes it, boxed answer)
+SAME_NUMBER_WRITTEN_TWO_WAYS = [
+    ("4.5e33", "4.5e33"), ("4.5e33", "4.5e+33"), ("4.5e33", "4.5E33"), ("4.5e33", "4.5\\times 10^{33}"),
+    ("4.5e33", "4.5 \\cdot 10^{33}"), ("4.5e33", "4500000000000000000000000000000000"), ("4.5e33", "45 \\times 10^{32}"),
+    ("4.5e33", "4.50 \\times 10^{33}"), ("4.5e+33", "4.5e33"), ("4.5\\times 10^{33}", "4.5e33"),
+    ("4.5 \\cdot 10^{33}", "4500000000000000000000000000000000"), ("4500000000000000000000000000000000", "4.5e33"),
+    ("8.7e8", "870000000"), ("870000000", "8.7e8"), ("8.7e8", "8.7 \\times 10^{8}"), ("8.7e8", "870,000,000"),
+    ("1.70e4", "17000"), ("1.4903e4", "14903"), ("2.88e-19", "2.88e-19"), ("1.325e-27", "1.325 \\times 10^{-27}"),
+    ("0.2", "2e-1"), ("3e", "3e"), ("3e", "3 \\cdot e"), ("3\\mathrm{e}", "3e"), ("2\\mathrm{e}-1", "2e - 1"), ("E", "E"),
+]
+DIFFERENT_NUMBERS_OR_NO_NUMBER = [
+    ("4.5e33", "4.6e33"), ("4.5e33", "4.6 \\times 10^{33}"), ("4.5e33", "4500000000000000000000000000000001"),
+    ("4.5e33", "4.5"), ("4.5e33", "4.5e3"), ("4.5e33", "4.5e33 = 5"), ("4.5e33", "5 = 4.5e33"), ("8.7e8", "8.7"),
+    ("8.7e8", "870000001"), ("2.88e-19", "2.89e-19"), ("1e33", "e33"), ("3e", "3"), ("3e", "3e0"), ("3\\mathrm{e}", "3"),
+    ("2\\mathrm{e}-1", "0.2"), ("2\\mathrm{e}-1", "2e-1"),   # written without spaces, 2e-1 is the number 0.2
+]
+
+
+@pytest.mark.parametrize("gold, answer", SAME_NUMBER_WRITTEN_TWO_WAYS)
+def test_a_number_in_scientific_notation_earns_reward_however_it_is_written(gold, answer):
+    assert antisd.verify("\\boxed{" + answer + "}", gold) == 1.0
+    assert antisd.verify("\\boxed{" + answer + "}", antisd.clean_gold(gold)) == 1.0
+
+
+@pytest.mark.parametrize("gold, answer", DIFFERENT_NUMBERS_OR_NO_NUMBER)
+def test_scientific_notation_never_merges_two_numbers_or_reads_eulers_e_as_one(gold, answer):
+    assert antisd.verify("\\boxed{" + answer + "}", gold) == 0.0
+    assert antisd.verify("\\boxed{" + answer + "}", antisd.clean_gold(gold)) == 0.0
+
+
+# -----------------------------------------------------------------------------
 # Step 2, reward: graded cases from other projects' suites
 
 # Equivalence cases, written by us from other graders' test suites; the rules were designed on these.
@@ -2125,6 +2186,25 @@ def test_every_real_gold_answer_verifies_against_itself(name, real_benchmarks):
     assert len(problems) == len(antisd.read_jsonl(BENCH_DIR / f"{name}.jsonl")), "some rows were skipped"
     print(f"{name}: {len(problems) - len(misses)}/{len(problems)} golds verify against themselves ({seconds:.1f} s)")
     assert not misses, f"{name}: {len(misses)} golds do not verify against themselves, e.g. {misses[:5]}"
+
+
+@pytest.mark.parametrize("name", EVAL_BENCHMARKS)
+def test_every_real_gold_boxed_as_the_file_writes_it_earns_reward(name):
+    """A model that boxes a gold exactly as the file writes it (Minerva's 4.5e33; OlympiadBench's less the
+    $ that delimit its math and a final full stop) earns the reward. load_benchmark hands out cleaned golds,
+    so the rows are read here with eval.py's own field rules, and verify gets the raw gold: both sides'
+    normalisation must agree."""
+    path = BENCH_DIR / f"{name}.jsonl"
+    if not path.is_file():
+        pytest.skip(f"no {path}")
+    started = time.time()
+    _, gold_field, gold_rule = evaluation.BENCHMARKS[name]["local_fields"]
+    golds = [evaluation.GOLD_RULES[gold_rule](row[gold_field]) for row in antisd.read_jsonl(path)]
+    golds = [gold[0] if isinstance(gold, list) else gold for gold in golds]  # OlympiadBench: a list of one
+    written = [re.sub(r"(?<!\\)\$", "", str(gold)).strip().removesuffix(".") for gold in golds]
+    misses = [gold for gold, answer in zip(golds, written) if antisd.verify("\\boxed{" + answer + "}", gold) != 1.0]
+    print(f"{name}: {len(golds) - len(misses)}/{len(golds)} golds as written earn reward ({time.time() - started:.1f} s)")
+    assert not misses, f"{name}: {len(misses)} golds as written earn nothing, e.g. {misses[:5]}"
 
 
 # golds of the real files that math-verify could read as a bare number, so that number would score as
