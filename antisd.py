@@ -1355,6 +1355,7 @@ def load_model(name, device):
         refuse_pickled_weights(name)
         try:
             tokenizer = AutoTokenizer.from_pretrained(name)
+            render_prompt(tokenizer, "1 + 1 = ?", False)  # a damaged or missing chat template fails now, not at step 1
             model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
         except torch.cuda.OutOfMemoryError:
             raise

@@ -3392,6 +3392,79 @@ def test_every_write_can_fail_in_one_paragraph_and_the_folder_then_ends_where_an
 
 
 # -----------------------------------------------------------------------------
+# Failures found by the program: every file a resumed run reads, damaged in turn
+#
+# The files are found at run time: every file of the run's folder (logs, lock, each checkpoint's
+# model, tokenizer and trainer state) and its dataset. Each damage must leave the run either exactly as
+# with the intact file (damage that does not matter, or a damaged checkpoint replaced by the one
+# before it), or stopped before any training in one paragraph naming the file; a log that loses lines
+# may continue only with a warning naming it. README's test command damages one file of each name;
+# ANTISD_EVERY_FAULT=1 applies every damage to every file.
+
+def first_line_field_of_another_type(path):
+    lines = path.read_text().splitlines()
+    row = json.loads(lines[0])
+    row[next(iter(row))] = [row[next(iter(row))]]
+    path.write_text("\\n".join([json.dumps(row)] + lines[1:]) + "\\n")
+
+
+FILE_DAMAGES = {
+    "empty": lambda path: path.write_bytes(b""),
+    "cut at a third": lambda path: path.write_bytes(path.read_bytes()[:path.stat().st_size // 3]),
+    "cut at two thirds": lambda path: path.write_bytes(path.read_bytes()[:2 * path.stat().st_size // 3]),
+    "random bytes": lambda path: path.write_bytes(random.Random(path.name).randbytes(max(64, path.stat().st_size))),
+    "JSON of another type": lambda path: path.write_text("[1, 2]\\n"),
+    "a field of another type": lambda path: (first_line_field_of_another_type(path) if path.suffix in (".json", ".jsonl")
+                                             else path.write_text('{"step": "three"}\\n')),
+    "a folder": lambda path: (path.unlink(), path.mkdir()),
+    "a dangling link": lambda path: (path.unlink(), path.symlink_to(path.parent / "nowhere")),
+}
+RESUME_ONE_MORE = SMALL_RUN + ["--dataset", "data.jsonl", "--steps", "3", "--save-every", "1", "--lr", "1e-3",
+                               "--out-dir", "run", "--resume"]
+
+
+def damage_points(files):
+    if os.environ.get("ANTISD_EVERY_FAULT") == "1":
+        return [(path, damage) for path in files for damage in FILE_DAMAGES]
+    one_of_each_name = {path.name: path for path in files}.values()   # the newest checkpoint's, where two have it
+    return [(path, list(FILE_DAMAGES)[k % len(FILE_DAMAGES)]) for k, path in enumerate(sorted(one_of_each_name))]
+
+
+def test_every_file_a_resumed_run_reads_can_be_damaged_and_is_named_or_harmless(two_step_run, tmp_path, monkeypatch,
+                                                                               capsys):
+    intact = copy_of(two_step_run, tmp_path / "intact", monkeypatch)
+    antisd.main(RESUME_ONE_MORE)
+    expected = metrics_lines(intact), weights(intact / "checkpoint-3")
+    files = sorted(path.relative_to(two_step_run) for path in Path(two_step_run).rglob("*") if path.is_file())
+    assert {"data.jsonl", "run/metrics.jsonl", "run/checkpoint-2/trainer_state.pt"} <= {str(f) for f in files}
+    problems = []
+    for relative, damage in damage_points(files):
+        run = copy_of(two_step_run, tmp_path / f"{str(relative).replace('/', '_')}-{damage.replace(' ', '_')}", monkeypatch)
+        FILE_DAMAGES[damage](Path(relative))
+        capsys.readouterr()
+        try:
+            antisd.run_command(antisd.main, RESUME_ONE_MORE)
+            message = None
+        except SystemExit as stop:
+            message = str(stop.code)
+        except Exception as exc:  # noqa: BLE001 - a traceback is what this test reports
+            message = f"traceback: {type(exc).__name__}: {exc}"
+        err = capsys.readouterr().err
+        what = f"{relative}, {damage}"
+        if message is None:
+            same = (run / "checkpoint-3").exists() and metrics_lines(run) == expected[0] and all(
+                torch.equal(value, expected[1][name]) for name, value in weights(run / "checkpoint-3").items())
+            if not same and not (relative.suffix == ".jsonl" and f"warning: {relative}" in err):
+                problems.append(f"{what}: the run went on and ended elsewhere than with the intact file")
+        elif not (message.startswith("error: ") and "\\n" not in message and "Traceback" not in err
+                  and (relative.name in message or relative.parent.name in message)):
+            problems.append(f"{what}: {message!r} {err[-300:]!r}")
+        elif (run / "checkpoint-3").exists():
+            problems.append(f"{what}: stopped only after training ({message!r})")
+    assert not problems, "\\n".join(problems)
+
+
+# -----------------------------------------------------------------------------
 # Infrastructure: the tiny models and the laptop demo (the arith task and its held-out benchmark)
 
 def test_arith_problems_are_seeded_and_their_solutions_are_correct():
