@@ -1355,7 +1355,7 @@ def load_model(name, device):
         refuse_pickled_weights(name)
         try:
             tokenizer = AutoTokenizer.from_pretrained(name)
-            render_prompt(tokenizer, "1 + 1 = ?", False)  # a damaged or missing chat template fails now, not at step 1
+            check_chat_template(tokenizer)
             model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
         except torch.cuda.OutOfMemoryError:
             raise
@@ -1367,6 +1367,14 @@ def load_model(name, device):
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model.to(device), tokenizer
+
+
+def check_chat_template(tokenizer):
+    """A missing or damaged chat template fails at load time, not at the first step: it must render
+    and put the user's message in the prompt."""
+    probe = "What is 1 + 1?"
+    if probe not in tokenizer.decode(render_prompt(tokenizer, probe, False)):
+        raise ValueError("its chat template does not put the user's message into the prompt")
 
 
 def refuse_pickled_weights(folder):

@@ -3401,11 +3401,12 @@ def test_every_write_can_fail_in_one_paragraph_and_the_folder_then_ends_where_an
 # may continue only with a warning naming it. README's test command damages one file of each name;
 # ANTISD_EVERY_FAULT=1 applies every damage to every file.
 
-def first_line_field_of_another_type(path):
-    lines = path.read_text().splitlines()
+def first_field_of_another_type(path):
+    """The first field of a .json file, or of the first line of a .jsonl file, wrapped in a list."""
+    lines = path.read_text().splitlines() if path.suffix == ".jsonl" else [path.read_text()]
     row = json.loads(lines[0])
     row[next(iter(row))] = [row[next(iter(row))]]
-    path.write_text("\\n".join([json.dumps(row)] + lines[1:]) + "\\n")
+    path.write_text("\n".join([json.dumps(row)] + lines[1:]) + "\n")
 
 
 FILE_DAMAGES = {
@@ -3413,9 +3414,9 @@ FILE_DAMAGES = {
     "cut at a third": lambda path: path.write_bytes(path.read_bytes()[:path.stat().st_size // 3]),
     "cut at two thirds": lambda path: path.write_bytes(path.read_bytes()[:2 * path.stat().st_size // 3]),
     "random bytes": lambda path: path.write_bytes(random.Random(path.name).randbytes(max(64, path.stat().st_size))),
-    "JSON of another type": lambda path: path.write_text("[1, 2]\\n"),
-    "a field of another type": lambda path: (first_line_field_of_another_type(path) if path.suffix in (".json", ".jsonl")
-                                             else path.write_text('{"step": "three"}\\n')),
+    "JSON of another type": lambda path: path.write_text("[1, 2]\n"),
+    "a field of another type": lambda path: (first_field_of_another_type(path) if path.suffix in (".json", ".jsonl")
+                                             else path.write_text('{"step": "three"}\n')),
     "a folder": lambda path: (path.unlink(), path.mkdir()),
     "a dangling link": lambda path: (path.unlink(), path.symlink_to(path.parent / "nowhere")),
 }
@@ -3456,12 +3457,12 @@ def test_every_file_a_resumed_run_reads_can_be_damaged_and_is_named_or_harmless(
                 torch.equal(value, expected[1][name]) for name, value in weights(run / "checkpoint-3").items())
             if not same and not (relative.suffix == ".jsonl" and f"warning: {relative}" in err):
                 problems.append(f"{what}: the run went on and ended elsewhere than with the intact file")
-        elif not (message.startswith("error: ") and "\\n" not in message and "Traceback" not in err
+        elif not (message.startswith("error: ") and "\n" not in message and "Traceback" not in err
                   and (relative.name in message or relative.parent.name in message)):
             problems.append(f"{what}: {message!r} {err[-300:]!r}")
         elif (run / "checkpoint-3").exists():
             problems.append(f"{what}: stopped only after training ({message!r})")
-    assert not problems, "\\n".join(problems)
+    assert not problems, "\n".join(problems)
 
 
 # -----------------------------------------------------------------------------
