@@ -1030,6 +1030,7 @@ def _detach_from_parent(parent_end):
     # fork copies the parent's signal handlers too: Ctrl-C is for the parent (its last step still needs
     # checks), and SIGTERM, which multiprocessing sends at exit before it waits, must end the worker
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # a closing terminal: the worker ends with its parent
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     devnull = os.open(os.devnull, os.O_RDWR)
     for fd in (0, 1, 2):
@@ -1735,21 +1736,38 @@ def restore_trainer_state(state, optimizer, stream, gate, rng, device):
     return state["step"] + 1
 
 
+# Ctrl-C, a job scheduler's stop and the terminal closing: during the loop the step is finished and
+# saved (StopRequests); anywhere else the program stops at once in one line (run_command)
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+class Stopped(KeyboardInterrupt):
+    """SIGTERM or SIGHUP outside the step loop: handled as Ctrl-C is (run_command)."""
+
+    def __init__(self, signum):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def stop_at_once(signum, frame):
+    raise Stopped(signum)
+
+
 class StopRequests:
-    """Ctrl-C or SIGTERM during the loop: finish the current step, save, exit (a second Ctrl-C stops
-    at once). A context manager that installs the handlers and puts the previous ones back."""
+    """A stop signal during the loop: finish the current step, save, exit (a second one stops at
+    once). A context manager that installs the handlers and puts the previous ones back."""
 
     def __init__(self):
         self.requested, self.previous = None, {}
 
     def _request(self, signum, frame):
         if self.requested:
-            raise KeyboardInterrupt
+            raise Stopped(signum)
         self.requested = signum
         print(f"\n{signal.Signals(signum).name}: finishing this step, then saving (again to stop now)", flush=True)
 
     def __enter__(self):
-        self.previous = {sig: signal.signal(sig, self._request) for sig in (signal.SIGINT, signal.SIGTERM)}
+        self.previous = {sig: signal.signal(sig, self._request) for sig in STOP_SIGNALS}
         return self
 
     def __exit__(self, *exc):
@@ -2249,6 +2267,7 @@ def run_command(main, *args):
     """Runs main the way the shell should see it (also eval.py's). Bad input and unfixable settings
     (UserError), out of memory and Ctrl-C outside the step loop's own handler print one paragraph and
     exit non-zero. Any other exception is a bug: it keeps its traceback."""
+    previous = {sig: signal.signal(sig, stop_at_once) for sig in STOP_SIGNALS if sig != signal.SIGINT}
     try:
         return main(*args)
     except UserError as e:
@@ -2260,10 +2279,14 @@ def run_command(main, *args):
     except torch.cuda.OutOfMemoryError as e:
         raise SystemExit(f"CUDA out of memory ({one_line(e, 200)}): lower the batch sizes (antisd.py: "
                          f"--gen-batch-size, --micro-batch-size; eval.py: --batch-size) or --max-new-tokens.") from None
-    except KeyboardInterrupt:
-        print("interrupted: stopped at once, nothing more was saved (--resume continues from the newest "
-              "checkpoint, if there is one)", file=sys.stderr)
-        raise SystemExit(130) from None
+    except KeyboardInterrupt as e:
+        signum = e.signum if isinstance(e, Stopped) else signal.SIGINT
+        print(f"interrupted ({signal.Signals(signum).name}): stopped at once, nothing more was saved (--resume "
+              f"continues from the newest checkpoint, if there is one)", file=sys.stderr)
+        raise SystemExit(128 + signum) from None
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 if __name__ == "__main__":

@@ -3980,7 +3980,7 @@ def test_a_real_bug_keeps_its_traceback_and_ctrl_c_at_start_up_does_not(tmp_path
         raise KeyboardInterrupt
     monkeypatch.setattr(antisd, "load_problems", interrupted)
     code, text = failure_message(capsys, antisd.main, argv)
-    assert code == 130 and text.startswith("interrupted: stopped at once")
+    assert code == 130 and text.startswith("interrupted (SIGINT): stopped at once")
 
     def out_of_memory(*args):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
