@@ -220,6 +220,45 @@ def test_compiled_rollouts_equal_eager_ones_greedy_and_sampled_across_weight_upd
     assert len(counted_compilation) == 1, "the decode step was compiled again"
 
 
+def sharp_tiny_model():
+    """tiny-random with weights of std 0.3 instead of 0.02: its next-token distributions depend on the
+    context, so greedy rollouts differ by prompt and a temperature changes every log-prob."""
+    model, tokenizer = antisd.load_model("tiny-random", torch.device("cpu"))   # seeded; one thread, as in a run
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.3)
+    return model, tokenizer
+
+
+def one_loop_step(model, tokenizer, *flags):
+    """antisd.one_step, as the loop runs it, on two arith problems x 4 rollouts with these flags (no gate:
+    the -phi(u) term is on). The update's gradient is recorded, not applied (RecordingOptimizer, Step 7).
+    Returns (what one_step returned, {parameter name: gradient})."""
+    args = step_args("--dataset", "arith", "--prompts-per-step", "2", "--group-size", "4", "--max-new-tokens", "6",
+                     "--micro-batch-size", "8", "--gate", "none", *flags)
+    device, optimizer = torch.device("cpu"), RecordingOptimizer(model)
+    torch.manual_seed(0)
+    done = antisd.one_step(model, tokenizer, tiny_tasks.make_arith_problems(2, seed=0), optimizer, antisd.make_gate(args),
+                           random.Random(0), antisd.World(device), antisd.PhaseTimer(device), args)
+    return done, optimizer.grads[0]
+
+
+def test_training_rollouts_are_sampled_with_the_top_p_flag():
+    """--top-p near 0 keeps only the likeliest token: every rollout the loop samples is then the greedy
+    continuation of its prompt, checked by one unpadded forward. At --top-p 1 the same step's rollouts
+    of one problem differ, so the check could fail."""
+    model, tokenizer = sharp_tiny_model()
+    greedy, _ = one_loop_step(model, tokenizer, "--top-p", "1e-6")
+    for prompt, response in zip(greedy.student_prompts, greedy.responses):
+        with torch.no_grad():
+            top = model(input_ids=torch.tensor([prompt + response])).logits[0, len(prompt) - 1:-1].double().topk(2)
+        assert top.indices[:, 0].tolist() == response
+        assert (top.values[:, 0] - top.values[:, 1]).min() > 1e-3   # no near-tie that float noise could flip
+    sampled, _ = one_loop_step(model, tokenizer, "--top-p", "1.0")
+    assert all(len({tuple(r) for r in sampled.responses[g:g + 4]}) > 1 for g in (0, 4))
+
+
 def test_sampling_keeps_the_whole_vocabulary_whatever_the_models_own_top_k(tiny):
     # rollouts must come from pi_theta itself: with Qwen3's generation_config top_k=20 leaking in, no
     # token outside the 20 likeliest could ever be sampled. At T = 50 the untrained model's next-token
@@ -804,10 +843,11 @@ def test_a_solution_over_the_teachers_budget_keeps_its_first_tokens(tiny):
 # -----------------------------------------------------------------------------
 # Step 4, scoring alignment: batched, padded scoring == one unpadded sequence at a time
 
-def one_at_a_time_logp(model, prompt, response):
-    """log p(response_j | prompt, response_<j) from a single unpadded forward, float64 softmax."""
+def one_at_a_time_logp(model, prompt, response, temperature=1.0):
+    """log p(response_j | prompt, response_<j) at a temperature, and the entropy of that distribution, from a
+    single unpadded forward, float64 softmax."""
     ids = torch.tensor([prompt + response])
-    logits = model(input_ids=ids).logits[0, len(prompt) - 1:-1].double()    # [R, V]
+    logits = model(input_ids=ids).logits[0, len(prompt) - 1:-1].double() / temperature    # [R, V]
     logp = torch.log_softmax(logits, dim=-1)
     return logp.gather(-1, torch.tensor(response)[:, None])[:, 0], -(logp.exp() * logp).sum(-1)
 
@@ -831,6 +871,24 @@ def check_alignment(model, tokenizer, problems, responses, enable_thinking):
         assert torch.allclose(stats["t_entropy"][i, :n].double(), th_ref, atol=1e-4)
         assert torch.all(stats["logp"][i, n:] == 0)   # nothing scored past the end
     return student, teacher
+
+
+def test_the_loop_scores_student_and_teacher_at_the_temperature_flag():
+    """Step 4 of one loop step at --temperature 1.7: every student and teacher log-prob and entropy is
+    the one of the distribution at T = 1.7, from one unpadded forward per rollout. At T = 1 they differ."""
+    model, tokenizer = sharp_tiny_model()
+    done, _ = one_loop_step(model, tokenizer, "--temperature", "1.7")
+    moved = 0.0
+    with torch.no_grad():
+        for i, response in enumerate(done.responses):
+            n = len(response)
+            for prompts, logp, entropy in ((done.student_prompts, "logp", "entropy"),
+                                           (done.teacher_prompts, "t_logp", "t_entropy")):
+                expected_logp, expected_entropy = one_at_a_time_logp(model, prompts[i], response, temperature=1.7)
+                assert torch.allclose(done.stats[logp][i, :n].double(), expected_logp, atol=1e-5), (i, logp)
+                assert torch.allclose(done.stats[entropy][i, :n].double(), expected_entropy, atol=1e-4), (i, entropy)
+                moved = max(moved, float((one_at_a_time_logp(model, prompts[i], response)[0] - expected_logp).abs().max()))
+    assert moved > 0.1
 
 
 @torch.no_grad()
@@ -1323,6 +1381,26 @@ def test_each_process_divides_its_loss_by_the_whole_batchs_token_count(tiny):
     assert loss0 + loss1 == pytest.approx(one_loss, rel=1e-5)
     for name, grad in one_grads.items():
         torch.testing.assert_close(grads0[name] + grads1[name], grad, rtol=1e-4, atol=1e-7)
+
+
+def test_the_loops_update_differentiates_the_log_probs_at_the_temperature_flag():
+    """Step 7 of one loop step at --temperature 1.7: one epoch at the scoring weights has ratio 1, so its
+    gradient is that of -sum A_t log p_T(y_t) / (batch tokens) at T = 1.7, by hand one unpadded sequence
+    at a time. An update at T = 1 differentiates other log-probs, and with old log-probs scored at
+    another temperature the ratio is not 1 and the clip binds."""
+    model, tokenizer = sharp_tiny_model()
+    done, grads = one_loop_step(model, tokenizer, "--temperature", "1.7")
+    model.zero_grad(set_to_none=True)
+    total_tokens = int(done.mask.sum())
+    for i, (prompt, response) in enumerate(zip(done.student_prompts, done.responses)):
+        logits = model(input_ids=torch.tensor([prompt + response])).logits[0, len(prompt) - 1:-1].double()
+        logp = torch.log_softmax(logits / 1.7, dim=-1).gather(-1, torch.tensor(response)[:, None])[:, 0]
+        (-(done.terms["advantages"][i, :len(response)].double() * logp).sum() / total_tokens).backward()
+    expected = {name: p.grad for name, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    assert done.update["clipped_tokens"] == 0 and torch.cat([g.flatten() for g in expected.values()]).norm() > 0
+    for name, grad in expected.items():
+        torch.testing.assert_close(grads[name], grad, rtol=1e-4, atol=1e-7)
 
 
 def test_an_epoch_with_a_non_finite_gradient_norm_is_not_applied(tiny):
