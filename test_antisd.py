@@ -2308,6 +2308,48 @@ def test_each_problem_is_scored_on_its_own_samples(monkeypatch):
     assert results["benchmarks"]["toy"]["avg@3"] == results["benchmarks"]["other"]["avg@3"] == 1.0
 
 
+def test_majority_vote_of_evaluate_counts_the_extracted_answers_not_the_response_texts(monkeypatch):
+    # five scripted responses to a problem whose gold is 5. By hand: their answers 7, 5, 7, 5, 5 give 5
+    # three votes of five. The texts around the boxes differ, so a vote on whole texts would give the
+    # two identical responses "\\boxed{7}" the majority
+    model, tokenizer = tiny_tasks.build_tiny()
+    texts = ["\\boxed{7}", "So \\boxed{5}.", "\\boxed{7}", "Hence \\boxed{5}", "It is \\boxed{5}, surely."]
+    sampled = collections.Counter()
+
+    def scripted(model, tokenizer, prompt_ids, *rest):  # the k-th sample of a prompt answers texts[k]
+        outputs = []
+        for prompt in map(tuple, prompt_ids):
+            outputs.append((tokenizer(texts[sampled[prompt]])["input_ids"] + [tokenizer.eos_token_id], False))
+            sampled[prompt] += 1
+        return outputs
+
+    monkeypatch.setattr(evaluation, "sample_batch", scripted)
+    results, [sample] = evaluation.evaluate(model, tokenizer, {"toy": [{"problem": "What is 2+3?", "answer": "5"}]},
+                                            5, 0.7, 0.95, 8, 8, False, 0)
+    assert sample["responses"] == texts and sample["extracted"] == ["7", "5", "7", "5", "5"]
+    assert sample["majority_correct"] == 1.0 and results["benchmarks"]["toy"]["maj@5"] == 1.0
+    assert results["benchmarks"]["toy"]["avg@5"] == 3 / 5
+
+
+def test_a_problems_samples_do_not_depend_on_the_benchmarks_before_it_or_on_the_limit(tiny):
+    # the same search problems evaluated after 3 arith problems, after 1, and alone with --limit 2: each
+    # draws the same samples (a stream per benchmark, problem and sample: sample_generator)
+    model, tokenizer = tiny
+    settings = dict(n=2, temperature=1.0, top_p=1.0, max_new_tokens=6, batch_size=4, enable_thinking=False, seed=3)
+    arith, search = evaluation.load_benchmark("arith", limit=3), evaluation.load_benchmark("search", limit=3)
+    assert evaluation.load_benchmark("search", limit=2) == search[:2]
+
+    def responses(benchmarks, name):
+        _, samples = evaluation.evaluate(model, tokenizer, benchmarks, **settings)
+        return [s["responses"] for s in samples if s["benchmark"] == name]
+
+    after_three = responses({"arith": arith, "search": search}, "search")
+    assert responses({"arith": arith[:1], "search": search}, "search") == after_three
+    assert responses({"search": search[:2]}, "search") == after_three[:2]
+    assert responses({"arith": arith[:1], "search": search}, "arith") == responses({"arith": arith}, "arith")[:1]
+    assert len({tuple(r) for r in after_three}) == 3   # samples that differ by problem: the check has power
+
+
 # resumable evaluation
 
 
@@ -2371,6 +2413,34 @@ def disk_full_at(monkeypatch, file_name, marker):
             raise OSError(errno.ENOSPC, "No space left on device")
         return real_write(fd, data)
     monkeypatch.setattr(os, "write", write)
+
+
+def test_a_finished_evaluation_is_replaced_by_a_new_one_without_resume(tmp_path, monkeypatch):
+    """As --out-dir's help says: without --resume a finished evaluation is replaced. The new one, stopped
+    after its first problem and resumed, ends with the results, samples and settings of the same
+    evaluation run in an empty folder."""
+    argv = with_flag(with_flag(EVAL, "--max-new-tokens", "8"), "--limit", "3")
+    replaced, fresh = tmp_path / "replaced", tmp_path / "fresh"
+    evaluation.main(argv + ["--out-dir", str(replaced)])
+    assert (replaced / "results.json").exists()
+    new = with_flag(argv, "--seed", "1")
+    real_check, checked = evaluation.check_problem, []
+
+    def stop_at_the_second_problem(*problem):  # as a kill would, once the first problem is kept
+        if checked:
+            raise KeyboardInterrupt
+        checked.append(problem)
+        return real_check(*problem)
+
+    monkeypatch.setattr(evaluation, "check_problem", stop_at_the_second_problem)
+    with pytest.raises(KeyboardInterrupt):
+        evaluation.main(new + ["--out-dir", str(replaced)])
+    monkeypatch.setattr(evaluation, "check_problem", real_check)
+    assert len((replaced / "samples.jsonl").read_text().splitlines()) == 1   # the new evaluation's first problem only
+    evaluation.main(new + ["--out-dir", str(replaced), "--resume"])
+    evaluation.main(new + ["--out-dir", str(fresh)])
+    assert comparable(replaced) == comparable(fresh)
+    assert (replaced / "settings.json").read_text() == (fresh / "settings.json").read_text()
 
 
 def test_an_evaluation_on_a_full_disk_ends_in_one_paragraph_keeping_the_problems_written(tmp_path, capsys, monkeypatch):
@@ -2471,6 +2541,25 @@ def test_hub_rows_of_each_training_set_become_problems():
     math_row = antisd.problem_from_row({"problem": "P", "level": "Level 1", "type": "Algebra",
                                         "solution": "So $x = \\boxed{\\frac{1}{2}}$."}, "math")
     assert math_row["answer"] == "\\frac{1}{2}" and math_row["solution"].startswith("So $x")
+
+
+def test_dapo_keeps_one_row_of_each_repeated_problem(monkeypatch):
+    # DAPO-Math-17k repeats each problem about 100 times, each copy in DAPO's own instruction
+    def hub_row(problem, answer):
+        return {"data_source": "math_dapo", "reward_model": {"ground_truth": answer, "style": "rule"},
+                "prompt": [{"role": "user", "content": antisd.DAPO_PREFIX + " The last line of your response should "
+                            "be of the form Answer: $Answer.\n\n" + problem + antisd.DAPO_SUFFIX}]}
+
+    golds = {"What is 1+1?": "2", "Compute 3 * 4.": "12", "Find 10 - 7.": "3"}
+    order = ["What is 1+1?", "Compute 3 * 4.", "What is 1+1?", "Find 10 - 7.", "Compute 3 * 4.", "What is 1+1?"]
+    asked = []
+    monkeypatch.setattr(datasets, "load_dataset", lambda *args, **kwargs: asked.append(args) or datasets.Dataset.from_list(
+        [hub_row(problem, golds[problem]) for problem in order]))
+    problems, dropped = antisd.load_problems("dapo", seed=0)
+    assert asked == [("BytedTsinghua-SIA/DAPO-Math-17k", None)] and dropped == 0
+    # by hand: each problem once, in the order of its first row
+    assert [(p["problem"], p["answer"]) for p in problems] == [("What is 1+1?", "2"), ("Compute 3 * 4.", "12"),
+                                                               ("Find 10 - 7.", "3")]
 
 
 @pytest.mark.parametrize("content, message", [
@@ -3211,6 +3300,54 @@ def test_token_classes_mark_the_decision_to_check_and_the_unchecked_answer():
     assert tiny_tasks.search_deliberation_rate(["try A: 3+4=7 no. The answer is \\boxed{E}.", "The answer is \\boxed{E}."]) == 0.5
 
 
+def test_the_deliberation_rate_counts_a_check_that_follows_other_text():
+    # by hand: responses 1-3 check a box, wherever the check stands; 4 never checks; 5 only speaks of trying
+    texts = ["try A: 3+4=7 no. The answer is \\boxed{E}.",
+             "Let me check one. try C: 6+4=10 yes. The answer is \\boxed{C}.",
+             "The answer is \\boxed{E}. Or is it? try B: 8+4=12 no.",
+             "The answer is \\boxed{E}.",
+             "I could try A, but the answer is \\boxed{A}."]
+    assert tiny_tasks.search_deliberation_rate(texts) == 3 / 5
+    problem = tiny_tasks.search_problem_text([3, 8, 6, 1, 5, 2, 7, 9, 4, 3, 1, 2], 4, 10)
+    assert antisd.search_metrics(texts, [{"problem": problem}], group_size=5)["deliberation_rate"] == 3 / 5  # as logged
+
+
+def test_the_u_by_token_class_table_scores_each_rollout_against_its_own_problems_teacher(monkeypatch):
+    """search_pmi_by_class (the task's Figure 2), by hand: rollout i is of problems[i // G]; its u is the
+    teacher's log-prob minus the student's, one unpadded forward each, the teacher seeing its own
+    problem with the reference solution (no rollout is right, M7); the table is each token class's
+    count, mean u and share of u < 0."""
+    model, tokenizer = sharp_tiny_model()
+    problems, group_size = tiny_tasks.make_search_problems(2, seed=1), 3
+    sampled, real_generate = [], tiny_tasks.generate
+    monkeypatch.setattr(tiny_tasks, "generate", lambda *a, **k: sampled.extend(real_generate(*a, **k)) or sampled)
+    table, summary, texts = tiny_tasks.search_pmi_by_class(model, tokenizer, problems, group_size, max_new_tokens=8)
+    assert summary["reward"] == 0.0
+
+    def u_of(i, problem):
+        response = sampled[i][0]
+        student = antisd.student_prompt_ids(tokenizer, problem["problem"], False)
+        message = antisd.build_teacher_prompt(problem["problem"], i % group_size, [0.0] * group_size,
+                                              texts[i - i % group_size:][:group_size], problem["solution"],
+                                              problem["answer"], None)
+        teacher = antisd.render_prompt(tokenizer, message, False)
+        return one_at_a_time_logp(model, teacher, response)[0] - one_at_a_time_logp(model, student, response)[0]
+
+    by_class = {}
+    with torch.no_grad():
+        for i, (response, _) in enumerate(sampled):
+            u = u_of(i, problems[i // group_size])
+            for label, value in zip(tiny_tasks.search_token_classes([tokenizer.decode([t]) for t in response]), u.tolist()):
+                by_class.setdefault(label, []).append(value)
+        assert (u_of(0, problems[1]) - u_of(0, problems[0])).abs().max() > 0.01   # another problem's teacher gives another u
+    assert sorted(table) == sorted(by_class)
+    for label, values in by_class.items():
+        count, mean_u, share_negative = table[label]
+        assert count == len(values)
+        assert mean_u == pytest.approx(sum(values) / len(values), abs=1e-5)
+        assert share_negative == pytest.approx(sum(v < 0 for v in values) / len(values), abs=1.01 / len(values))
+
+
 def test_search_benchmark_never_occurs_in_training():
     benchmark = {p["problem"] for p in evaluation.offline_benchmark("search", evaluation.OFFLINE_BENCHMARK_SIZE)}
     training = {p["problem"] for p in antisd.load_problems("search", 0)[0]}
@@ -3334,6 +3471,28 @@ def test_compare_by_group_averages_runs_that_differ_only_by_seed(tmp_path):
     assert "| sd | 1 | eval/mean/avg@ | 0.200 (step 0, 0.200-0.200) | 0.000 (step 10, 0.000-0.000) |" in table
     assert (tmp_path / "out" / "compare-groups.png").exists()
 
+
+
+def test_compare_by_group_averages_only_the_steps_every_run_of_the_group_logged(tmp_path, capsys):
+    # grpo-s0 ran 30 steps, evaluated every 10 and logged the deliberation rate; grpo-s1 stopped at
+    # step 20, evaluated every 5 and logged no deliberation rate; sd-s0 evaluated at 0 and 10
+    logs = {"grpo-s0": [(0, 0.1), (10, 0.3), (20, 0.5), (30, 0.9)],
+            "grpo-s1": [(0, 0.3), (5, 0.2), (10, 0.5), (15, 0.4), (20, 0.7)],
+            "sd-s0": [(0, 0.2), (10, 0.4)]}
+    for name, points in logs.items():
+        (tmp_path / name).mkdir()
+        write_jsonl(tmp_path / name / "metrics.jsonl",
+                    [{"step": step, "eval/mean/avg@4": value, "reward_mean": value,
+                      **({"deliberation_rate": 0.25} if name != "grpo-s1" and step == 10 else {})} for step, value in points])
+    evaluation.main(["--compare", *(str(tmp_path / name) for name in logs), "--by-group", "--out-dir", str(tmp_path / "out")])
+    # by hand: grpo at steps 0, 10, 20 (both runs), first 0.2 = (0.1 + 0.3) / 2, last 0.6 = (0.5 + 0.7) / 2;
+    # sd at 0 and 10; no grpo deliberation rate: grpo-s1 never logged one
+    grpo, sd = "| grpo | 2 | {} | 0.200 (step 0, 0.100-0.300) | 0.600 (step 20, 0.500-0.700) |", \
+               "| sd | 1 | {} | 0.200 (step 0, 0.200-0.200) | 0.400 (step 10, 0.400-0.400) |"
+    assert (tmp_path / "out" / "compare-groups.md").read_text().splitlines() == [
+        "| group | runs | metric | first | last |", "|---|---|---|---|---|",
+        grpo.format("eval/mean/avg@"), sd.format("eval/mean/avg@"), grpo.format("reward_mean"), sd.format("reward_mean"),
+        "| sd | 1 | deliberation_rate | 0.250 (step 10, 0.250-0.250) | 0.250 (step 10, 0.250-0.250) |"]
 
 # -----------------------------------------------------------------------------
 # Infrastructure: several processes (torchrun + FSDP2)
