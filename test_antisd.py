@@ -1546,6 +1546,152 @@ def test_the_loop_renders_student_and_teacher_prompts_with_the_same_thinking_mod
     assert set(teacher) == set(student) == {thinking}
 
 
+def parser_of_get_args(argv):
+    """The argparse parser antisd.get_args builds for argv (a tiny model's defaults are set on it)."""
+    parsers, real_parse_args = [], argparse.ArgumentParser.parse_args
+
+    def keep(parser, *args, **kwargs):
+        parsers.append(parser)
+        return real_parse_args(parser, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(argparse.ArgumentParser, "parse_args", keep)
+        antisd.get_args(argv)
+    return parsers[-1]
+
+
+def spy_on(monkeypatch, module, names):
+    """Replaces each named function (or class) of module by one that calls it and records the call:
+    {name: [{argument: value, ..., "returned": what it returned}, ...]}, in call order."""
+    calls = {name: [] for name in names}
+    for name in names:
+        real = getattr(module, name)
+
+        def spy(*args, _name=name, _real=real, _signature=inspect.signature(real), **kwargs):
+            bound = _signature.bind(*args, **kwargs)
+            bound.apply_defaults()
+            returned = _real(*args, **kwargs)
+            calls[_name].append({**bound.arguments, "returned": returned})
+            return returned
+        monkeypatch.setattr(module, name, spy)
+    return calls
+
+
+def called(seen, name, argument):
+    """The value of `argument` in every recorded call of `name`; the function must have been called."""
+    assert seen[name], f"{name} was never called"
+    return [call[argument] for call in seen[name]]
+
+
+# Where each setting of the command line is meant to arrive: the functions the loop calls with it, spied on
+# during antisd.main
+WIRED_TO = ["pick_device", "load_problems", "load_model", "ProblemStream", "MasterAdamW", "EntropyGate", "one_step",
+            "render_prompt", "generate", "group_advantages", "score", "token_advantages", "official_antisd_term",
+            "continuous_lambda", "policy_gradient", "save_checkpoint"]
+WIRED_TO_EVAL = ["load_benchmark", "evaluate"]
+# flags that a run of a few steps cannot show, each with the test that checks it
+FLAGS_CHECKED_ELSEWHERE = {
+    "resume": "test_resumed_run_ends_exactly_where_an_uninterrupted_run_does",   # continues --out-dir's run
+}
+
+
+def wiring_runs(tmp_path):
+    """[(flags, {flag: check of the recorded calls})]: every flag of antisd.py gets a value other than its
+    default in one of these runs, and is checked there. The methods' options exclude each other: four runs."""
+    data_dir = tmp_path / "bench"
+    data_dir.mkdir()
+    write_jsonl(data_dir / "aime24.jsonl", [{"problem": f"What is {i}+{i}?", "answer": str(2 * i)} for i in range(3)])
+    small = {"model": "tiny-random", "dataset": "arith", "device": "cpu", "steps": 2, "gate_warmup": 1,
+             "prompts_per_step": 2, "group_size": 2, "micro_batch_size": 4, "max_new_tokens": 4}
+    # 2 steps x 3 problems x 3 rollouts, warm-up 1 (the term is on at step 2), 2 epochs, evaluation at steps 0 and 2
+    loop = {"model": "tiny-random", "dataset": "arith", "device": "cpu", "enable_thinking": True,
+            "divergence": "rkl", "compose": "mult", "lambda_max": 0.3, "gate": "perplexity", "gate_warmup": 1,
+            "tau_ratio": 0.9, "prompts_per_step": 3, "group_size": 3, "max_new_tokens": 5, "temperature": 1.3,
+            "top_p": 0.9, "gen_batch_size": 4, "steps": 2, "lr": 2e-3, "clip": 0.1, "ppo_epochs": 2,
+            "micro_batch_size": 3, "seed": 5, "eval_every": 2, "eval_benchmarks": "aime24", "eval_n": 2,
+            "eval_limit": 2, "eval_data_dir": str(data_dir), "out_dir": str(tmp_path / "loop"), "save_every": 1}
+    evaluated = lambda seen: [[p["problem"] for p in benchmarks["aime24"]] for benchmarks in called(seen, "evaluate", "benchmarks")]
+    loop_checks = {
+        "model": lambda seen: called(seen, "load_model", "name") == ["tiny-random"],
+        "dataset": lambda seen: called(seen, "load_problems", "name") == ["arith"],
+        "device": lambda seen: called(seen, "pick_device", "requested") == ["cpu"]
+                               and called(seen, "load_model", "device") == [torch.device("cpu")],
+        "enable_thinking": lambda seen: set(called(seen, "render_prompt", "enable_thinking")) == {True}   # student, teacher
+                                        and set(called(seen, "evaluate", "enable_thinking")) == {True},
+        "divergence": lambda seen: set(called(seen, "token_advantages", "divergence")) == {"rkl"},
+        "compose": lambda seen: set(called(seen, "token_advantages", "compose")) == {"mult"},
+        "lambda_max": lambda seen: called(seen, "EntropyGate", "lambda_max") == [0.3]
+                                   and called(seen, "token_advantages", "lam") == [0.0, 0.3],
+        "gate": lambda seen: called(seen, "EntropyGate", "reopen_ratio") == [1.07],    # perplexity's, M8
+        "gate_warmup": lambda seen: called(seen, "EntropyGate", "warmup") == [1],
+        "tau_ratio": lambda seen: called(seen, "EntropyGate", "tau_ratio") == [0.9],
+        "prompts_per_step": lambda seen: [len(set(map(tuple, prompts))) for prompts in called(seen, "generate", "prompt_ids")] == [3, 3],
+        "group_size": lambda seen: called(seen, "group_advantages", "group_size") == [3, 3] and all(
+            set(collections.Counter(map(tuple, prompts)).values()) == {3} for prompts in called(seen, "generate", "prompt_ids")),
+        "max_new_tokens": lambda seen: called(seen, "generate", "max_new_tokens") == [5, 5]
+                                       and called(seen, "evaluate", "max_new_tokens") == [5, 5],
+        "temperature": lambda seen: set(called(seen, "generate", "temperature")) == set(called(seen, "score", "temperature"))
+                                    == set(called(seen, "policy_gradient", "temperature")) == {1.3},
+        "top_p": lambda seen: set(called(seen, "generate", "top_p")) == {0.9},
+        "gen_batch_size": lambda seen: set(called(seen, "generate", "batch_size")) == {4}
+                                       and set(called(seen, "evaluate", "batch_size")) == {4},
+        "steps": lambda seen: len(seen["one_step"]) == 2,
+        "lr": lambda seen: [optimizer.optimizer.param_groups[0]["lr"] for optimizer in called(seen, "MasterAdamW", "returned")] == [2e-3],
+        "clip": lambda seen: set(called(seen, "policy_gradient", "clip")) == {0.1},
+        "ppo_epochs": lambda seen: len(seen["policy_gradient"]) == 2 * 2,
+        "micro_batch_size": lambda seen: set(called(seen, "score", "micro_batch_size")) == {3}
+                                         and set(called(seen, "policy_gradient", "micro_batch_size")) == {3},
+        "seed": lambda seen: called(seen, "load_problems", "seed") == called(seen, "ProblemStream", "seed") == [5]
+                             and set(called(seen, "evaluate", "seed")) == {5},
+        "eval_every": lambda seen: len(seen["evaluate"]) == 2,                     # before step 1, after step 2
+        "eval_benchmarks": lambda seen: called(seen, "load_benchmark", "name") == ["aime24"],
+        "eval_n": lambda seen: set(called(seen, "evaluate", "n")) == {2},
+        "eval_limit": lambda seen: called(seen, "load_benchmark", "limit") == [2]
+                                   and evaluated(seen) == [["What is 0+0?", "What is 1+1?"]] * 2,
+        "eval_data_dir": lambda seen: called(seen, "load_benchmark", "data_dir") == [str(data_dir)]
+                                      and evaluated(seen)[0][0] == "What is 0+0?",
+        "out_dir": lambda seen: set(called(seen, "save_checkpoint", "out_dir")) == {str(tmp_path / "loop")}
+                                and len((tmp_path / "loop" / "metrics.jsonl").read_text().splitlines()) == 3,
+        "save_every": lambda seen: called(seen, "save_checkpoint", "step") == [1, 2],
+    }
+    return [
+        (loop, loop_checks),
+        ({**small, "term": "official", "lambda_form": "continuous", "gate": "perplexity", "out_dir": str(tmp_path / "official")},
+         {"term": lambda seen: set(called(seen, "token_advantages", "term")) == {"official"}
+                               and len(seen["official_antisd_term"]) == 2,
+          "lambda_form": lambda seen: len(seen["continuous_lambda"]) == 1}),       # after the warm-up
+        ({**small, "estimator": "full", "out_dir": str(tmp_path / "full")},
+         {"estimator": lambda seen: called(seen, "policy_gradient", "jsd_weight") == [0.0, 0.5] and not seen["token_advantages"]}),
+        ({**small, "method": "sd", "out_dir": str(tmp_path / "sd")},
+         {"method": lambda seen: set(called(seen, "token_advantages", "method")) == {"sd"}}),
+    ]
+
+
+def test_every_flag_reaches_the_code_it_sets(tmp_path, monkeypatch):
+    """Each flag of antisd.get_args (read from its parser, so a new flag cannot be missed) is set to another
+    value than its default in a short run of antisd.main, and the functions meant to receive it are
+    spied on to see that it arrived: the sampling, the scoring, the advantages, the gate, the update, the
+    in-loop evaluation, the data and the checkpoints. Or the flag is listed with the test that checks it."""
+    parser = parser_of_get_args(["--model", "tiny-random"])   # the defaults of a tiny-random run
+    actions = {action.dest: action for action in parser._actions if not isinstance(action, argparse._HelpAction)}
+    checked = set()
+    for flags, checks in wiring_runs(tmp_path):
+        argv = []
+        for dest, value in flags.items():
+            option = actions[dest].option_strings[0]
+            argv += [option] if isinstance(actions[dest], argparse._StoreTrueAction) else [option, str(value)]
+        with monkeypatch.context() as patch:
+            seen = {**spy_on(patch, antisd, WIRED_TO), **spy_on(patch, evaluation, WIRED_TO_EVAL)}
+            antisd.main(argv)
+        for dest, check in checks.items():
+            assert flags[dest] != parser.get_default(dest), f"{actions[dest].option_strings[0]} is set to its default"
+            assert check(seen), f"{actions[dest].option_strings[0]} {flags[dest]} did not reach the code it sets"
+            checked.add(dest)
+    assert all(callable(globals().get(test)) for test in FLAGS_CHECKED_ELSEWHERE.values())
+    unchecked = set(actions) - checked - set(FLAGS_CHECKED_ELSEWHERE)
+    assert not unchecked, f"flags no test checks: {sorted(unchecked)} (add them to wiring_runs, or to FLAGS_CHECKED_ELSEWHERE)"
+
+
 def test_step_metrics_are_hand_counts_of_the_steps_rollouts():
     args = step_args("--method", "grpo", "--group-size", "4", "--prompts-per-step", "2", "--micro-batch-size", "4")
     rewards = [1.0, 0.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0]   # one group with signal, one without
