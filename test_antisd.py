@@ -68,11 +68,17 @@ from pathlib import Path
 
 import datasets
 import pytest
+from hypothesis import example, given, settings, strategies as st
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import antisd
 import tiny_tasks
 import antisd_kernels
+
+# Property tests (hypothesis): the same examples on every run, as every other test here, and no example
+# database written next to the code
+settings.register_profile("antisd", derandomize=True, database=None, deadline=None)
+settings.load_profile("antisd")
 
 evaluation = importlib.import_module("eval")  # `import eval` would shadow the builtin eval
 
@@ -376,6 +382,37 @@ def test_a_missing_gold_rewards_no_answer_not_even_one_that_spells_none():
 def test_verify_on_a_raw_gold_agrees_with_verify_on_its_cleaned_gold(response, gold, reward):
     assert antisd.verify(response, gold) == reward
     assert antisd.verify(response, antisd.clean_gold(gold)) == reward
+
+
+# pieces of golds as benchmarks write them: numbers, LaTeX, GSM8K's '####', boxes, units, stray '$', a
+# final '.' (the spacing commands, '\\$' and \\mathrm{e} are left out: see the test after this one)
+GOLD_PIECES = ["1", "25", "-3", "0.5", "4.5", "000", "e", "E", "+", "-", " ", ",", "$", "\\frac{1}{2}", "\\sqrt{2}", "x",
+               "\\pi", "\\boxed{", "}", "{", "####", "\\,", "%", "\\text{ cm}", "(", ")", " and ", "\\infty", "^{2}", "\n"]
+
+
+@settings(max_examples=80)
+@given(st.one_of(st.integers(-10**20, 10**20), st.floats(), st.tuples(
+    st.lists(st.sampled_from(GOLD_PIECES), max_size=6), st.sampled_from(["", ".", "$.", " ."])).map(lambda t: "".join(t[0]) + t[1])))
+def test_a_cleaned_gold_cleans_to_itself(gold):
+    # verify cleans a gold again (clean_gold_once) after load_problems or eval.py cleaned it: the second
+    # pass must leave it as the first left it, or the gold checked is not the gold cleaned
+    once = antisd.clean_gold(gold)
+    assert once is None or antisd.clean_gold(once) == once
+
+
+# Golds that a second cleaning still changes, found by the property test above (with the pieces it now
+# leaves out). The day one is cleaned to a fixed point in one pass, pytest reports it and its line goes.
+@pytest.mark.xfail(strict=True, reason="clean_gold changes this gold again on a second pass")
+@pytest.mark.parametrize("gold", [
+    "1~~1",            # spacing commands (~, \\;) and a dropped \\$ leave two spaces, once whitespace was collapsed
+    "5 \\$ 6",          # '5  6', then '5 6'
+    "10^{3}. .",       # one pass strips one trailing '.' and the spaces after it: '10^{3}.', then '10^{3}'
+    "5.$",             # '$' is stripped after the '.': '5.', then '5'
+    "2\\mathrm{e}3",    # \\mathrm{e} becomes e after the e-notation rule ran: '2e3', then '2 \\times 10^{3}'
+])
+def test_golds_that_a_second_cleaning_still_changes(gold):
+    once = antisd.clean_gold(gold)
+    assert antisd.clean_gold(once) == once
 
 
 # -----------------------------------------------------------------------------
@@ -766,6 +803,24 @@ def test_group_advantages_are_z_scores_within_each_group():
             assert torch.allclose(adv[4 * g:4 * g + 4].double(), expected, atol=1e-5)
 
 
+@given(st.integers(2, 8).flatmap(lambda group_size: st.lists(
+    st.lists(st.integers(0, 3), min_size=group_size, max_size=group_size), min_size=1, max_size=4)), st.randoms())
+def test_group_advantages_have_zero_mean_and_unit_std_in_each_group_and_follow_a_permutation(groups, shuffler):
+    group_size = len(groups[0])
+    advantages = antisd.group_advantages([float(r) for group in groups for r in group], group_size).double()
+    for group, adv in zip(groups, advantages.view(-1, group_size)):
+        if len(set(group)) == 1:
+            assert torch.all(adv == 0)                                    # no signal: no advantage
+        else:
+            assert abs(float(adv.mean())) < 1e-6 and float(adv.std()) == pytest.approx(1.0, abs=1e-5)
+    # permuted rollouts within each group and permuted groups: the same advantages, permuted the same way
+    order = [[g * group_size + k for k in shuffler.sample(range(group_size), group_size)]
+             for g in shuffler.sample(range(len(groups)), len(groups))]
+    permuted = antisd.group_advantages([float(groups[i // group_size][i % group_size]) for row in order for i in row],
+                                       group_size).double()
+    assert torch.allclose(permuted, advantages[[i for row in order for i in row]], atol=1e-6)
+
+
 # -----------------------------------------------------------------------------
 # Step 4. scoring: teacher prompts and antisd.score (alignment under padding)
 
@@ -1017,6 +1072,20 @@ def test_antisd_advantage_matches_method_values_and_bound():
     very_negative = antisd.antisd_advantage(torch.tensor([-1e4, -50.0], dtype=torch.float64))
     assert torch.all(very_negative <= 0.5 * math.log(2) + 1e-12)
     assert abs(float(very_negative[0]) - 0.5 * math.log(2)) < 1e-12
+
+
+@example(20.0, 20.000000001)
+@given(st.floats(-60, 60), st.floats(-60, 60))
+def test_minus_phi_is_bounded_decreasing_of_the_opposite_sign_and_minus_u_over_4_near_0(u, v):
+    minus_phi = lambda x, dtype=torch.float64: float(antisd.antisd_advantage(torch.tensor(x, dtype=dtype)))
+    assert minus_phi(u) <= math.log(2) / 2                                       # M4's bound
+    low, high = min(u, v), max(u, v)
+    assert minus_phi(low, torch.float32) >= minus_phi(high, torch.float32)      # decreasing, in training's float32
+    # in float64, torch's softplus returns u itself above u = 20, 5e-10 below log1p(exp(20)): -phi steps up there
+    assert minus_phi(low) >= minus_phi(high) - 1e-9
+    assert minus_phi(u) * u <= 0 and (abs(u) < 1e-6 or minus_phi(u) != 0)       # the sign of -u
+    if abs(u) < 1e-2:  # -phi(u) = -u/4 - u^2/16 + O(u^4)
+        assert abs(minus_phi(u) + u / 4) <= 1.01 * u * u / 16 + 1e-15
 
 
 def test_antisd_term_has_the_opposite_sign_of_default_sd():
@@ -2239,6 +2308,26 @@ def test_responses_without_a_box_do_not_vote():
     assert evaluation.majority_is_correct([None, None], [0.0, 0.0]) == 0.0
 
 
+@given(st.lists(st.booleans(), min_size=1, max_size=12).flatmap(
+    lambda correct: st.tuples(st.just(correct), st.integers(1, len(correct)))))
+def test_pass_at_k_is_the_share_of_k_subsets_holding_a_correct_sample(case):
+    correct, k = case  # the correct samples anywhere among the n, not only first
+    subsets = list(itertools.combinations(correct, k))
+    brute = sum(any(subset) for subset in subsets) / len(subsets)
+    assert evaluation.pass_at_k(len(correct), sum(correct), k) == pytest.approx(brute, abs=1e-12)
+
+
+@given(st.lists(st.one_of(st.none(), st.integers(0, 8)), max_size=10), st.integers(0, 2))
+def test_majority_vote_is_the_most_voted_answer_class_the_first_seen_on_a_tie(answers, gold_class):
+    # a stand-in for verified equivalence: two answers are the same when they are equal mod 3
+    same = lambda answer, other: answer % 3 == other % 3
+    correct = [float(a is not None and a % 3 == gold_class) for a in answers]
+    classes = [a % 3 for a in answers if a is not None]                    # None: no box, no vote
+    votes = collections.Counter(classes)
+    winner = max(votes, key=lambda c: (votes[c], -classes.index(c))) if votes else None
+    assert evaluation.majority_is_correct(answers, correct, same=same) == float(winner == gold_class)
+
+
 # -----------------------------------------------------------------------------
 # eval.py: loading: each benchmark's own fields, hub and local
 
@@ -3411,6 +3500,19 @@ def test_search_solution_by_hand():
 def test_search_fields_read_back_what_the_generator_wrote():
     for p in tiny_tasks.make_search_problems(300, seed=8) + tiny_tasks.make_search_problems(100, seed=8, held_out=True):
         assert tiny_tasks.search_fields(p["problem"]) == {k: p[k] for k in ("values", "addend", "target")}
+
+
+@settings(max_examples=40)
+@given(st.integers(1, 30), st.integers(-2**40, 2**40), st.booleans())
+def test_generated_search_problems_have_one_right_box_read_back_from_their_text_on_their_side_of_the_split(
+        count, seed, held_out):
+    problems = tiny_tasks.make_search_problems(count, seed, held_out)
+    assert len(problems) == count and problems == tiny_tasks.make_search_problems(count, seed, held_out)  # seeded
+    for p in problems:
+        right = [box for box, value in zip(tiny_tasks.SEARCH_BOXES, p["values"]) if value + p["addend"] == p["target"]]
+        assert right == [p["answer"]] and len(p["values"]) == 12 and set(p["values"]) <= set(range(1, 10))
+        assert tiny_tasks.search_fields(p["problem"]) == {k: p[k] for k in ("values", "addend", "target")}
+        assert tiny_tasks.search_is_held_out(p["values"], p["addend"], p["answer"]) == held_out
 
 
 def test_check_error_rate_counts_wrong_check_lines_over_all_responses():
