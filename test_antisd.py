@@ -385,7 +385,7 @@ def test_verify_on_a_raw_gold_agrees_with_verify_on_its_cleaned_gold(response, g
 
 
 # pieces of golds as benchmarks write them: numbers, LaTeX, GSM8K's '####', boxes, units, stray '$', a
-# final '.' (the spacing commands, '\\$' and \\mathrm{e} are left out: see the test after this one)
+# final '.' (spacing commands, '\$' and \mathrm{e} are left out: see the test after this one)
 GOLD_PIECES = ["1", "25", "-3", "0.5", "4.5", "000", "e", "E", "+", "-", " ", ",", "$", "\\frac{1}{2}", "\\sqrt{2}", "x",
                "\\pi", "\\boxed{", "}", "{", "####", "\\,", "%", "\\text{ cm}", "(", ")", " and ", "\\infty", "^{2}", "\n"]
 
@@ -404,11 +404,11 @@ def test_a_cleaned_gold_cleans_to_itself(gold):
 # leaves out). The day one is cleaned to a fixed point in one pass, pytest reports it and its line goes.
 @pytest.mark.xfail(strict=True, reason="clean_gold changes this gold again on a second pass")
 @pytest.mark.parametrize("gold", [
-    "1~~1",            # spacing commands (~, \\;) and a dropped \\$ leave two spaces, once whitespace was collapsed
+    "1~~1",            # spacing commands (~, \;) and a dropped \$ leave two spaces, once whitespace was collapsed
     "5 \\$ 6",          # '5  6', then '5 6'
     "10^{3}. .",       # one pass strips one trailing '.' and the spaces after it: '10^{3}.', then '10^{3}'
     "5.$",             # '$' is stripped after the '.': '5.', then '5'
-    "2\\mathrm{e}3",    # \\mathrm{e} becomes e after the e-notation rule ran: '2e3', then '2 \\times 10^{3}'
+    "2\\mathrm{e}3",    # \mathrm{e} becomes e after the e-notation rule ran: '2e3', then '2 \times 10^{3}'
 ])
 def test_golds_that_a_second_cleaning_still_changes(gold):
     once = antisd.clean_gold(gold)
@@ -2546,7 +2546,7 @@ def test_each_problem_is_scored_on_its_own_samples(monkeypatch):
 def test_majority_vote_of_evaluate_counts_the_extracted_answers_not_the_response_texts(monkeypatch):
     # five scripted responses to a problem whose gold is 5. By hand: their answers 7, 5, 7, 5, 5 give 5
     # three votes of five. The texts around the boxes differ, so a vote on whole texts would give the
-    # two identical responses "\\boxed{7}" the majority
+    # two identical responses \boxed{7} the majority
     model, tokenizer = tiny_tasks.build_tiny()
     texts = ["\\boxed{7}", "So \\boxed{5}.", "\\boxed{7}", "Hence \\boxed{5}", "It is \\boxed{5}, surely."]
     sampled = collections.Counter()
