@@ -69,11 +69,17 @@ from pathlib import Path
 
 import datasets
 import pytest
+from hypothesis import example, given, settings, strategies as st
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import antisd
 import tiny_tasks
 import antisd_kernels
+
+# Property tests (hypothesis): the same examples on every run, as every other test here, and no example
+# database written next to the code
+settings.register_profile("antisd", derandomize=True, database=None, deadline=None)
+settings.load_profile("antisd")
 
 evaluation = importlib.import_module("eval")  # `import eval` would shadow the builtin eval
 
@@ -221,6 +227,45 @@ def test_compiled_rollouts_equal_eager_ones_greedy_and_sampled_across_weight_upd
     assert len(counted_compilation) == 1, "the decode step was compiled again"
 
 
+def sharp_tiny_model():
+    """tiny-random with weights of std 0.3 instead of 0.02: its next-token distributions depend on the
+    context, so greedy rollouts differ by prompt and a temperature changes every log-prob."""
+    model, tokenizer = antisd.load_model("tiny-random", torch.device("cpu"))   # seeded; one thread, as in a run
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.3)
+    return model, tokenizer
+
+
+def one_loop_step(model, tokenizer, *flags):
+    """antisd.one_step, as the loop runs it, on two arith problems x 4 rollouts with these flags (no gate:
+    the -phi(u) term is on). The update's gradient is recorded, not applied (RecordingOptimizer, Step 7).
+    Returns (what one_step returned, {parameter name: gradient})."""
+    args = step_args("--dataset", "arith", "--prompts-per-step", "2", "--group-size", "4", "--max-new-tokens", "6",
+                     "--micro-batch-size", "8", "--gate", "none", *flags)
+    device, optimizer = torch.device("cpu"), RecordingOptimizer(model)
+    torch.manual_seed(0)
+    done = antisd.one_step(model, tokenizer, tiny_tasks.make_arith_problems(2, seed=0), optimizer, antisd.make_gate(args),
+                           random.Random(0), antisd.World(device), antisd.PhaseTimer(device), args)
+    return done, optimizer.grads[0]
+
+
+def test_training_rollouts_are_sampled_with_the_top_p_flag():
+    """--top-p near 0 keeps only the likeliest token: every rollout the loop samples is then the greedy
+    continuation of its prompt, checked by one unpadded forward. At --top-p 1 the same step's rollouts
+    of one problem differ, so the check could fail."""
+    model, tokenizer = sharp_tiny_model()
+    greedy, _ = one_loop_step(model, tokenizer, "--top-p", "1e-6")
+    for prompt, response in zip(greedy.student_prompts, greedy.responses):
+        with torch.no_grad():
+            top = model(input_ids=torch.tensor([prompt + response])).logits[0, len(prompt) - 1:-1].double().topk(2)
+        assert top.indices[:, 0].tolist() == response
+        assert (top.values[:, 0] - top.values[:, 1]).min() > 1e-3   # no near-tie that float noise could flip
+    sampled, _ = one_loop_step(model, tokenizer, "--top-p", "1.0")
+    assert all(len({tuple(r) for r in sampled.responses[g:g + 4]}) > 1 for g in (0, 4))
+
+
 def test_sampling_keeps_the_whole_vocabulary_whatever_the_models_own_top_k(tiny):
     # rollouts must come from pi_theta itself: with Qwen3's generation_config top_k=20 leaking in, no
     # token outside the 20 likeliest could ever be sampled. At T = 50 the untrained model's next-token
@@ -338,6 +383,37 @@ def test_a_missing_gold_rewards_no_answer_not_even_one_that_spells_none():
 def test_verify_on_a_raw_gold_agrees_with_verify_on_its_cleaned_gold(response, gold, reward):
     assert antisd.verify(response, gold) == reward
     assert antisd.verify(response, antisd.clean_gold(gold)) == reward
+
+
+# pieces of golds as benchmarks write them: numbers, LaTeX, GSM8K's '####', boxes, units, stray '$', a
+# final '.' (spacing commands, '\$' and \mathrm{e} are left out: see the test after this one)
+GOLD_PIECES = ["1", "25", "-3", "0.5", "4.5", "000", "e", "E", "+", "-", " ", ",", "$", "\\frac{1}{2}", "\\sqrt{2}", "x",
+               "\\pi", "\\boxed{", "}", "{", "####", "\\,", "%", "\\text{ cm}", "(", ")", " and ", "\\infty", "^{2}", "\n"]
+
+
+@settings(max_examples=80)
+@given(st.one_of(st.integers(-10**20, 10**20), st.floats(), st.tuples(
+    st.lists(st.sampled_from(GOLD_PIECES), max_size=6), st.sampled_from(["", ".", "$.", " ."])).map(lambda t: "".join(t[0]) + t[1])))
+def test_a_cleaned_gold_cleans_to_itself(gold):
+    # verify cleans a gold again (clean_gold_once) after load_problems or eval.py cleaned it: the second
+    # pass must leave it as the first left it, or the gold checked is not the gold cleaned
+    once = antisd.clean_gold(gold)
+    assert once is None or antisd.clean_gold(once) == once
+
+
+# Golds that a second cleaning still changes, found by the property test above (with the pieces it now
+# leaves out). The day one is cleaned to a fixed point in one pass, pytest reports it and its line goes.
+@pytest.mark.xfail(strict=True, reason="clean_gold changes this gold again on a second pass")
+@pytest.mark.parametrize("gold", [
+    "1~~1",            # spacing commands (~, \;) and a dropped \$ leave two spaces, once whitespace was collapsed
+    "5 \\$ 6",          # '5  6', then '5 6'
+    "10^{3}. .",       # one pass strips one trailing '.' and the spaces after it: '10^{3}.', then '10^{3}'
+    "5.$",             # '$' is stripped after the '.': '5.', then '5'
+    "2\\mathrm{e}3",    # \mathrm{e} becomes e after the e-notation rule ran: '2e3', then '2 \times 10^{3}'
+])
+def test_golds_that_a_second_cleaning_still_changes(gold):
+    once = antisd.clean_gold(gold)
+    assert antisd.clean_gold(once) == once
 
 
 # -----------------------------------------------------------------------------
@@ -789,6 +865,24 @@ def test_group_advantages_are_z_scores_within_each_group():
             assert torch.allclose(adv[4 * g:4 * g + 4].double(), expected, atol=1e-5)
 
 
+@given(st.integers(2, 8).flatmap(lambda group_size: st.lists(
+    st.lists(st.integers(0, 3), min_size=group_size, max_size=group_size), min_size=1, max_size=4)), st.randoms())
+def test_group_advantages_have_zero_mean_and_unit_std_in_each_group_and_follow_a_permutation(groups, shuffler):
+    group_size = len(groups[0])
+    advantages = antisd.group_advantages([float(r) for group in groups for r in group], group_size).double()
+    for group, adv in zip(groups, advantages.view(-1, group_size)):
+        if len(set(group)) == 1:
+            assert torch.all(adv == 0)                                    # no signal: no advantage
+        else:
+            assert abs(float(adv.mean())) < 1e-6 and float(adv.std()) == pytest.approx(1.0, abs=1e-5)
+    # permuted rollouts within each group and permuted groups: the same advantages, permuted the same way
+    order = [[g * group_size + k for k in shuffler.sample(range(group_size), group_size)]
+             for g in shuffler.sample(range(len(groups)), len(groups))]
+    permuted = antisd.group_advantages([float(groups[i // group_size][i % group_size]) for row in order for i in row],
+                                       group_size).double()
+    assert torch.allclose(permuted, advantages[[i for row in order for i in row]], atol=1e-6)
+
+
 # -----------------------------------------------------------------------------
 # Step 4. scoring: teacher prompts and antisd.score (alignment under padding)
 
@@ -866,10 +960,11 @@ def test_a_solution_over_the_teachers_budget_keeps_its_first_tokens(tiny):
 # -----------------------------------------------------------------------------
 # Step 4, scoring alignment: batched, padded scoring == one unpadded sequence at a time
 
-def one_at_a_time_logp(model, prompt, response):
-    """log p(response_j | prompt, response_<j) from a single unpadded forward, float64 softmax."""
+def one_at_a_time_logp(model, prompt, response, temperature=1.0):
+    """log p(response_j | prompt, response_<j) at a temperature, and the entropy of that distribution, from a
+    single unpadded forward, float64 softmax."""
     ids = torch.tensor([prompt + response])
-    logits = model(input_ids=ids).logits[0, len(prompt) - 1:-1].double()    # [R, V]
+    logits = model(input_ids=ids).logits[0, len(prompt) - 1:-1].double() / temperature    # [R, V]
     logp = torch.log_softmax(logits, dim=-1)
     return logp.gather(-1, torch.tensor(response)[:, None])[:, 0], -(logp.exp() * logp).sum(-1)
 
@@ -893,6 +988,24 @@ def check_alignment(model, tokenizer, problems, responses, enable_thinking):
         assert torch.allclose(stats["t_entropy"][i, :n].double(), th_ref, atol=1e-4)
         assert torch.all(stats["logp"][i, n:] == 0)   # nothing scored past the end
     return student, teacher
+
+
+def test_the_loop_scores_student_and_teacher_at_the_temperature_flag():
+    """Step 4 of one loop step at --temperature 1.7: every student and teacher log-prob and entropy is
+    the one of the distribution at T = 1.7, from one unpadded forward per rollout. At T = 1 they differ."""
+    model, tokenizer = sharp_tiny_model()
+    done, _ = one_loop_step(model, tokenizer, "--temperature", "1.7")
+    moved = 0.0
+    with torch.no_grad():
+        for i, response in enumerate(done.responses):
+            n = len(response)
+            for prompts, logp, entropy in ((done.student_prompts, "logp", "entropy"),
+                                           (done.teacher_prompts, "t_logp", "t_entropy")):
+                expected_logp, expected_entropy = one_at_a_time_logp(model, prompts[i], response, temperature=1.7)
+                assert torch.allclose(done.stats[logp][i, :n].double(), expected_logp, atol=1e-5), (i, logp)
+                assert torch.allclose(done.stats[entropy][i, :n].double(), expected_entropy, atol=1e-4), (i, entropy)
+                moved = max(moved, float((one_at_a_time_logp(model, prompts[i], response)[0] - expected_logp).abs().max()))
+    assert moved > 0.1
 
 
 @torch.no_grad()
@@ -1021,6 +1134,20 @@ def test_antisd_advantage_matches_method_values_and_bound():
     very_negative = antisd.antisd_advantage(torch.tensor([-1e4, -50.0], dtype=torch.float64))
     assert torch.all(very_negative <= 0.5 * math.log(2) + 1e-12)
     assert abs(float(very_negative[0]) - 0.5 * math.log(2)) < 1e-12
+
+
+@example(20.0, 20.000000001)
+@given(st.floats(-60, 60), st.floats(-60, 60))
+def test_minus_phi_is_bounded_decreasing_of_the_opposite_sign_and_minus_u_over_4_near_0(u, v):
+    minus_phi = lambda x, dtype=torch.float64: float(antisd.antisd_advantage(torch.tensor(x, dtype=dtype)))
+    assert minus_phi(u) <= math.log(2) / 2                                       # M4's bound
+    low, high = min(u, v), max(u, v)
+    assert minus_phi(low, torch.float32) >= minus_phi(high, torch.float32)      # decreasing, in training's float32
+    # in float64, torch's softplus returns u itself above u = 20, 5e-10 below log1p(exp(20)): -phi steps up there
+    assert minus_phi(low) >= minus_phi(high) - 1e-9
+    assert minus_phi(u) * u <= 0 and (abs(u) < 1e-6 or minus_phi(u) != 0)       # the sign of -u
+    if abs(u) < 1e-2:  # -phi(u) = -u/4 - u^2/16 + O(u^4)
+        assert abs(minus_phi(u) + u / 4) <= 1.01 * u * u / 16 + 1e-15
 
 
 def test_antisd_term_has_the_opposite_sign_of_default_sd():
@@ -1387,6 +1514,26 @@ def test_each_process_divides_its_loss_by_the_whole_batchs_token_count(tiny):
         torch.testing.assert_close(grads0[name] + grads1[name], grad, rtol=1e-4, atol=1e-7)
 
 
+def test_the_loops_update_differentiates_the_log_probs_at_the_temperature_flag():
+    """Step 7 of one loop step at --temperature 1.7: one epoch at the scoring weights has ratio 1, so its
+    gradient is that of -sum A_t log p_T(y_t) / (batch tokens) at T = 1.7, by hand one unpadded sequence
+    at a time. An update at T = 1 differentiates other log-probs, and with old log-probs scored at
+    another temperature the ratio is not 1 and the clip binds."""
+    model, tokenizer = sharp_tiny_model()
+    done, grads = one_loop_step(model, tokenizer, "--temperature", "1.7")
+    model.zero_grad(set_to_none=True)
+    total_tokens = int(done.mask.sum())
+    for i, (prompt, response) in enumerate(zip(done.student_prompts, done.responses)):
+        logits = model(input_ids=torch.tensor([prompt + response])).logits[0, len(prompt) - 1:-1].double()
+        logp = torch.log_softmax(logits / 1.7, dim=-1).gather(-1, torch.tensor(response)[:, None])[:, 0]
+        (-(done.terms["advantages"][i, :len(response)].double() * logp).sum() / total_tokens).backward()
+    expected = {name: p.grad for name, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    assert done.update["clipped_tokens"] == 0 and torch.cat([g.flatten() for g in expected.values()]).norm() > 0
+    for name, grad in expected.items():
+        torch.testing.assert_close(grads[name], grad, rtol=1e-4, atol=1e-7)
+
+
 def test_an_epoch_with_a_non_finite_gradient_norm_is_not_applied(tiny):
     # a finite loss can still have an infinite gradient (an overflow in the backward): that epoch is
     # dropped, its gradients cleared, and no optimizer step is taken
@@ -1528,6 +1675,152 @@ def test_the_loop_renders_student_and_teacher_prompts_with_the_same_thinking_mod
     student = [mode for is_teacher, mode in seen if not is_teacher]
     assert len(teacher) == len(student) == 16  # 2 problems x 8 rollouts, each rendered once as each
     assert set(teacher) == set(student) == {thinking}
+
+
+def parser_of_get_args(argv):
+    """The argparse parser antisd.get_args builds for argv (a tiny model's defaults are set on it)."""
+    parsers, real_parse_args = [], argparse.ArgumentParser.parse_args
+
+    def keep(parser, *args, **kwargs):
+        parsers.append(parser)
+        return real_parse_args(parser, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(argparse.ArgumentParser, "parse_args", keep)
+        antisd.get_args(argv)
+    return parsers[-1]
+
+
+def spy_on(monkeypatch, module, names):
+    """Replaces each named function (or class) of module by one that calls it and records the call:
+    {name: [{argument: value, ..., "returned": what it returned}, ...]}, in call order."""
+    calls = {name: [] for name in names}
+    for name in names:
+        real = getattr(module, name)
+
+        def spy(*args, _name=name, _real=real, _signature=inspect.signature(real), **kwargs):
+            bound = _signature.bind(*args, **kwargs)
+            bound.apply_defaults()
+            returned = _real(*args, **kwargs)
+            calls[_name].append({**bound.arguments, "returned": returned})
+            return returned
+        monkeypatch.setattr(module, name, spy)
+    return calls
+
+
+def called(seen, name, argument):
+    """The value of `argument` in every recorded call of `name`; the function must have been called."""
+    assert seen[name], f"{name} was never called"
+    return [call[argument] for call in seen[name]]
+
+
+# Where each setting of the command line is meant to arrive: the functions the loop calls with it, spied on
+# during antisd.main
+WIRED_TO = ["pick_device", "load_problems", "load_model", "ProblemStream", "MasterAdamW", "EntropyGate", "one_step",
+            "render_prompt", "generate", "group_advantages", "score", "token_advantages", "official_antisd_term",
+            "continuous_lambda", "policy_gradient", "save_checkpoint"]
+WIRED_TO_EVAL = ["load_benchmark", "evaluate"]
+# flags that a run of a few steps cannot show, each with the test that checks it
+FLAGS_CHECKED_ELSEWHERE = {
+    "resume": "test_resumed_run_ends_exactly_where_an_uninterrupted_run_does",   # continues --out-dir's run
+}
+
+
+def wiring_runs(tmp_path):
+    """[(flags, {flag: check of the recorded calls})]: every flag of antisd.py gets a value other than its
+    default in one of these runs, and is checked there. The methods' options exclude each other: four runs."""
+    data_dir = tmp_path / "bench"
+    data_dir.mkdir()
+    write_jsonl(data_dir / "aime24.jsonl", [{"problem": f"What is {i}+{i}?", "answer": str(2 * i)} for i in range(3)])
+    small = {"model": "tiny-random", "dataset": "arith", "device": "cpu", "steps": 2, "gate_warmup": 1,
+             "prompts_per_step": 2, "group_size": 2, "micro_batch_size": 4, "max_new_tokens": 4}
+    # 2 steps x 3 problems x 3 rollouts, warm-up 1 (the term is on at step 2), 2 epochs, evaluation at steps 0 and 2
+    loop = {"model": "tiny-random", "dataset": "arith", "device": "cpu", "enable_thinking": True,
+            "divergence": "rkl", "compose": "mult", "lambda_max": 0.3, "gate": "perplexity", "gate_warmup": 1,
+            "tau_ratio": 0.9, "prompts_per_step": 3, "group_size": 3, "max_new_tokens": 5, "temperature": 1.3,
+            "top_p": 0.9, "gen_batch_size": 4, "steps": 2, "lr": 2e-3, "clip": 0.1, "ppo_epochs": 2,
+            "micro_batch_size": 3, "seed": 5, "eval_every": 2, "eval_benchmarks": "aime24", "eval_n": 2,
+            "eval_limit": 2, "eval_data_dir": str(data_dir), "out_dir": str(tmp_path / "loop"), "save_every": 1}
+    evaluated = lambda seen: [[p["problem"] for p in benchmarks["aime24"]] for benchmarks in called(seen, "evaluate", "benchmarks")]
+    loop_checks = {
+        "model": lambda seen: called(seen, "load_model", "name") == ["tiny-random"],
+        "dataset": lambda seen: called(seen, "load_problems", "name") == ["arith"],
+        "device": lambda seen: called(seen, "pick_device", "requested") == ["cpu"]
+                               and called(seen, "load_model", "device") == [torch.device("cpu")],
+        "enable_thinking": lambda seen: set(called(seen, "render_prompt", "enable_thinking")) == {True}   # student, teacher
+                                        and set(called(seen, "evaluate", "enable_thinking")) == {True},
+        "divergence": lambda seen: set(called(seen, "token_advantages", "divergence")) == {"rkl"},
+        "compose": lambda seen: set(called(seen, "token_advantages", "compose")) == {"mult"},
+        "lambda_max": lambda seen: called(seen, "EntropyGate", "lambda_max") == [0.3]
+                                   and called(seen, "token_advantages", "lam") == [0.0, 0.3],
+        "gate": lambda seen: called(seen, "EntropyGate", "reopen_ratio") == [1.07],    # perplexity's, M8
+        "gate_warmup": lambda seen: called(seen, "EntropyGate", "warmup") == [1],
+        "tau_ratio": lambda seen: called(seen, "EntropyGate", "tau_ratio") == [0.9],
+        "prompts_per_step": lambda seen: [len(set(map(tuple, prompts))) for prompts in called(seen, "generate", "prompt_ids")] == [3, 3],
+        "group_size": lambda seen: called(seen, "group_advantages", "group_size") == [3, 3] and all(
+            set(collections.Counter(map(tuple, prompts)).values()) == {3} for prompts in called(seen, "generate", "prompt_ids")),
+        "max_new_tokens": lambda seen: called(seen, "generate", "max_new_tokens") == [5, 5]
+                                       and called(seen, "evaluate", "max_new_tokens") == [5, 5],
+        "temperature": lambda seen: set(called(seen, "generate", "temperature")) == set(called(seen, "score", "temperature"))
+                                    == set(called(seen, "policy_gradient", "temperature")) == {1.3},
+        "top_p": lambda seen: set(called(seen, "generate", "top_p")) == {0.9},
+        "gen_batch_size": lambda seen: set(called(seen, "generate", "batch_size")) == {4}
+                                       and set(called(seen, "evaluate", "batch_size")) == {4},
+        "steps": lambda seen: len(seen["one_step"]) == 2,
+        "lr": lambda seen: [optimizer.optimizer.param_groups[0]["lr"] for optimizer in called(seen, "MasterAdamW", "returned")] == [2e-3],
+        "clip": lambda seen: set(called(seen, "policy_gradient", "clip")) == {0.1},
+        "ppo_epochs": lambda seen: len(seen["policy_gradient"]) == 2 * 2,
+        "micro_batch_size": lambda seen: set(called(seen, "score", "micro_batch_size")) == {3}
+                                         and set(called(seen, "policy_gradient", "micro_batch_size")) == {3},
+        "seed": lambda seen: called(seen, "load_problems", "seed") == called(seen, "ProblemStream", "seed") == [5]
+                             and set(called(seen, "evaluate", "seed")) == {5},
+        "eval_every": lambda seen: len(seen["evaluate"]) == 2,                     # before step 1, after step 2
+        "eval_benchmarks": lambda seen: called(seen, "load_benchmark", "name") == ["aime24"],
+        "eval_n": lambda seen: set(called(seen, "evaluate", "n")) == {2},
+        "eval_limit": lambda seen: called(seen, "load_benchmark", "limit") == [2]
+                                   and evaluated(seen) == [["What is 0+0?", "What is 1+1?"]] * 2,
+        "eval_data_dir": lambda seen: called(seen, "load_benchmark", "data_dir") == [str(data_dir)]
+                                      and evaluated(seen)[0][0] == "What is 0+0?",
+        "out_dir": lambda seen: set(called(seen, "save_checkpoint", "out_dir")) == {str(tmp_path / "loop")}
+                                and len((tmp_path / "loop" / "metrics.jsonl").read_text().splitlines()) == 3,
+        "save_every": lambda seen: called(seen, "save_checkpoint", "step") == [1, 2],
+    }
+    return [
+        (loop, loop_checks),
+        ({**small, "term": "official", "lambda_form": "continuous", "gate": "perplexity", "out_dir": str(tmp_path / "official")},
+         {"term": lambda seen: set(called(seen, "token_advantages", "term")) == {"official"}
+                               and len(seen["official_antisd_term"]) == 2,
+          "lambda_form": lambda seen: len(seen["continuous_lambda"]) == 1}),       # after the warm-up
+        ({**small, "estimator": "full", "out_dir": str(tmp_path / "full")},
+         {"estimator": lambda seen: called(seen, "policy_gradient", "jsd_weight") == [0.0, 0.5] and not seen["token_advantages"]}),
+        ({**small, "method": "sd", "out_dir": str(tmp_path / "sd")},
+         {"method": lambda seen: set(called(seen, "token_advantages", "method")) == {"sd"}}),
+    ]
+
+
+def test_every_flag_reaches_the_code_it_sets(tmp_path, monkeypatch):
+    """Each flag of antisd.get_args (read from its parser, so a new flag cannot be missed) is set to another
+    value than its default in a short run of antisd.main, and the functions meant to receive it are
+    spied on to see that it arrived: the sampling, the scoring, the advantages, the gate, the update, the
+    in-loop evaluation, the data and the checkpoints. Or the flag is listed with the test that checks it."""
+    parser = parser_of_get_args(["--model", "tiny-random"])   # the defaults of a tiny-random run
+    actions = {action.dest: action for action in parser._actions if not isinstance(action, argparse._HelpAction)}
+    checked = set()
+    for flags, checks in wiring_runs(tmp_path):
+        argv = []
+        for dest, value in flags.items():
+            option = actions[dest].option_strings[0]
+            argv += [option] if isinstance(actions[dest], argparse._StoreTrueAction) else [option, str(value)]
+        with monkeypatch.context() as patch:
+            seen = {**spy_on(patch, antisd, WIRED_TO), **spy_on(patch, evaluation, WIRED_TO_EVAL)}
+            antisd.main(argv)
+        for dest, check in checks.items():
+            assert flags[dest] != parser.get_default(dest), f"{actions[dest].option_strings[0]} is set to its default"
+            assert check(seen), f"{actions[dest].option_strings[0]} {flags[dest]} did not reach the code it sets"
+            checked.add(dest)
+    assert all(callable(globals().get(test)) for test in FLAGS_CHECKED_ELSEWHERE.values())
+    unchecked = set(actions) - checked - set(FLAGS_CHECKED_ELSEWHERE)
+    assert not unchecked, f"flags no test checks: {sorted(unchecked)} (add them to wiring_runs, or to FLAGS_CHECKED_ELSEWHERE)"
 
 
 def test_step_metrics_are_hand_counts_of_the_steps_rollouts():
@@ -2077,6 +2370,26 @@ def test_responses_without_a_box_do_not_vote():
     assert evaluation.majority_is_correct([None, None], [0.0, 0.0]) == 0.0
 
 
+@given(st.lists(st.booleans(), min_size=1, max_size=12).flatmap(
+    lambda correct: st.tuples(st.just(correct), st.integers(1, len(correct)))))
+def test_pass_at_k_is_the_share_of_k_subsets_holding_a_correct_sample(case):
+    correct, k = case  # the correct samples anywhere among the n, not only first
+    subsets = list(itertools.combinations(correct, k))
+    brute = sum(any(subset) for subset in subsets) / len(subsets)
+    assert evaluation.pass_at_k(len(correct), sum(correct), k) == pytest.approx(brute, abs=1e-12)
+
+
+@given(st.lists(st.one_of(st.none(), st.integers(0, 8)), max_size=10), st.integers(0, 2))
+def test_majority_vote_is_the_most_voted_answer_class_the_first_seen_on_a_tie(answers, gold_class):
+    # a stand-in for verified equivalence: two answers are the same when they are equal mod 3
+    same = lambda answer, other: answer % 3 == other % 3
+    correct = [float(a is not None and a % 3 == gold_class) for a in answers]
+    classes = [a % 3 for a in answers if a is not None]                    # None: no box, no vote
+    votes = collections.Counter(classes)
+    winner = max(votes, key=lambda c: (votes[c], -classes.index(c))) if votes else None
+    assert evaluation.majority_is_correct(answers, correct, same=same) == float(winner == gold_class)
+
+
 # -----------------------------------------------------------------------------
 # eval.py: loading: each benchmark's own fields, hub and local
 
@@ -2311,6 +2624,48 @@ def test_each_problem_is_scored_on_its_own_samples(monkeypatch):
     assert results["benchmarks"]["toy"]["avg@3"] == results["benchmarks"]["other"]["avg@3"] == 1.0
 
 
+def test_majority_vote_of_evaluate_counts_the_extracted_answers_not_the_response_texts(monkeypatch):
+    # five scripted responses to a problem whose gold is 5. By hand: their answers 7, 5, 7, 5, 5 give 5
+    # three votes of five. The texts around the boxes differ, so a vote on whole texts would give the
+    # two identical responses \boxed{7} the majority
+    model, tokenizer = tiny_tasks.build_tiny()
+    texts = ["\\boxed{7}", "So \\boxed{5}.", "\\boxed{7}", "Hence \\boxed{5}", "It is \\boxed{5}, surely."]
+    sampled = collections.Counter()
+
+    def scripted(model, tokenizer, prompt_ids, *rest):  # the k-th sample of a prompt answers texts[k]
+        outputs = []
+        for prompt in map(tuple, prompt_ids):
+            outputs.append((tokenizer(texts[sampled[prompt]])["input_ids"] + [tokenizer.eos_token_id], False))
+            sampled[prompt] += 1
+        return outputs
+
+    monkeypatch.setattr(evaluation, "sample_batch", scripted)
+    results, [sample] = evaluation.evaluate(model, tokenizer, {"toy": [{"problem": "What is 2+3?", "answer": "5"}]},
+                                            5, 0.7, 0.95, 8, 8, False, 0)
+    assert sample["responses"] == texts and sample["extracted"] == ["7", "5", "7", "5", "5"]
+    assert sample["majority_correct"] == 1.0 and results["benchmarks"]["toy"]["maj@5"] == 1.0
+    assert results["benchmarks"]["toy"]["avg@5"] == 3 / 5
+
+
+def test_a_problems_samples_do_not_depend_on_the_benchmarks_before_it_or_on_the_limit(tiny):
+    # the same search problems evaluated after 3 arith problems, after 1, and alone with --limit 2: each
+    # draws the same samples (a stream per benchmark, problem and sample: sample_generator)
+    model, tokenizer = tiny
+    settings = dict(n=2, temperature=1.0, top_p=1.0, max_new_tokens=6, batch_size=4, enable_thinking=False, seed=3)
+    arith, search = evaluation.load_benchmark("arith", limit=3), evaluation.load_benchmark("search", limit=3)
+    assert evaluation.load_benchmark("search", limit=2) == search[:2]
+
+    def responses(benchmarks, name):
+        _, samples = evaluation.evaluate(model, tokenizer, benchmarks, **settings)
+        return [s["responses"] for s in samples if s["benchmark"] == name]
+
+    after_three = responses({"arith": arith, "search": search}, "search")
+    assert responses({"arith": arith[:1], "search": search}, "search") == after_three
+    assert responses({"search": search[:2]}, "search") == after_three[:2]
+    assert responses({"arith": arith[:1], "search": search}, "arith") == responses({"arith": arith}, "arith")[:1]
+    assert len({tuple(r) for r in after_three}) == 3   # samples that differ by problem: the check has power
+
+
 # resumable evaluation
 
 
@@ -2374,6 +2729,34 @@ def disk_full_at(monkeypatch, file_name, marker):
             raise OSError(errno.ENOSPC, "No space left on device")
         return real_write(fd, data)
     monkeypatch.setattr(os, "write", write)
+
+
+def test_a_finished_evaluation_is_replaced_by_a_new_one_without_resume(tmp_path, monkeypatch):
+    """As --out-dir's help says: without --resume a finished evaluation is replaced. The new one, stopped
+    after its first problem and resumed, ends with the results, samples and settings of the same
+    evaluation run in an empty folder."""
+    argv = with_flag(with_flag(EVAL, "--max-new-tokens", "8"), "--limit", "3")
+    replaced, fresh = tmp_path / "replaced", tmp_path / "fresh"
+    evaluation.main(argv + ["--out-dir", str(replaced)])
+    assert (replaced / "results.json").exists()
+    new = with_flag(argv, "--seed", "1")
+    real_check, checked = evaluation.check_problem, []
+
+    def stop_at_the_second_problem(*problem):  # as a kill would, once the first problem is kept
+        if checked:
+            raise KeyboardInterrupt
+        checked.append(problem)
+        return real_check(*problem)
+
+    monkeypatch.setattr(evaluation, "check_problem", stop_at_the_second_problem)
+    with pytest.raises(KeyboardInterrupt):
+        evaluation.main(new + ["--out-dir", str(replaced)])
+    monkeypatch.setattr(evaluation, "check_problem", real_check)
+    assert len((replaced / "samples.jsonl").read_text().splitlines()) == 1   # the new evaluation's first problem only
+    evaluation.main(new + ["--out-dir", str(replaced), "--resume"])
+    evaluation.main(new + ["--out-dir", str(fresh)])
+    assert comparable(replaced) == comparable(fresh)
+    assert (replaced / "settings.json").read_text() == (fresh / "settings.json").read_text()
 
 
 def test_an_evaluation_on_a_full_disk_ends_in_one_paragraph_keeping_the_problems_written(tmp_path, capsys, monkeypatch):
@@ -2474,6 +2857,25 @@ def test_hub_rows_of_each_training_set_become_problems():
     math_row = antisd.problem_from_row({"problem": "P", "level": "Level 1", "type": "Algebra",
                                         "solution": "So $x = \\boxed{\\frac{1}{2}}$."}, "math")
     assert math_row["answer"] == "\\frac{1}{2}" and math_row["solution"].startswith("So $x")
+
+
+def test_dapo_keeps_one_row_of_each_repeated_problem(monkeypatch):
+    # DAPO-Math-17k repeats each problem about 100 times, each copy in DAPO's own instruction
+    def hub_row(problem, answer):
+        return {"data_source": "math_dapo", "reward_model": {"ground_truth": answer, "style": "rule"},
+                "prompt": [{"role": "user", "content": antisd.DAPO_PREFIX + " The last line of your response should "
+                            "be of the form Answer: $Answer.\n\n" + problem + antisd.DAPO_SUFFIX}]}
+
+    golds = {"What is 1+1?": "2", "Compute 3 * 4.": "12", "Find 10 - 7.": "3"}
+    order = ["What is 1+1?", "Compute 3 * 4.", "What is 1+1?", "Find 10 - 7.", "Compute 3 * 4.", "What is 1+1?"]
+    asked = []
+    monkeypatch.setattr(datasets, "load_dataset", lambda *args, **kwargs: asked.append(args) or datasets.Dataset.from_list(
+        [hub_row(problem, golds[problem]) for problem in order]))
+    problems, dropped = antisd.load_problems("dapo", seed=0)
+    assert asked == [("BytedTsinghua-SIA/DAPO-Math-17k", None)] and dropped == 0
+    # by hand: each problem once, in the order of its first row
+    assert [(p["problem"], p["answer"]) for p in problems] == [("What is 1+1?", "2"), ("Compute 3 * 4.", "12"),
+                                                               ("Find 10 - 7.", "3")]
 
 
 @pytest.mark.parametrize("content, message", [
@@ -3578,6 +3980,19 @@ def test_search_fields_read_back_what_the_generator_wrote():
         assert tiny_tasks.search_fields(p["problem"]) == {k: p[k] for k in ("values", "addend", "target")}
 
 
+@settings(max_examples=40)
+@given(st.integers(1, 30), st.integers(-2**40, 2**40), st.booleans())
+def test_generated_search_problems_have_one_right_box_read_back_from_their_text_on_their_side_of_the_split(
+        count, seed, held_out):
+    problems = tiny_tasks.make_search_problems(count, seed, held_out)
+    assert len(problems) == count and problems == tiny_tasks.make_search_problems(count, seed, held_out)  # seeded
+    for p in problems:
+        right = [box for box, value in zip(tiny_tasks.SEARCH_BOXES, p["values"]) if value + p["addend"] == p["target"]]
+        assert right == [p["answer"]] and len(p["values"]) == 12 and set(p["values"]) <= set(range(1, 10))
+        assert tiny_tasks.search_fields(p["problem"]) == {k: p[k] for k in ("values", "addend", "target")}
+        assert tiny_tasks.search_is_held_out(p["values"], p["addend"], p["answer"]) == held_out
+
+
 def test_check_error_rate_counts_wrong_check_lines_over_all_responses():
     problem = tiny_tasks.search_problem_text([3, 8, 6, 1, 5, 2, 7, 9, 4, 3, 1, 2], 4, 10)
     texts = ["try A: 3+4=7 no. try B: 8+4=12 no. try C: 6+4=10 yes. The answer is \\boxed{C}.",  # 3 right
@@ -3609,6 +4024,54 @@ def test_token_classes_mark_the_decision_to_check_and_the_unchecked_answer():
     assert tiny_tasks.search_token_classes(pieces) == ["try"] + ["check"] * 9 + ["answer"] * 8 + ["other"]
     assert tiny_tasks.search_token_classes(["The", " answer", " is", " \\", "boxed", "{", "B", "}."]) == ["guess"] * 8
     assert tiny_tasks.search_deliberation_rate(["try A: 3+4=7 no. The answer is \\boxed{E}.", "The answer is \\boxed{E}."]) == 0.5
+
+
+def test_the_deliberation_rate_counts_a_check_that_follows_other_text():
+    # by hand: responses 1-3 check a box, wherever the check stands; 4 never checks; 5 only speaks of trying
+    texts = ["try A: 3+4=7 no. The answer is \\boxed{E}.",
+             "Let me check one. try C: 6+4=10 yes. The answer is \\boxed{C}.",
+             "The answer is \\boxed{E}. Or is it? try B: 8+4=12 no.",
+             "The answer is \\boxed{E}.",
+             "I could try A, but the answer is \\boxed{A}."]
+    assert tiny_tasks.search_deliberation_rate(texts) == 3 / 5
+    problem = tiny_tasks.search_problem_text([3, 8, 6, 1, 5, 2, 7, 9, 4, 3, 1, 2], 4, 10)
+    assert antisd.search_metrics(texts, [{"problem": problem}], group_size=5)["deliberation_rate"] == 3 / 5  # as logged
+
+
+def test_the_u_by_token_class_table_scores_each_rollout_against_its_own_problems_teacher(monkeypatch):
+    """search_pmi_by_class (the task's Figure 2), by hand: rollout i is of problems[i // G]; its u is the
+    teacher's log-prob minus the student's, one unpadded forward each, the teacher seeing its own
+    problem with the reference solution (no rollout is right, M7); the table is each token class's
+    count, mean u and share of u < 0."""
+    model, tokenizer = sharp_tiny_model()
+    problems, group_size = tiny_tasks.make_search_problems(2, seed=1), 3
+    sampled, real_generate = [], tiny_tasks.generate
+    monkeypatch.setattr(tiny_tasks, "generate", lambda *a, **k: sampled.extend(real_generate(*a, **k)) or sampled)
+    table, summary, texts = tiny_tasks.search_pmi_by_class(model, tokenizer, problems, group_size, max_new_tokens=8)
+    assert summary["reward"] == 0.0
+
+    def u_of(i, problem):
+        response = sampled[i][0]
+        student = antisd.student_prompt_ids(tokenizer, problem["problem"], False)
+        message = antisd.build_teacher_prompt(problem["problem"], i % group_size, [0.0] * group_size,
+                                              texts[i - i % group_size:][:group_size], problem["solution"],
+                                              problem["answer"], None)
+        teacher = antisd.render_prompt(tokenizer, message, False)
+        return one_at_a_time_logp(model, teacher, response)[0] - one_at_a_time_logp(model, student, response)[0]
+
+    by_class = {}
+    with torch.no_grad():
+        for i, (response, _) in enumerate(sampled):
+            u = u_of(i, problems[i // group_size])
+            for label, value in zip(tiny_tasks.search_token_classes([tokenizer.decode([t]) for t in response]), u.tolist()):
+                by_class.setdefault(label, []).append(value)
+        assert (u_of(0, problems[1]) - u_of(0, problems[0])).abs().max() > 0.01   # another problem's teacher gives another u
+    assert sorted(table) == sorted(by_class)
+    for label, values in by_class.items():
+        count, mean_u, share_negative = table[label]
+        assert count == len(values)
+        assert mean_u == pytest.approx(sum(values) / len(values), abs=1e-5)
+        assert share_negative == pytest.approx(sum(v < 0 for v in values) / len(values), abs=1.01 / len(values))
 
 
 def test_search_benchmark_never_occurs_in_training():
@@ -3734,6 +4197,28 @@ def test_compare_by_group_averages_runs_that_differ_only_by_seed(tmp_path):
     assert "| sd | 1 | eval/mean/avg@ | 0.200 (step 0, 0.200-0.200) | 0.000 (step 10, 0.000-0.000) |" in table
     assert (tmp_path / "out" / "compare-groups.png").exists()
 
+
+
+def test_compare_by_group_averages_only_the_steps_every_run_of_the_group_logged(tmp_path, capsys):
+    # grpo-s0 ran 30 steps, evaluated every 10 and logged the deliberation rate; grpo-s1 stopped at
+    # step 20, evaluated every 5 and logged no deliberation rate; sd-s0 evaluated at 0 and 10
+    logs = {"grpo-s0": [(0, 0.1), (10, 0.3), (20, 0.5), (30, 0.9)],
+            "grpo-s1": [(0, 0.3), (5, 0.2), (10, 0.5), (15, 0.4), (20, 0.7)],
+            "sd-s0": [(0, 0.2), (10, 0.4)]}
+    for name, points in logs.items():
+        (tmp_path / name).mkdir()
+        write_jsonl(tmp_path / name / "metrics.jsonl",
+                    [{"step": step, "eval/mean/avg@4": value, "reward_mean": value,
+                      **({"deliberation_rate": 0.25} if name != "grpo-s1" and step == 10 else {})} for step, value in points])
+    evaluation.main(["--compare", *(str(tmp_path / name) for name in logs), "--by-group", "--out-dir", str(tmp_path / "out")])
+    # by hand: grpo at steps 0, 10, 20 (both runs), first 0.2 = (0.1 + 0.3) / 2, last 0.6 = (0.5 + 0.7) / 2;
+    # sd at 0 and 10; no grpo deliberation rate: grpo-s1 never logged one
+    grpo, sd = "| grpo | 2 | {} | 0.200 (step 0, 0.100-0.300) | 0.600 (step 20, 0.500-0.700) |", \
+               "| sd | 1 | {} | 0.200 (step 0, 0.200-0.200) | 0.400 (step 10, 0.400-0.400) |"
+    assert (tmp_path / "out" / "compare-groups.md").read_text().splitlines() == [
+        "| group | runs | metric | first | last |", "|---|---|---|---|---|",
+        grpo.format("eval/mean/avg@"), sd.format("eval/mean/avg@"), grpo.format("reward_mean"), sd.format("reward_mean"),
+        "| sd | 1 | deliberation_rate | 0.250 (step 10, 0.250-0.250) | 0.250 (step 10, 0.250-0.250) |"]
 
 # -----------------------------------------------------------------------------
 # Infrastructure: several processes (torchrun + FSDP2)
