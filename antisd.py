@@ -855,7 +855,7 @@ def normalise_math(text):
     text = re.sub(r"(?<!\\)%", r"\\%", text)  # a bare % starts a LaTeX comment: it would hide the rest
     text = text.replace("\\$", "")  # a dollar sign is a unit
     text = re.sub(r"~|\\[>:;]|\\h?space\*?\{[^{}]*\}", " ", text)  # spacing commands are spaces
-    return text.strip()
+    return re.sub(r"\s+", " ", text).strip()  # once more: a second pass must change nothing
 
 
 def clean_answer(box):
@@ -964,7 +964,9 @@ def clean_gold(value):
         if len(set(boxes)) > 1 and all_boxed(text) is None:
             boxes = []  # different boxes with prose between ("\\boxed{1} no no \\boxed{2}"): no reading, dropped
         text = ", ".join(dict.fromkeys(boxes))
-    text = text.strip().rstrip(".").strip().strip("$").strip()  # OlympiadBench: "$(-\\infty, 0)$."
+    stripped = None
+    while stripped != text:  # OlympiadBench: "$(-\\infty, 0)$."; every layer, so that a second pass changes nothing
+        stripped, text = text, text.strip().rstrip(".").strip().strip("$").strip()
     text = normalise_math(re.sub(r"(?<!\\)\$", " ", text))  # "$21,16$ or $11$": inner '$' only delimit
     # a plain number or one capital letter always parses: no round trip to the worker (arith and GSM8K
     # golds are all numbers, search golds letters)
