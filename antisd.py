@@ -91,7 +91,18 @@ import sys
 import time
 import types
 
-import torch
+
+def _stopped_while_starting(signum, frame):
+    print(f"interrupted ({signal.Signals(signum).name}): stopped at once, nothing more was saved",
+          file=sys.stderr)
+    raise SystemExit(128 + signum)
+
+
+if __name__ == "__main__":  # a stop while the libraries below load, or at exit: one line (run_command: in between)
+    for _signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(_signum, _stopped_while_starting)
+
+import torch  # noqa: E402  (after the handlers above: loading torch and transformers takes seconds)
 import torch.nn.functional as F
 
 from antisd_kernels import IGNORE_INDEX, lm_head_token_stats
@@ -2269,7 +2280,8 @@ def run_command(main, *args):
     """Runs main the way the shell should see it (also eval.py's). Bad input and unfixable settings
     (UserError), out of memory and Ctrl-C outside the step loop's own handler print one paragraph and
     exit non-zero. Any other exception is a bug: it keeps its traceback."""
-    previous = {sig: signal.signal(sig, stop_at_once) for sig in STOP_SIGNALS if sig != signal.SIGINT}
+    previous = {sig: signal.signal(sig, signal.default_int_handler if sig == signal.SIGINT else stop_at_once)
+                for sig in STOP_SIGNALS}
     try:
         return main(*args)
     except UserError as e:

@@ -56,10 +56,22 @@ import os
 import platform
 import re
 import shutil
+import signal
 import sys
 import time
 
-import datasets
+
+def _stopped_while_starting(signum, frame):
+    print(f"interrupted ({signal.Signals(signum).name}): stopped at once, nothing more was saved",
+          file=sys.stderr)
+    raise SystemExit(128 + signum)
+
+
+if __name__ == "__main__":  # a stop while the libraries below load, or at exit: one line (run_command: in between)
+    for _signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(_signum, _stopped_while_starting)
+
+import datasets  # noqa: E402  (after the handlers above: loading the libraries takes seconds)
 import torch
 from tqdm import tqdm
 

@@ -3868,6 +3868,80 @@ def test_every_file_a_resumed_run_reads_can_be_damaged_and_is_named_or_harmless(
 
 
 # -----------------------------------------------------------------------------
+# Failures found by the program: every stop signal, at moments spread over a run's whole life
+#
+# Ctrl-C (SIGINT), a job scheduler's stop (SIGTERM) and the terminal closing (SIGHUP), sent to
+# antisd.py and to eval.py at fractions of an uninterrupted run's wall time (start-up, loading, the
+# steps, a save, the end). Each must end without a traceback, in one line naming the signal outside
+# the step loop (inside it, the step is finished and saved), and the folder must then resume (or start
+# again, where nothing was saved) to exactly where the uninterrupted run ends. README's test command
+# sends two of them at two moments; ANTISD_EVERY_FAULT=1 sends each of the three at nine moments.
+
+SIGNAL_RUN = TINY_RUN + ["--steps", "4", "--save-every", "2", "--max-new-tokens", "8"]
+SIGNAL_EVAL = EVAL + ["--limit", "6"]
+
+
+def run_and_signal(script, argv, signum, after):
+    """(exit status, stdout + stderr) of `python script argv`, sent signum `after` seconds in (unless done)."""
+    process = subprocess.Popen([sys.executable, str(HERE / script), *argv], cwd=HERE, env=FAST,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        process.wait(timeout=after)
+    except subprocess.TimeoutExpired:
+        process.send_signal(signum)
+    output, _ = process.communicate(timeout=120)
+    return process.returncode, output
+
+
+def signal_points():
+    signals = [signal.SIGINT, signal.SIGTERM, signal.SIGHUP]
+    if os.environ.get("ANTISD_EVERY_FAULT") == "1":
+        return [(signum, k / 10) for signum in signals for k in range(1, 10)]
+    return [(signal.SIGTERM, 0.3), (signal.SIGHUP, 0.7)]
+
+
+@pytest.mark.parametrize("script", ["antisd.py", "eval.py"])
+def test_every_stop_signal_at_any_moment_ends_cleanly_and_the_folder_ends_where_an_uninterrupted_run_ends(
+        tmp_path, script):
+    argv = SIGNAL_RUN if script == "antisd.py" else SIGNAL_EVAL
+    started = time.time()
+    code, output = run_and_signal(script, argv + ["--out-dir", str(tmp_path / "whole")], signal.SIGINT, 600)
+    seconds = time.time() - started
+    assert code == 0, output
+    result = training_result if script == "antisd.py" else evaluation_result
+    checkpoint = "checkpoint-4"
+    expected = (metrics_lines(tmp_path / "whole"), weights(tmp_path / "whole" / checkpoint)) \
+        if script == "antisd.py" else evaluation_result(tmp_path / "whole")
+    problems = []
+    for signum, fraction in signal_points():
+        name = signal.Signals(signum).name
+        out = tmp_path / f"{name}-{fraction}"
+        code, output = run_and_signal(script, argv + ["--out-dir", str(out)], signum, fraction * seconds)
+        lines = [line for line in output.splitlines() if name in line]
+        if "Traceback" in output or (code != 0 and not any(f"interrupted ({name}): stopped at once" in line
+                                                           for line in lines)):
+            problems.append(f"{name} at {fraction:.0%}: exit {code}, {output[-400:]!r}")
+            continue
+        if code == 0 and lines:  # stopped in the loop: the step was finished and saved
+            if not any(f"{name}: finishing this step, then saving" in line for line in lines):
+                problems.append(f"{name} at {fraction:.0%}: {output[-300:]!r}")
+                continue
+        if script == "antisd.py":
+            done = (out / checkpoint).exists()
+            if not done:
+                antisd.main(argv + ["--out-dir", str(out)] + (["--resume"] if antisd.list_checkpoints(str(out)) else []))
+            got = metrics_lines(out), weights(out / checkpoint)
+            same = got[0] == expected[0] and all(torch.equal(got[1][k], expected[1][k]) for k in expected[1])
+        else:
+            if not (out / "results.json").exists():
+                evaluation.main(argv + ["--out-dir", str(out)] + (["--resume"] if (out / "samples.jsonl").exists() else []))
+            same = result(out) == expected
+        if not same:
+            problems.append(f"{name} at {fraction:.0%}: the folder does not end where an uninterrupted run ends")
+    assert not problems, "\n".join(problems)
+
+
+# -----------------------------------------------------------------------------
 # Infrastructure: the tiny models and the laptop demo (the arith task and its held-out benchmark)
 
 def test_arith_problems_are_seeded_and_their_solutions_are_correct():
