@@ -581,6 +581,11 @@ def evaluation_settings(args, benchmarks):
     return settings
 
 
+# what check_problem writes for each problem, and what the metrics of a resumed evaluation read back
+SAMPLE_FIELDS = {"benchmark": str, "index": int, "problem": str, "responses": list, "extracted": list,
+                 "correct": list, "majority_correct": float, "truncated": list, "lengths": list}
+
+
 def read_done_problems(path):
     """{(benchmark, index): sample} from samples.jsonl. A kill can leave the last line half-written: it
     is dropped, and the file rewritten without it (into a new file that replaces it), so that the next
@@ -594,6 +599,9 @@ def read_done_problems(path):
         try:
             sample = json.loads(line)
             key = (sample["benchmark"], sample["index"])
+            if not all(isinstance(sample[field], kind) and not isinstance(sample[field], bool) or field == "majority_correct"
+                       and isinstance(sample[field], (int, float)) for field, kind in SAMPLE_FIELDS.items()):
+                raise TypeError("a field of another type")
         except (ValueError, KeyError, TypeError, RecursionError):
             if line_number == len(lines):  # no newline after it: torn by a kill mid-write
                 continue
@@ -634,9 +642,11 @@ def start_or_resume(args, benchmarks):
     if not isinstance(saved, dict):
         raise antisd.UserError(f"--resume: {settings_path} holds a JSON {type(saved).__name__}, not the settings of "
                                f"an evaluation (move it away to evaluate again from the start)")
-    changed = [f"--{key.replace('_', '-')} {saved.get(key)!r} -> {value!r}" if key != "problems" else
-               "the problems of --benchmarks (fingerprint) changed" for key, value in settings.items()
-               if saved.get(key) != value]
+    changed = [f"--{key.replace('_', '-')} {saved.get(key)!r} -> {value!r}" for key, value in settings.items()
+               if key != "problems" and saved.get(key) != value]
+    old_problems = saved.get("problems") if isinstance(saved.get("problems"), dict) else {}
+    changed += [f"the problems of {name} changed ({os.path.join(args.data_dir, name + '.jsonl') if args.data_dir else 'hub'})"
+                for name, fingerprint in settings["problems"].items() if old_problems.get(name) != fingerprint]
     if changed:
         raise antisd.UserError(f"refusing to resume the evaluation in {args.out_dir} with different settings: "
                                + "; ".join(changed))

@@ -3867,6 +3867,61 @@ def test_every_file_a_resumed_run_reads_can_be_damaged_and_is_named_or_harmless(
     assert not problems, "\n".join(problems)
 
 
+@pytest.fixture(scope="module")
+def interrupted_local_evaluation(tmp_path_factory):
+    """An evaluation of three local math500 problems, killed after its first problem: a folder to resume."""
+    base = tmp_path_factory.mktemp("interrupted_evaluation")
+    (base / "data").mkdir()
+    write_jsonl(base / "data" / "math500.jsonl", [{"problem": f"What is {i} + {i}?", "answer": str(2 * i)} for i in range(3)])
+    cwd = os.getcwd()
+    os.chdir(base)   # relative paths: a copy of the folder is the same evaluation
+    try:
+        evaluation.main(RESUME_EVALUATION[:-1])
+    finally:
+        os.chdir(cwd)
+    (base / "e" / "results.json").unlink()
+    (base / "e" / "samples.jsonl").write_text((base / "e" / "samples.jsonl").read_text().splitlines()[0] + "\n")
+    return base
+
+
+RESUME_EVALUATION = EVAL[:4] + EVAL[6:] + ["--benchmarks", "math500", "--data-dir", "data", "--out-dir", "e", "--resume"]
+
+
+def test_every_file_a_resumed_evaluation_reads_can_be_damaged_and_is_named_or_harmless(
+        interrupted_local_evaluation, tmp_path, monkeypatch, capsys):
+    base = interrupted_local_evaluation
+    shutil.copytree(base, tmp_path / "intact")
+    monkeypatch.chdir(tmp_path / "intact")
+    evaluation.main(RESUME_EVALUATION)
+    expected = evaluation_result(Path("e"))
+    files = sorted(path.relative_to(base) for path in base.rglob("*") if path.is_file())
+    assert {"data/math500.jsonl", "e/settings.json", "e/samples.jsonl"} <= {str(f) for f in files}
+    problems = []
+    for relative, damage in damage_points(files):
+        folder = tmp_path / f"{str(relative).replace('/', '_')}-{damage.replace(' ', '_')}"
+        shutil.copytree(base, folder)
+        monkeypatch.chdir(folder)
+        FILE_DAMAGES[damage](Path(relative))
+        capsys.readouterr()
+        try:
+            antisd.run_command(evaluation.main, RESUME_EVALUATION)
+            message = None
+        except SystemExit as stop:
+            message = str(stop.code)
+        except Exception as exc:  # noqa: BLE001 - a traceback is what this test reports
+            message = f"traceback: {type(exc).__name__}: {exc}"
+        err = capsys.readouterr().err
+        if message is None:
+            if evaluation_result(Path("e")) != expected:
+                problems.append(f"{relative}, {damage}: the evaluation went on and ended elsewhere than with the intact file")
+        elif not (message.startswith("error: ") and "\n" not in message and "Traceback" not in err
+                  and (relative.name in message or relative.parent.name in message)):
+            problems.append(f"{relative}, {damage}: {message!r} {err[-300:]!r}")
+        elif Path("e/results.json").exists():
+            problems.append(f"{relative}, {damage}: stopped only after evaluating ({message!r})")
+    assert not problems, "\n".join(problems)
+
+
 # -----------------------------------------------------------------------------
 # Failures found by the program: every stop signal, at moments spread over a run's whole life
 #
