@@ -94,11 +94,11 @@ import types
 
 def _stopped_while_starting(signum, frame):
     print(f"interrupted ({signal.Signals(signum).name}): stopped at once, nothing more was saved",
-          file=sys.stderr)
-    raise SystemExit(128 + signum)
+          file=sys.stderr, flush=True)
+    os._exit(128 + signum)  # nothing is written yet; an exception could be swallowed inside an import
 
 
-if __name__ == "__main__":  # a stop while the libraries below load, or at exit: one line (run_command: in between)
+if __name__ == "__main__":  # a stop while the libraries below load: one line (run_as_script takes over after)
     for _signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(_signum, _stopped_while_starting)
 
@@ -2303,6 +2303,15 @@ def run_command(main, *args):
             signal.signal(sig, handler)
 
 
+def run_as_script(main, *args):
+    """run_command, then stop signals are held back: the work is done, or has failed and said so, and a
+    signal in the last milliseconds of the interpreter's exit would kill it without a word."""
+    try:
+        run_command(main, *args)
+    finally:
+        signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+
+
 if __name__ == "__main__":
     sys.modules.setdefault("antisd", sys.modules[__name__])  # eval.py's `import antisd` gets this module, not a second copy
-    run_command(main)
+    run_as_script(main)

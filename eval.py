@@ -63,11 +63,11 @@ import time
 
 def _stopped_while_starting(signum, frame):
     print(f"interrupted ({signal.Signals(signum).name}): stopped at once, nothing more was saved",
-          file=sys.stderr)
-    raise SystemExit(128 + signum)
+          file=sys.stderr, flush=True)
+    os._exit(128 + signum)  # nothing is written yet; an exception could be swallowed inside an import
 
 
-if __name__ == "__main__":  # a stop while the libraries below load, or at exit: one line (run_command: in between)
+if __name__ == "__main__":  # a stop while the libraries below load: one line (run_as_script takes over after)
     for _signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(_signum, _stopped_while_starting)
 
@@ -779,4 +779,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    antisd.run_command(main)
+    antisd.run_as_script(main)

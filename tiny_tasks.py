@@ -640,4 +640,4 @@ if __name__ == "__main__":
     parser.add_argument("--model", default="tiny-search", help="tiny-search, or tiny-random (untrained: shapes only)")
     options = parser.parse_args()
     sys.modules.setdefault("tiny_tasks", sys.modules[__name__])
-    antisd.run_command(worked_step, options.model, options.seed)
+    antisd.run_as_script(worked_step, options.model, options.seed)
