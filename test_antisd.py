@@ -3826,6 +3826,15 @@ RESUME_ONE_MORE = SMALL_RUN + ["--dataset", "data.jsonl", "--steps", "3", "--sav
                                "--out-dir", "run", "--resume"]
 
 
+@pytest.fixture(scope="module")
+def resumed_one_more(two_step_run, tmp_path_factory):
+    """(metrics, weights) of two_step_run resumed for a third step, with nothing damaged or moved."""
+    with pytest.MonkeyPatch.context() as patch:
+        run = copy_of(two_step_run, tmp_path_factory.mktemp("intact"), patch)
+        antisd.main(RESUME_ONE_MORE)
+        return metrics_lines(run), weights(run / "checkpoint-3")
+
+
 def damage_points(files):
     if os.environ.get("ANTISD_EVERY_FAULT") == "1":
         return [(path, damage) for path in files for damage in FILE_DAMAGES]
@@ -3833,11 +3842,9 @@ def damage_points(files):
     return [(path, list(FILE_DAMAGES)[k % len(FILE_DAMAGES)]) for k, path in enumerate(sorted(one_of_each_name))]
 
 
-def test_every_file_a_resumed_run_reads_can_be_damaged_and_is_named_or_harmless(two_step_run, tmp_path, monkeypatch,
-                                                                               capsys):
-    intact = copy_of(two_step_run, tmp_path / "intact", monkeypatch)
-    antisd.main(RESUME_ONE_MORE)
-    expected = metrics_lines(intact), weights(intact / "checkpoint-3")
+def test_every_file_a_resumed_run_reads_can_be_damaged_and_is_named_or_harmless(two_step_run, resumed_one_more, tmp_path,
+                                                                               monkeypatch, capsys):
+    expected = resumed_one_more
     files = sorted(path.relative_to(two_step_run) for path in Path(two_step_run).rglob("*") if path.is_file())
     assert {"data.jsonl", "run/metrics.jsonl", "run/checkpoint-2/trainer_state.pt"} <= {str(f) for f in files}
     problems = []
@@ -3920,6 +3927,81 @@ def test_every_file_a_resumed_evaluation_reads_can_be_damaged_and_is_named_or_ha
         elif Path("e/results.json").exists():
             problems.append(f"{relative}, {damage}: stopped only after evaluating ({message!r})")
     assert not problems, "\n".join(problems)
+
+
+# -----------------------------------------------------------------------------
+# The world moving under a run: between a run and its --resume, its files change the way users change them
+
+def move_run(run):
+    run.parent.joinpath("elsewhere").mkdir()
+    run.rename(run.parent / "elsewhere" / "run")
+    return "elsewhere/run"
+
+
+def link_run(run):
+    run.rename(run.parent / "real-run")
+    run.symlink_to(run.parent / "real-run")
+    return "run"
+
+
+def link_checkpoint(run):
+    (run / "checkpoint-2").rename(run.parent / "checkpoint-2-on-other-storage")
+    (run / "checkpoint-2").symlink_to((run.parent / "checkpoint-2-on-other-storage").resolve())
+    return "run"
+
+
+def link_dataset(run):
+    Path("data.jsonl").rename("data-copy.jsonl")
+    Path("data.jsonl").symlink_to(Path("data-copy.jsonl").resolve())
+    return "run"
+
+
+def remove_dataset(run):
+    Path("data.jsonl").unlink()
+    return "run"
+
+
+def edit_dataset(run):
+    Path("data.jsonl").write_text(Path("data.jsonl").read_text().replace('"answer": "2"', '"answer": "3"'))
+    return "run"
+
+
+def remove_run(run):
+    shutil.rmtree(run)
+    return "run"
+
+
+def read_only_run(run):
+    for folder in [run, *run.iterdir()]:
+        if folder.is_dir():
+            folder.chmod(0o555)
+    return "run"
+
+
+# change: what a user did; outcome: "resumes" (to where an uninterrupted run ends) or the message's start
+WORLD_CHANGES = [(move_run, "resumes"), (link_run, "resumes"), (link_checkpoint, "resumes"), (link_dataset, "resumes"),
+                 (remove_dataset, "error: --dataset data.jsonl: file not found"),
+                 (edit_dataset, "refusing to resume run/checkpoint-2 with different settings: the problems of --dataset"),
+                 (remove_run, "--resume: no checkpoint in --out-dir run"),
+                 (read_only_run, "error: --out-dir run: not writable")]
+
+
+@pytest.mark.parametrize("change, outcome", WORLD_CHANGES, ids=[change.__name__ for change, _ in WORLD_CHANGES])
+def test_a_run_whose_files_moved_resumes_or_is_refused_saying_what_changed(two_step_run, resumed_one_more, tmp_path,
+                                                                         monkeypatch, capsys, change, outcome):
+    if change is read_only_run and os.geteuid() == 0:
+        pytest.skip("root writes into a read-only folder")
+    expected = resumed_one_more
+    run = copy_of(two_step_run, tmp_path / change.__name__, monkeypatch)
+    out = Path(change(run))                                # where the run's folder is now
+    argv = RESUME_ONE_MORE + ["--out-dir", str(out)]       # the last --out-dir counts
+    if outcome != "resumes":
+        code, text = failure_message(capsys, antisd.main, argv)
+        assert str(code).startswith(outcome) and "\n" not in str(code) and "Traceback" not in text, code
+        return
+    antisd.main(argv)
+    assert metrics_lines(out) == expected[0]
+    assert all(torch.equal(value, expected[1][name]) for name, value in weights(out / "checkpoint-3").items())
 
 
 # -----------------------------------------------------------------------------
