@@ -2304,12 +2304,13 @@ def run_command(main, *args):
 
 
 def run_as_script(main, *args):
-    """run_command, then stop signals are held back: the work is done, or has failed and said so, and a
-    signal in the last milliseconds of the interpreter's exit would kill it without a word."""
+    """run_command, then stop signals are ignored: the work is done, or has failed and said so, and a
+    signal during the interpreter's exit (which resets Python's handlers) would kill it without a word."""
     try:
         run_command(main, *args)
     finally:
-        signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+        for signum in STOP_SIGNALS:
+            signal.signal(signum, signal.SIG_IGN)
 
 
 if __name__ == "__main__":

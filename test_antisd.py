@@ -4052,7 +4052,7 @@ def test_every_stop_signal_at_any_moment_ends_cleanly_and_the_folder_ends_where_
     problems = []
     for signum, fraction in signal_points():
         name = signal.Signals(signum).name
-        out = tmp_path / f"{name}-{fraction}"
+        out = tmp_path / f"signal-{signum}-at-{fraction}"  # not the signal's name: the output is searched for it
         code, output = run_and_signal(script, argv + ["--out-dir", str(out)], signum, fraction * seconds)
         lines = [line for line in output.splitlines() if name in line]
         if "Traceback" in output or (code != 0 and not any(f"interrupted ({name}): stopped at once" in line
@@ -4061,7 +4061,7 @@ def test_every_stop_signal_at_any_moment_ends_cleanly_and_the_folder_ends_where_
             continue
         if code == 0 and lines:  # stopped in the loop: the step was finished and saved
             if not any(f"{name}: finishing this step, then saving" in line for line in lines):
-                problems.append(f"{name} at {fraction:.0%}: {output[-300:]!r}")
+                problems.append(f"{name} at {fraction:.0%}: {lines!r} {output[-300:]!r}")
                 continue
         if script == "antisd.py":
             done = (out / checkpoint).exists()
