@@ -3539,7 +3539,7 @@ def decisive_tiny_model():
     """tiny-random, made so that every path of a step matters. Untrained it is nearly uniform: u is a few
     hundredths, and a rollout could have come from any prompt. Every RMSNorm weight x 4 lets the prompt
     decide: u spans about -2.4..2.2, where -phi(u) bends and M8's 2 sigma cut leaves tokens out, and
-    most rollouts scored under another problem's prompt leave its top-p nucleus (8 to 10 of 12, each
+    most rollouts scored under another problem's prompt leave its top-p nucleus (8 to 11 of 12, each
     moved to the next group). Eight more stop tokens give rollouts of many lengths up to the cap."""
     model, tokenizer = antisd.load_model("tiny-random", torch.device("cpu"))
     with torch.no_grad():
@@ -3551,7 +3551,7 @@ def decisive_tiny_model():
 
 
 # each gold says how its group fares (scripted_reward): all correct, all wrong (the teacher then sees the
-# reference solution, or without one the gold), and mixed
+# dataset's solution, or without one the gold), and mixed
 REFERENCE_PROBLEMS = [{"problem": "What is 1 + 1?", "answer": "every", "solution": ""},
                       {"problem": "Name a prime.", "answer": "none", "solution": "2 is a prime."},
                       {"problem": "Three", "answer": "none", "solution": ""},
@@ -3579,8 +3579,10 @@ REFERENCE_FLAGS = dict(gate_warmup=1, lr=1e-4, temperature=0.9, top_p=0.95)
 
 
 def reference_command_line(flags):
+    """What a user types for a case: the model, the run's shape, REFERENCE_FLAGS and the case's flags."""
     return ["--model", "tiny-random", *REFERENCE_SHAPE, *flags,
             *[part for key, value in REFERENCE_FLAGS.items() for part in (f"--{key.replace('_', '-')}", str(value))]]
+
 
 # each case: the flags a user types, the reference's settings for them (reference_step.settings), steps.
 # Two steps where a gate is on: the first is its warm-up (lambda 0), the second has lambda > 0.
