@@ -16,6 +16,7 @@ The sections follow a training step, then the kernels, the evaluation and the in
   antisd_kernels.py: float64 definition, torch reference, fused kernels, layout, chunked lm_head
   eval.py: metrics, loading, sampling and the command line
   Infrastructure: data, model, checker worker, logging, checkpoints, tiny models, FSDP2, CLI
+  The reference step: real steps of the loop, one process and two, against reference_step.py
 """
 
 import importlib.metadata
@@ -63,6 +64,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import types
 import weakref
 from fractions import Fraction
 from pathlib import Path
@@ -75,6 +77,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import antisd
 import tiny_tasks
 import antisd_kernels
+import reference_step
 
 # Property tests (hypothesis): the same examples on every run, as every other test here, and no example
 # database written next to the code
@@ -4697,6 +4700,278 @@ def test_an_error_raised_inside_eval_during_training_is_one_paragraph(tmp_path, 
     assert "Traceback" not in result.stderr
     assert result.stderr.strip().startswith("error: ") and "\n" not in result.stderr.strip(), result.stderr
     assert ("nosuch" if "nosuch" in flags else "/nonexistent") in result.stderr
+
+
+# -----------------------------------------------------------------------------
+# The reference step: the fast loop checked against Algorithm 1 written the obvious way
+#
+# A real step of antisd.one_step, then reference_step.py (one rollout at a time, float64) on the same
+# rollouts, number by number: each rollout's problem and reward, teacher prompt, per-token statistics
+# and advantages, every logged metric, the loss, the gradient and the updated weights.
+
+def decisive_tiny_model():
+    """tiny-random, made so that every path of a step matters. Untrained it is nearly uniform: u is a few
+    hundredths, and a rollout could have come from any prompt. Every RMSNorm weight x 4 lets the prompt
+    decide: u spans about -2.4..2.2, where -phi(u) bends and M8's 2 sigma cut leaves tokens out, and
+    most rollouts scored under another problem's prompt leave its top-p nucleus (8 to 11 of 12, each
+    moved to the next group). Eight more stop tokens give rollouts of many lengths up to the cap."""
+    model, tokenizer = antisd.load_model("tiny-random", torch.device("cpu"))
+    with torch.no_grad():
+        for name, weight in model.named_parameters():
+            if "norm" in name:
+                weight.mul_(4.0)
+    model.generation_config.eos_token_id += list(range(100, 108))
+    return model.train(), tokenizer
+
+
+# each gold says how its group fares (scripted_reward): all correct, all wrong (the teacher then sees the
+# dataset's solution, or without one the gold), and mixed
+REFERENCE_PROBLEMS = [{"problem": "What is 1 + 1?", "answer": "every", "solution": ""},
+                      {"problem": "Name a prime.", "answer": "none", "solution": "2 is a prime."},
+                      {"problem": "Three", "answer": "none", "solution": ""},
+                      {"problem": "How many legs has a spider, or so?", "answer": "some", "solution": "Eight."}]
+
+
+def scripted_reward(monkeypatch, verdicts=None):
+    """The tiny model never earns reward by itself: gold "every" rewards every rollout, "none" none, and
+    "some" two of every three texts in the order it first sees them (remembered in `verdicts`, so that
+    the reference, asking again, gets the same). Both the loop and the reference call antisd.verify."""
+    verdicts = {} if verdicts is None else verdicts
+
+    def verify(text, gold):
+        if gold == "some":
+            return verdicts.setdefault(text, float(len(verdicts) % 3 != 2))
+        return float(gold == "every")
+    monkeypatch.setattr(antisd, "verify", verify)
+
+
+# the run's shape: micro-batches of 4 and generation batches of 5 cut across groups of 3
+REFERENCE_SHAPE = ["--device", "cpu", "--prompts-per-step", "4", "--group-size", "3", "--micro-batch-size", "4",
+                   "--gen-batch-size", "5", "--max-new-tokens", "16"]
+# what the method reads besides its defaults: the same values on the command line and in the reference
+REFERENCE_FLAGS = dict(gate_warmup=1, lr=1e-4, temperature=0.9, top_p=0.95)
+
+
+def reference_command_line(flags):
+    """What a user types for a case: the model, the run's shape, REFERENCE_FLAGS and the case's flags."""
+    return ["--model", "tiny-random", *REFERENCE_SHAPE, *flags,
+            *[part for key, value in REFERENCE_FLAGS.items() for part in (f"--{key.replace('_', '-')}", str(value))]]
+
+
+# each case: the flags a user types, the reference's settings for them (reference_step.settings), steps.
+# Two steps where a gate is on: the first is its warm-up (lambda 0), the second has lambda > 0.
+REFERENCE_CASES = {
+    "grpo": (["--method", "grpo"], dict(method="grpo"), 1),
+    "sd": (["--method", "sd"], dict(method="sd"), 1),               # no gate: lambda from the first step
+    "antisd": ([], dict(), 2),                                      # the default method
+    # the perplexity of 12 short rollouts moves by 10% from step to step: tau_down at half of H_warm
+    # keeps the gate open for the per-rollout lambda
+    "official": (["--term", "official", "--lambda-form", "continuous", "--gate", "perplexity", "--tau-ratio", "0.5"],
+                 dict(term="official", lambda_form="continuous", gate="perplexity", tau_ratio=0.5), 2),
+    "full": (["--estimator", "full"], dict(estimator="full"), 2),  # the exact JSD gradient, off in warm-up
+}
+
+# Tolerances. antisd.py scores and updates in float32, the reference in float64 (its forward included).
+# The largest differences seen, over every case in one process and two: 4e-5 in a per-token value;
+# 2.5e-6 (relative) in a logged metric, 1.3e-5 in the gradient norm, which sums every element of the
+# gradient; 3.1e-5 of its largest element in the gradient, up to 2.7e-4 in a second epoch, which starts
+# from weights that the first one's undetermined steps (below) moved apart. Each tolerance is ten times
+# that or more: a value sent to the wrong row, group or mask moves the same numbers by 2e-4 (the
+# teacher's median entropy logged as the student's) to 1.
+TOKEN_ATOL = 4e-4      # per token: s, H_S, t, H_T, JSD, u, the term, A
+METRIC_RTOL = 3e-5     # every logged metric and the loss; 1e-6 absolute near 0 (the loss: a mean of
+                       # advantages of both signs, relative 2e-5 seen)
+GRAD_NORM_RTOL = 3e-4  # the logged gradient norm
+GRADIENT_RTOL = 3e-4   # the clipped gradient, of its largest element; ten times that in a later epoch
+# AdamW's first step moves a weight by lr * g / (|g| + 1e-8), nearly lr * sign(g): a gradient element
+# within float32 rounding of 0 has no determined sign, and its weight may move by up to 2 lr the other
+# way (up to 13 of the 94,592 here move by more than lr / 100). So: every weight within 2 lr per epoch
+# (+ its float32 spacing) of the reference's, and the update as a whole within 3% of the reference's
+# in norm (0.4% seen); an update lost, doubled or of the wrong sign is off by 100% or more.
+UPDATE_RTOL = 3e-2
+MACHINE_METRICS = {"seconds_generate", "seconds_score", "seconds_update", "generated_tokens_per_second",
+                   "peak_gpu_memory_gb", "peak_gpu_memory_gb_generate", "peak_gpu_memory_gb_score",
+                   "peak_gpu_memory_gb_update"}  # what the machine measured, not what the step computed
+
+
+def spy_on_clipped_gradients(optimizer):
+    """Keeps, after each clip, the gradient the optimizer applies: [per epoch: per parameter]. Under
+    torchrun each process keeps its own shard."""
+    clipped, clip = [], optimizer.clip_gradients
+
+    def spy(max_norm):
+        norm = clip(max_norm)
+        clipped.append([master.grad.clone() for master in optimizer.master])
+        return norm
+    optimizer.clip_gradients = spy
+    return clipped
+
+
+def check_step_against_reference(done, record, gradients, weights_before, weights_after, reference, lr, group_size):
+    """One step of the loop (what one_step returned, its metrics line, the gradients applied, the weights
+    before and after) against the reference's step on the same rollouts."""
+    rollouts = reference.rollouts
+    assert len(rollouts) == len(done.responses)
+    for i, r in enumerate(rollouts):
+        assert done.student_prompts[i] == r.student_prompt, f"rollout {i} is not of problem {i // group_size}"
+        assert r.sampled_from_own_prompt, f"rollout {i} was not sampled from its own problem's prompt"
+        assert (done.responses[i], done.texts[i], done.rewards[i], done.truncated[i]) == \
+               (r.response, r.text, r.reward, r.truncated), f"rollout {i}"
+        assert float(done.seq_adv[i]) == pytest.approx(r.seq_adv, abs=1e-6), f"A_seq of rollout {i}"
+        assert (done.teacher_prompts and done.teacher_prompts[i]) == r.teacher_prompt, f"teacher prompt {i}"
+        length = len(r.response)
+        assert int(done.mask[i].sum()) == length and not done.mask[i, length:].any()
+        per_token = {"u": done.terms["u"], "a": done.terms["a"], "advantages": done.terms["advantages"],
+                     **(done.stats or {})}
+        for name, values in per_token.items():
+            if values is None:
+                assert r.a is None, f"{name} of rollout {i}"
+                continue
+            torch.testing.assert_close(values[i, :length].double(), getattr(r, name), rtol=0, atol=TOKEN_ATOL,
+                                       msg=lambda m: f"{name} of rollout {i}: {m}")
+            assert not values[i, length:].any(), f"{name} of rollout {i} past its end"
+    assert set(record) - MACHINE_METRICS == set(reference.metrics) | {"step"}
+    for key, expected in reference.metrics.items():
+        if isinstance(expected, float):
+            rtol = GRAD_NORM_RTOL if key == "grad_norm" else METRIC_RTOL
+            assert record[key] == pytest.approx(expected, rel=rtol, abs=1e-6), key
+        else:
+            assert record[key] == expected, key
+    assert done.update["losses"] == pytest.approx(reference.losses, rel=METRIC_RTOL, abs=1e-6)
+    assert len(gradients) == len(reference.gradients) == done.update["epochs_applied"]
+    for epoch, (fast, slow) in enumerate(zip(gradients, reference.gradients)):
+        tolerance = GRADIENT_RTOL * (1 if epoch == 0 else 10) * max(float(g.abs().max()) for g in slow)
+        for k, (g_fast, g_slow) in enumerate(zip(fast, slow)):
+            torch.testing.assert_close(g_fast.double(), g_slow, rtol=0, atol=tolerance,
+                                       msg=lambda m: f"epoch {epoch + 1}, gradient of parameter {k}: {m}")
+    fast_update, reference_update = [], []
+    for name, slow in reference.weights.items():
+        before, after = weights_before[name].double(), weights_after[name].double()
+        spacing = after.abs() * 2.0 ** -23
+        assert ((after - slow).abs() <= 2 * lr * len(gradients) + spacing).all(), name
+        fast_update.append((after - before).flatten())
+        reference_update.append((slow - before).flatten())
+    fast_update, reference_update = torch.cat(fast_update), torch.cat(reference_update)
+    assert float((fast_update - reference_update).norm()) <= UPDATE_RTOL * float(reference_update.norm())
+
+
+def run_loop_and_reference(monkeypatch, flags, settings, steps):
+    """Steps of the loop as the command line sets it up, each checked against the reference's. Returns
+    what the last step computed, in both."""
+    scripted_reward(monkeypatch)
+    args = antisd.get_args(reference_command_line(flags))
+    model, tokenizer = decisive_tiny_model()
+    device = torch.device("cpu")
+    world, timer = antisd.World(device), antisd.PhaseTimer(device)
+    optimizer, gate = antisd.MasterAdamW(model, args.lr, world), antisd.make_gate(args)
+    rng = random.Random(1)  # not seeded with --seed: each step must draw from the generator it is given
+    gradients = spy_on_clipped_gradients(optimizer)
+    reference = reference_step.ReferenceRun(model, reference_step.settings(**{**REFERENCE_FLAGS, **settings}))
+    torch.manual_seed(0)
+    for step in range(1, steps + 1):
+        sibling_rng = random.Random()
+        sibling_rng.setstate(rng.getstate())  # the generator as the step finds it
+        weights_before = {name: value.clone() for name, value in model.state_dict().items()}
+        gradients.clear()
+        done = antisd.one_step(model, tokenizer, REFERENCE_PROBLEMS, optimizer, gate, rng, world, timer, args)
+        record = antisd.step_metrics(step, done.rewards, done.truncated, done.mask, done.stats, done.terms,
+                                     done.update, gate, timer, args, done.texts, REFERENCE_PROBLEMS)
+        G = args.group_size
+        slow = reference.step(weights_before, tokenizer, REFERENCE_PROBLEMS,
+                              [done.responses[p * G:(p + 1) * G] for p in range(len(REFERENCE_PROBLEMS))], [sibling_rng])
+        check_step_against_reference(done, record, gradients, weights_before, model.state_dict(), slow, args.lr, G)
+    return done, slow
+
+
+@pytest.mark.parametrize("case", REFERENCE_CASES)
+def test_the_loop_computes_algorithm_1_written_the_obvious_way(case, monkeypatch):
+    flags, settings, steps = REFERENCE_CASES[case]
+    done, slow = run_loop_and_reference(monkeypatch, flags, settings, steps)
+    # every path mattered: all-correct, all-wrong and mixed groups, lengths from short to the cap,
+    # micro-batches and generation batches across groups, lambda > 0 wherever there is a term
+    groups = [done.rewards[k:k + 3] for k in range(0, 12, 3)]
+    assert groups[0] == [1.0] * 3 and groups[1] == groups[2] == [0.0] * 3 and sorted(groups[3]) == [0.0, 1.0, 1.0]
+    assert any(done.truncated) and not all(done.truncated) and len({len(r) for r in done.responses}) > 2
+    assert slow.metrics["lambda"] > 0 or case == "grpo"
+
+
+TWO_RANK_STEP = '''
+import os, random, sys
+import torch
+sys.path.insert(0, {here!r})
+import antisd
+
+out = {out!r}
+given = torch.load(os.path.join(out, "given.pt"))
+verdicts = {{}}
+def verify(text, gold):  # scripted_reward's
+    if gold == "some":
+        return verdicts.setdefault(text, float(len(verdicts) % 3 != 2))
+    return float(gold == "every")
+antisd.verify = verify
+args = antisd.get_args(given["argv"])
+device = torch.device("cpu")
+world, timer = antisd.World(device), antisd.PhaseTimer(device)
+model, tokenizer = antisd.load_model("tiny-random", device)
+with torch.no_grad():  # decisive_tiny_model's
+    for name, weight in model.named_parameters():
+        if "norm" in name:
+            weight.mul_(4.0)
+model.generation_config.eos_token_id += list(range(100, 108))
+weights_before = {{name: value.clone() for name, value in model.state_dict().items()}}
+model = antisd.shard_model(model, world, device).train()
+optimizer, gate = antisd.MasterAdamW(model, args.lr, world), antisd.make_gate(args)
+rng = random.Random(args.seed + world.rank)  # as main() seeds them
+torch.manual_seed(args.seed + world.rank)
+rng_state, clipped, clip = rng.getstate(), [], optimizer.clip_gradients
+def spy(max_norm):  # spy_on_clipped_gradients, each process's shards gathered
+    norm = clip(max_norm)
+    clipped.append([torch.cat(world.gather([master.grad])) for master in optimizer.master])
+    return norm
+optimizer.clip_gradients = spy
+done = antisd.one_step(model, tokenizer, given["problems"], optimizer, gate, rng, world, timer, args)
+record = antisd.step_metrics(1, done.rewards, done.truncated, done.mask, done.stats, done.terms, done.update, gate,
+                             timer, args, done.texts, given["problems"])
+weights_after = antisd.full_state_dict(model, torch.float32)
+ranks = world.gather([{{"rng_state": rng_state, "verdicts": verdicts}}])
+done.student_prompts, done.teacher_prompts = world.gather(done.student_prompts), world.gather(done.teacher_prompts)
+if world.rank == 0:
+    torch.save({{"done": vars(done), "record": record, "clipped": clipped, "before": weights_before,
+                "after": weights_after, "ranks": ranks}}, os.path.join(out, "two_ranks.pt"))
+world.dist.barrier()
+sys.stdout.flush()
+os._exit(0)  # all is saved: at Python's exit a C++ thread of torch.distributed sometimes aborts (SIGABRT)
+'''
+
+
+def test_two_processes_compute_algorithm_1_on_their_rows_and_update_as_one(tmp_path, monkeypatch):
+    # torchrun, gloo: each process samples, rewards and scores its own two problems (its own sibling
+    # draws, from its own generator), and updates on its own rows; the reference computes the step in
+    # one process, rollout by rollout, from the rollouts both processes gathered. The options the
+    # single-process cases leave out: M5's ablations, and a second epoch (old log-probs of each
+    # process's own rows, a ratio away from 1 where the clip binds)
+    flags = ["--divergence", "rkl", "--compose", "mult", "--ppo-epochs", "2", "--gate", "none"]
+    settings = dict(divergence="rkl", compose="mult", ppo_epochs=2, gate="none")
+    torch.save({"argv": reference_command_line(flags), "problems": REFERENCE_PROBLEMS}, tmp_path / "given.pt")
+    script = tmp_path / "two_rank_step.py"
+    script.write_text(TWO_RANK_STEP.format(here=str(HERE), out=str(tmp_path)))
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
+                             str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                            env={**FAST, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    two = torch.load(tmp_path / "two_ranks.pt", weights_only=False)
+    scripted_reward(monkeypatch, {text: v for rank in two["ranks"] for text, v in rank["verdicts"].items()})
+    model, tokenizer = decisive_tiny_model()
+    reference = reference_step.ReferenceRun(model, reference_step.settings(**{**REFERENCE_FLAGS, **settings}))
+    sibling_rngs = [random.Random() for _ in two["ranks"]]
+    for sibling_rng, rank in zip(sibling_rngs, two["ranks"]):
+        sibling_rng.setstate(rank["rng_state"])
+    done, G = types.SimpleNamespace(**two["done"]), 3
+    slow = reference.step(two["before"], tokenizer, REFERENCE_PROBLEMS,
+                          [done.responses[p * G:(p + 1) * G] for p in range(len(REFERENCE_PROBLEMS))], sibling_rngs)
+    check_step_against_reference(done, two["record"], two["clipped"], two["before"], two["after"], slow,
+                                 REFERENCE_FLAGS["lr"], G)
+    assert sorted(done.rewards[9:]) == [0.0, 1.0, 1.0] and slow.metrics["clip_fraction"] > 0
 
 
 # -----------------------------------------------------------------------------
