@@ -2805,6 +2805,84 @@ def test_per_sample_sampling_draws_from_the_tempered_top_p_distribution():
 
 
 # -----------------------------------------------------------------------------
+# eval.py against a reference: results.json recomputed from samples.jsonl, samples redrawn by hand
+
+def reference_results(samples, n):
+    """results.json's metrics from samples.jsonl, computed apart from eval.py: avg@n, pass@k over
+    every k-subset, maj@n by counting votes pairwise, the unweighted mean over benchmarks."""
+    per_benchmark = {}
+    for name in dict.fromkeys(s["benchmark"] for s in samples):
+        rows = [s for s in samples if s["benchmark"] == name]
+        metrics = {"problems": len(rows), f"avg@{n}": sum(sum(r["correct"]) / n for r in rows) / len(rows)}
+        for k in [2 ** i for i in range(n.bit_length())]:
+            metrics[f"pass@{k}"] = sum(
+                sum(any(r["correct"][i] for i in subset) for subset in itertools.combinations(range(n), k))
+                / math.comb(n, k) for r in rows) / len(rows)
+        majority = 0.0
+        for r in rows:
+            votes = [sum(other == answer for other in r["extracted"]) if answer is not None else 0
+                     for answer in r["extracted"]]
+            majority += r["correct"][votes.index(max(votes))] if max(votes) > 0 else 0.0
+        metrics[f"maj@{n}"] = majority / len(rows)
+        metrics["no_box"] = sum(a is None for r in rows for a in r["extracted"]) / (n * len(rows))
+        metrics["truncated"] = sum(t for r in rows for t in r["truncated"]) / (n * len(rows))
+        metrics["mean_length"] = sum(sum(r["lengths"]) for r in rows) / (n * len(rows))
+        per_benchmark[name] = metrics
+    mean = {key: sum(m[key] for m in per_benchmark.values()) / len(per_benchmark) for key in per_benchmark[name]}
+    mean["problems"] = sum(m["problems"] for m in per_benchmark.values())
+    return per_benchmark, mean
+
+
+@torch.no_grad()
+def redraw_by_hand(model, tokenizer, prompt, generator, temperature, top_p, max_new_tokens):
+    """One sample drawn one token at a time, unpadded: logits / T, the top-p nucleus, then the argmax of
+    log p plus Gumbel noise from the sample's own generator (one uniform draw per vocabulary entry)."""
+    ids, stops = list(prompt), set(antisd.stop_token_ids(model, tokenizer))
+    for _ in range(max_new_tokens):
+        logits = model(torch.tensor([ids])).logits[0, -1].float() / temperature
+        ascending = logits.sort()
+        outside = ascending.values.softmax(-1).cumsum(-1) <= 1 - top_p      # the nucleus holds the rest
+        outside[-1] = False
+        logits[ascending.indices[outside]] = -math.inf
+        uniform = torch.rand(logits.shape[0], generator=generator)
+        token = int((torch.log_softmax(logits, -1) - torch.log(-torch.log(uniform))).argmax())
+        ids.append(token)
+        if token in stops:
+            break
+    return ids[len(prompt):]
+
+
+def test_results_json_is_what_a_reference_computes_from_samples_jsonl_drawn_at_the_evaluations_settings(
+        tmp_path, monkeypatch):
+    # tiny-random boxes nothing: answers and verdicts that vary with the response, consistent with each other
+    monkeypatch.setattr(antisd, "extract_boxed", lambda text: "ABC"[len(text) % 3] if len(text) % 4 else None)
+    monkeypatch.setattr(antisd, "verify", lambda response, gold: float(
+        response[7:-1] == gold if response.startswith("\\boxed{") else len(response) % 3 == 0 and len(response) % 4 > 0))
+    argv = ["--model", "tiny-random", "--device", "cpu", "--benchmarks", "arith,search", "--limit", "3", "--n", "4",
+            "--temperature", "0.8", "--top-p", "0.9", "--max-new-tokens", "12", "--batch-size", "5", "--seed", "3",
+            "--out-dir", str(tmp_path)]
+    evaluation.main(argv)
+    samples = [json.loads(line) for line in (tmp_path / "samples.jsonl").read_text().splitlines()]
+    results = json.loads((tmp_path / "results.json").read_text())
+    per_benchmark, mean = reference_results(samples, 4)
+    assert len(samples) == 6 and 0 < results["mean"]["avg@4"] < 1 and 0 < results["mean"]["maj@4"]  # the data vary
+    assert results["benchmarks"].keys() == per_benchmark.keys()
+    for name, metrics in per_benchmark.items():
+        assert results["benchmarks"][name] == pytest.approx(metrics, abs=1e-12), name
+    assert results["mean"] == pytest.approx(mean, abs=1e-12)
+    # each sample is what the evaluation's own settings draw: T 0.8, top-p 0.9, its seed, problem and number
+    model, tokenizer = antisd.load_model("tiny-random", torch.device("cpu"))
+    model.eval()
+    for sample in samples[::3]:
+        prompt = antisd.student_prompt_ids(tokenizer, sample["problem"], False)
+        for j in (0, 3):
+            generator = evaluation.sample_generator(3, sample["benchmark"], sample["index"], j, "cpu")
+            ids = redraw_by_hand(model, tokenizer, prompt, generator, 0.8, 0.9, 12)
+            assert antisd.decode_response(tokenizer, ids) == sample["responses"][j]
+            assert len(ids) == sample["lengths"][j]
+
+
+# -----------------------------------------------------------------------------
 # Infrastructure: data loading, the model, the checker worker, logging, checkpoints, resuming and
 # failures, the tiny models and the laptop demo, torchrun + FSDP2, the command line
 
