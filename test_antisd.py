@@ -3731,6 +3731,20 @@ def test_a_row_that_json_cannot_read_is_one_paragraph_through_every_reader(tmp_p
 # is covered without a new test. README's test command tries a spread subset; ANTISD_EVERY_FAULT=1
 # tries every point with every errno (python -m pytest -q test_antisd.py -k every_write).
 
+def what_the_command_line_shows(main, argv, capsys):
+    """(the one-paragraph message, or None when main returned; stderr) of main(argv) through run_command.
+    Any other exception is reported as a traceback: what these tests look for."""
+    capsys.readouterr()
+    try:
+        antisd.run_command(main, argv)
+        message = None
+    except SystemExit as stop:
+        message = str(stop.code)
+    except Exception as exc:  # noqa: BLE001
+        message = f"traceback: {type(exc).__name__}: {exc}"
+    return message, capsys.readouterr().err
+
+
 WRITE_ERRORS = [errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EIO]
 
 
@@ -3847,14 +3861,8 @@ def test_every_write_can_fail_in_one_paragraph_and_the_folder_then_ends_where_an
         prepare(out)
         with monkeypatch.context() as patch:
             faults = FailingWrites(patch, folder, fail_at=n, error=error)
-            try:
-                antisd.run_command(command, out)
-                message = "(no failure: exit 0)"
-            except SystemExit as stop:
-                message = str(stop.code)
-            except Exception as exc:  # noqa: BLE001 - a traceback is what this test reports
-                message = f"traceback: {type(exc).__name__}: {exc}"
-        err = capsys.readouterr().err
+            message, err = what_the_command_line_shows(command, out, capsys)
+        message = message or "(no failure: exit 0)"
         if len(faults.seen) < n:  # a fault met earlier than expected: the same run wrote less
             problems.append(f"write {n}: the run made only {len(faults.seen)} writes ({message!r})")
             continue
@@ -3932,15 +3940,7 @@ def test_every_file_a_resumed_run_reads_can_be_damaged_and_is_named_or_harmless(
     for relative, damage in damage_points(files):
         run = copy_of(two_step_run, tmp_path / f"{str(relative).replace('/', '_')}-{damage.replace(' ', '_')}", monkeypatch)
         FILE_DAMAGES[damage](Path(relative))
-        capsys.readouterr()
-        try:
-            antisd.run_command(antisd.main, RESUME_ONE_MORE)
-            message = None
-        except SystemExit as stop:
-            message = str(stop.code)
-        except Exception as exc:  # noqa: BLE001 - a traceback is what this test reports
-            message = f"traceback: {type(exc).__name__}: {exc}"
-        err = capsys.readouterr().err
+        message, err = what_the_command_line_shows(antisd.main, RESUME_ONE_MORE, capsys)
         what = f"{relative}, {damage}"
         if message is None:
             same = (run / "checkpoint-3").exists() and metrics_lines(run) == expected[0] and all(
@@ -3990,15 +3990,7 @@ def test_every_file_a_resumed_evaluation_reads_can_be_damaged_and_is_named_or_ha
         shutil.copytree(base, folder)
         monkeypatch.chdir(folder)
         FILE_DAMAGES[damage](Path(relative))
-        capsys.readouterr()
-        try:
-            antisd.run_command(evaluation.main, RESUME_EVALUATION)
-            message = None
-        except SystemExit as stop:
-            message = str(stop.code)
-        except Exception as exc:  # noqa: BLE001 - a traceback is what this test reports
-            message = f"traceback: {type(exc).__name__}: {exc}"
-        err = capsys.readouterr().err
+        message, err = what_the_command_line_shows(evaluation.main, RESUME_EVALUATION, capsys)
         if message is None:
             if evaluation_result(Path("e")) != expected:
                 problems.append(f"{relative}, {damage}: the evaluation went on and ended elsewhere than with the intact file")
