@@ -583,7 +583,7 @@ def evaluation_settings(args, benchmarks):
 
 # what check_problem writes for each problem, and what the metrics of a resumed evaluation read back
 SAMPLE_FIELDS = {"benchmark": str, "index": int, "problem": str, "responses": list, "extracted": list,
-                 "correct": list, "majority_correct": float, "truncated": list, "lengths": list}
+                 "correct": list, "majority_correct": (int, float), "truncated": list, "lengths": list}
 
 
 def read_done_problems(path):
@@ -599,8 +599,8 @@ def read_done_problems(path):
         try:
             sample = json.loads(line)
             key = (sample["benchmark"], sample["index"])
-            if not all(isinstance(sample[field], kind) and not isinstance(sample[field], bool) or field == "majority_correct"
-                       and isinstance(sample[field], (int, float)) for field, kind in SAMPLE_FIELDS.items()):
+            if not all(isinstance(sample[field], kind) and not isinstance(sample[field], bool)
+                       for field, kind in SAMPLE_FIELDS.items()):
                 raise TypeError("a field of another type")
         except (ValueError, KeyError, TypeError, RecursionError):
             if line_number == len(lines):  # no newline after it: torn by a kill mid-write
